@@ -1,0 +1,133 @@
+"""Cost model: what one round costs a device that trains one block.
+
+The formulation (DESIGN.md, "Planning, precisely"; this docstring is the single
+source of truth for the code):
+
+* Blocks b = 1..N are contiguous ranges of trainable layers, listed shallowest
+  first.  Block b has payload S_b bytes (its B tensors) and depth s_b, its
+  shallowest layer.
+* Device k has measured per-layer forward times τ_k(l, n) for n ∈ {bs, 2q·bs},
+  a head time h_k, usable memory M_k and full-band link rate R_k.
+* **Compute, with prefix sharing.**  A device whose block starts at depth d runs
+  the layers below d once on bs rows and widens to 2q·bs rows from d on::
+
+      t_step(k, d) = Σ_{l<d} τ_k(l, bs) + Σ_{l≥d} τ_k(l, 2q·bs) + h_k
+
+  and a round costs `K_local · t_step(k, d)`.  Because τ_k(l, bs) ≤ τ_k(l, 2q·bs)
+  (checked on input), t_step is non-increasing in d: deeper blocks are cheaper.
+* **Memory.**  `m(b) = memory_base + memory_per_wide_layer · (L − s_b) + 2q · S_b`:
+  the weights and runtime, the activations of every layer run wide, and the 2q
+  perturbed copies of the block's B.  The first two terms fall with depth; the
+  last grows with the block's payload, so equal-payload blocks are monotone.
+* **Communication.**  A round downloads the global B state (S_tot = Σ_b S_b) and
+  uploads the device's own block: `bytes_b = S_tot + S_b`.  With a share β_k of
+  the link (Σ_k β_k ≤ 1) this takes `bytes_b / (β_k · R_k)`.
+* **Round latency.**  `T_k = bytes_b / (β_k R_k) + K_local · t_step(k, s_b)` and
+  `T = max over involved devices`, subject to `m(b) ≤ M_k`.
+
+Everything here is pure: profiles and a job in, numpy arrays out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.profiles import Block, DeviceProfile, Fleet, Job
+
+
+@dataclass(frozen=True)
+class Costs:
+    """The numbers the solvers work on, for K devices and N blocks (shallowest first)."""
+
+    compute_s: np.ndarray     # (K, N) K_local · t_step(k, s_b), seconds per round
+    comm_bytes: np.ndarray    # (N,) S_tot + S_b, bytes moved per round by block b's device
+    rate: np.ndarray          # (K,) R_k, bytes/s at the full band
+    memory_need: np.ndarray   # (N,) m(b), bytes
+    memory_limit: np.ndarray  # (K,) M_k, bytes
+
+    @property
+    def fits(self) -> np.ndarray:
+        """(K, N) bool: block b fits in device k's memory."""
+        return self.memory_need[None, :] <= self.memory_limit[:, None]
+
+    @property
+    def transfer_s(self) -> np.ndarray:
+        """(K, N) a_kb = bytes_b / R_k: seconds to move block b's bytes with the whole band."""
+        return self.comm_bytes[None, :] / self.rate[:, None]
+
+
+def layer_times(device: DeviceProfile, layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """τ_k(l, bs) and τ_k(l, 2q·bs) for l = 0..L-1, broadcasting a uniform profile.
+
+    Returns:
+        Two (L,) float arrays, seconds.
+    """
+    bs = np.broadcast_to(np.asarray(device.layer_s_bs, dtype=float), (layers,))
+    wide = np.broadcast_to(np.asarray(device.layer_s_wide, dtype=float), (layers,))
+    return bs, wide
+
+
+def step_times(fleet: Fleet, job: Job) -> np.ndarray:
+    """t_step(k, d) for every device k and every depth d = 0..L.
+
+    Returns:
+        (K, L+1) array, seconds per local step.  Column d is a block starting at layer d.
+    """
+    out = np.empty((len(fleet.devices), job.layers + 1))
+    for k, device in enumerate(fleet.devices):
+        bs, wide = layer_times(device, job.layers)
+        below = np.concatenate([[0.0], np.cumsum(bs)])                # Σ_{l<d} τ(l, bs)
+        above = np.concatenate([np.cumsum(wide[::-1])[::-1], [0.0]])  # Σ_{l≥d} τ(l, 2q·bs)
+        out[k] = below + above + device.head_s
+    return out
+
+
+def memory_need(job: Job, first_layer: int, payload_bytes: float) -> float:
+    """m(b) in bytes for a block starting at `first_layer` with `payload_bytes` of B."""
+    wide_layers = job.layers - first_layer
+    return (job.memory_base_bytes + job.memory_per_wide_layer_bytes * wide_layers
+            + 2 * job.q * payload_bytes)
+
+
+def block_costs(fleet: Fleet, job: Job, blocks: tuple[Block, ...] | list[Block],
+                steps: np.ndarray | None = None) -> Costs:
+    """Costs of every (device, block) pair.
+
+    Args:
+        fleet: the devices.
+        job: the job (L, q, local steps, memory terms).
+        blocks: the blocks, shallowest first.
+        steps: `step_times(fleet, job)` if already computed (the boundary search reuses it).
+
+    Returns:
+        The `Costs` arrays.
+    """
+    if steps is None:
+        steps = step_times(fleet, job)
+    depths = np.array([b.first_layer for b in blocks], dtype=int)
+    payload = np.array([b.payload_bytes for b in blocks], dtype=float)
+    return Costs(
+        compute_s=job.local_steps * steps[:, depths],
+        comm_bytes=payload.sum() + payload,
+        rate=np.array([d.link_bytes_per_s for d in fleet.devices], dtype=float),
+        memory_need=np.array([memory_need(job, b.first_layer, b.payload_bytes) for b in blocks]),
+        memory_limit=np.array([d.memory_bytes for d in fleet.devices], dtype=float),
+    )
+
+
+def latency(costs: Costs, shares: np.ndarray) -> np.ndarray:
+    """T_k for every (device, block) pair under fixed bandwidth shares.
+
+    Args:
+        costs: from `block_costs`.
+        shares: (K,) β_k; a device with β_k = 0 can take no block.
+
+    Returns:
+        (K, N) seconds per round; +inf where the block does not fit or the share is 0.
+    """
+    shares = np.asarray(shares, dtype=float)
+    with np.errstate(divide="ignore"):
+        comm = costs.transfer_s / shares[:, None]
+    lat = comm + costs.compute_s
+    return np.where(costs.fits & (shares[:, None] > 0), lat, np.inf)

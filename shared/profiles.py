@@ -1,0 +1,195 @@
+"""The planner's inputs as data: measured device profiles and a job description.
+
+A *fleet* is a list of `DeviceProfile`s; each holds what an agent measures on its
+device (DESIGN.md, "Planning, precisely"):
+
+* `layer_s_bs[l]`   τ_k(l, bs): seconds for one forward of layer l on bs rows,
+* `layer_s_wide[l]` τ_k(l, 2q·bs): the same on the 2q·bs widened rows,
+* `head_s`          the LM head at the answer positions, once per step,
+* `memory_bytes`    M_k, the memory the training program may use,
+* `link_bytes_per_s` R_k, the rate of the shared link if this device had all of it.
+
+A length-1 tuple of layer times means "every layer costs the same" (handy for
+hand-written fleets); measured profiles give one entry per layer.
+
+A `Job` says what is trained: the model's layer count L, the trainable layers,
+the payload (bytes of the LoRA-FA B tensors) per trainable layer, q, bs, the
+local steps per round, the memory the program needs, and either the blocks
+(contiguous layer ranges with their payload) or nothing, in which case the
+planner chooses the block boundaries itself (`shared/boundaries.py`).
+
+The `check_*` functions raise `InputError` naming the field at fault; loaders
+(`shared/fleet_io.py`) and the planner call them, so profiles built in code by
+an agent get the same checks as files.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from shared.errors import InputError
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One device as measured (or, in example fleets, estimated)."""
+
+    name: str
+    layer_s_bs: tuple[float, ...]    # τ_k(l, bs), seconds per layer forward; len 1 = uniform
+    layer_s_wide: tuple[float, ...]  # τ_k(l, 2q·bs), seconds; must be >= layer_s_bs layer by layer
+    head_s: float                    # LM head at the answer positions, seconds per step
+    memory_bytes: float              # M_k: usable memory for the training program
+    link_bytes_per_s: float          # R_k: full-band link rate (bytes/s)
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """The devices one job may use, in the order they were listed."""
+
+    name: str
+    devices: tuple[DeviceProfile, ...]
+
+
+@dataclass(frozen=True)
+class Block:
+    """A contiguous range of trainable layers trained by one device."""
+
+    name: str
+    first_layer: int      # s_b, the block's depth (0 = the embedding side)
+    last_layer: int       # inclusive
+    payload_bytes: float  # S_b: bytes of the block's B tensors
+
+
+@dataclass(frozen=True)
+class Job:
+    """One fine-tuning job.  `blocks == ()` lets the planner choose boundaries."""
+
+    name: str
+    layers: int                         # L: decoder layers of the model
+    trainable_first: int                # shallowest trainable layer
+    trainable_last: int                 # deepest trainable layer (inclusive)
+    layer_payload_bytes: float          # B bytes per trainable layer (used when boundaries are chosen)
+    q: int                              # random directions per step
+    bs: int                             # rows per batch
+    local_steps: int                    # K_local: steps per device per round
+    memory_base_bytes: float            # weights + runtime, needed whatever the block
+    memory_per_wide_layer_bytes: float  # extra bytes per layer run on 2q·bs rows
+    blocks: tuple[Block, ...] = field(default=())  # fixed blocks, shallowest first; () = choose
+    n_blocks: int | None = None         # with chosen boundaries: how many (None = one per usable device)
+
+    @property
+    def trainable_layers(self) -> int:
+        return self.trainable_last - self.trainable_first + 1
+
+
+def _positive(value: float, where: str, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        need = "a finite number >= 0" if allow_zero else "a finite number > 0"
+        raise InputError(f"{where} must be {need}, got {value!r}")
+
+
+def check_device(device: DeviceProfile, where: str = "") -> None:
+    """Check one profile on its own.
+
+    Raises:
+        InputError: naming the device and the field.
+    """
+    at = where or f"device {device.name!r}"
+    if not device.name:
+        raise InputError(f"{at}: field 'name' is empty")
+    for fname in ("layer_s_bs", "layer_s_wide"):
+        times = getattr(device, fname)
+        if len(times) == 0:
+            raise InputError(f"{at}: field '{fname}' is empty")
+        for i, t in enumerate(times):
+            _positive(t, f"{at}: {fname}[{i}]", allow_zero=True)
+    _positive(device.head_s, f"{at}: head_s", allow_zero=True)
+    _positive(device.memory_bytes, f"{at}: memory_bytes")
+    _positive(device.link_bytes_per_s, f"{at}: link_bytes_per_s")
+    bs, wide = device.layer_s_bs, device.layer_s_wide
+    if len(bs) != len(wide) and 1 not in (len(bs), len(wide)):
+        raise InputError(f"{at}: layer_s_bs has {len(bs)} entries but layer_s_wide has {len(wide)}")
+    n = max(len(bs), len(wide))
+    for i in range(n):
+        b, w = bs[i if len(bs) > 1 else 0], wide[i if len(wide) > 1 else 0]
+        # Monotonicity in depth rests on this: moving a layer from 2q·bs rows to bs rows never costs more.
+        if w < b:
+            raise InputError(f"{at}: layer_s_wide[{i}] = {w} is below layer_s_bs[{i}] = {b}; "
+                             f"a layer on 2q·bs rows cannot be faster than on bs rows")
+
+
+def check_fleet(fleet: Fleet) -> None:
+    """Check a fleet: at least one device, unique names, every profile sane.
+
+    Raises:
+        InputError: naming the device and the field.
+    """
+    if not fleet.devices:
+        raise InputError(f"fleet {fleet.name!r}: no devices (field 'device' is empty)")
+    seen: set[str] = set()
+    for i, device in enumerate(fleet.devices):
+        check_device(device, f"device[{i}] {device.name!r}")
+        if device.name in seen:
+            raise InputError(f"device[{i}]: name {device.name!r} is used twice")
+        seen.add(device.name)
+
+
+def check_job(job: Job) -> None:
+    """Check a job's fields and its blocks for consistency.
+
+    Raises:
+        InputError: naming the field or the block.
+    """
+    at = f"job {job.name!r}"
+    for fname in ("layers", "q", "bs", "local_steps"):
+        value = getattr(job, fname)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"{at}: field '{fname}' must be an integer >= 1, got {value!r}")
+    for fname in ("trainable_first", "trainable_last"):
+        value = getattr(job, fname)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < job.layers:
+            raise InputError(f"{at}: field '{fname}' must be a layer index in 0..{job.layers - 1}, got {value!r}")
+    if job.trainable_last < job.trainable_first:
+        raise InputError(f"{at}: trainable_last ({job.trainable_last}) is below trainable_first ({job.trainable_first})")
+    _positive(job.layer_payload_bytes, f"{at}: layer_payload_bytes")
+    _positive(job.memory_base_bytes, f"{at}: memory_base_bytes", allow_zero=True)
+    _positive(job.memory_per_wide_layer_bytes, f"{at}: memory_per_wide_layer_bytes", allow_zero=True)
+    if job.n_blocks is not None:
+        if job.blocks:
+            raise InputError(f"{at}: give either 'blocks' or 'n_blocks', not both")
+        if not isinstance(job.n_blocks, int) or not 1 <= job.n_blocks <= job.trainable_layers:
+            raise InputError(f"{at}: n_blocks must be an integer in 1..{job.trainable_layers} "
+                             f"(the trainable layers), got {job.n_blocks!r}")
+    names: set[str] = set()
+    previous_last = job.trainable_first - 1
+    for i, block in enumerate(job.blocks):
+        bat = f"{at}: block[{i}] {block.name!r}"
+        if not block.name:
+            raise InputError(f"{at}: block[{i}] has an empty name")
+        if block.name in names:
+            raise InputError(f"{bat}: name used twice")
+        names.add(block.name)
+        _positive(block.payload_bytes, f"{bat}: payload_bytes")
+        if not (job.trainable_first <= block.first_layer <= block.last_layer <= job.trainable_last):
+            raise InputError(f"{bat}: layers {block.first_layer}..{block.last_layer} are not inside the "
+                             f"trainable layers {job.trainable_first}..{job.trainable_last}")
+        # Shallowest first and disjoint: CRUNCH's nested sets rely on the depth order.
+        if block.first_layer <= previous_last:
+            raise InputError(f"{bat}: starts at layer {block.first_layer}, which overlaps or precedes the "
+                             f"previous block (ends at {previous_last}); list blocks shallowest first, disjoint")
+        previous_last = block.last_layer
+
+
+def check_fleet_for_job(fleet: Fleet, job: Job) -> None:
+    """Check that every profile has layer times for the job's L layers.
+
+    Raises:
+        InputError: naming the device and the field.
+    """
+    for i, device in enumerate(fleet.devices):
+        for fname in ("layer_s_bs", "layer_s_wide"):
+            n = len(getattr(device, fname))
+            if n not in (1, job.layers):
+                raise InputError(f"device[{i}] {device.name!r}: {fname} has {n} entries but job "
+                                 f"{job.name!r} has {job.layers} layers (give one per layer, or one for all)")
