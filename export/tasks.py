@@ -342,8 +342,9 @@ def load_examples(task: TaskSpec) -> dict[str, list[Example]]:
         raise InputError(f"{path}: no examples (the file is empty, or every row was skipped)")
 
     order = np.random.default_rng(task.seed).permutation(len(examples))
-    n_train = int(len(examples) * task.split_fractions[0])
-    n_val = int(len(examples) * task.split_fractions[1])
+    # The epsilon keeps 10 * 0.7 (= 6.9999...) from losing an example to float rounding.
+    n_train = int(len(examples) * task.split_fractions[0] + 1e-9)
+    n_val = int(len(examples) * task.split_fractions[1] + 1e-9)
     cuts = (0, n_train, n_train + n_val, len(examples))
     return {name: [examples[i] for i in order[cuts[k] : cuts[k + 1]]] for k, name in enumerate(SPLITS)}
 
