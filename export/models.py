@@ -96,6 +96,8 @@ def load_model(
             embedded package is missing, or the architecture is not supported.
     """
     source, model_id = _resolve(spec, cache_dir, progress)
+    if not Path(source).is_dir():
+        progress(f"Fetching {spec} from the Hugging Face Hub (offline, this fails after a few retries) ...")
     _check_architecture(_read_architectures(source, spec), spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -325,6 +327,7 @@ def _read_architectures(source: str, spec: str) -> tuple[list[str], str]:
         return list(raw.get("architectures") or []), str(raw.get("model_type", ""))
     from transformers import AutoConfig
 
+    # Config first: an unsupported architecture is refused before any weights download.
     try:
         config = AutoConfig.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 — the hub client raises many types (HTTP, offline, not found)

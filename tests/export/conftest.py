@@ -1,0 +1,62 @@
+"""Session fixtures for the export tests: the real SmolLM2, converted once per session.
+
+The conversion runs into a session temporary directory rather than the user's
+`~/.cache/deftly`: the GGUF has to be de-quantised anyway for the parity check
+(test_models.py), so converting it here costs nothing extra, a fresh CI clone and
+a developer's machine run the same code path, and the tests never read a cache
+that an older deftly left behind. Use `smollm2_tokenizer` (or `tiny_model`) rather
+than calling `load_tokenizer()` directly, which would convert a second time into
+the default cache on a fresh machine.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.models import LoadedModel, convert_gguf, embedded_gguf_path, embedded_model_dir, load_model, load_tokenizer, tiny_llama
+
+# A short prompt in the task's format; its next-token logits are the parity reference.
+PARITY_PROMPT = "A gorgeous, moving film that never puts a foot wrong. It was"
+
+
+@dataclass
+class Conversion:
+    cache_dir: Path  # pass as cache_dir= to load_model / load_tokenizer
+    seconds: float  # wall time of GGUF load + write
+    prompt_ids: torch.Tensor  # [1, T] token ids of PARITY_PROMPT
+    gguf_logits: torch.Tensor  # [vocab] next-token logits of the GGUF-loaded model
+
+
+@pytest.fixture(scope="session")
+def smollm2_conversion(tmp_path_factory: pytest.TempPathFactory) -> Conversion:
+    """Converts the embedded GGUF once and keeps only the reference logits, not the model."""
+    cache_dir = tmp_path_factory.mktemp("deftly-cache")
+    start = time.perf_counter()
+    gguf = convert_gguf(embedded_gguf_path(), embedded_model_dir(cache_dir), progress=lambda _m: None)
+    seconds = time.perf_counter() - start
+    prompt_ids = gguf.tokenizer(PARITY_PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = gguf.model(prompt_ids).logits[0, -1].clone()
+    return Conversion(cache_dir=cache_dir, seconds=seconds, prompt_ids=prompt_ids, gguf_logits=logits)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_conversion: Conversion) -> LoadedModel:
+    """The real SmolLM2-135M-Instruct, loaded from the session's converted cache."""
+    return load_model("smollm2", cache_dir=smollm2_conversion.cache_dir, progress=lambda _m: None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_conversion: Conversion):
+    """SmolLM2's tokenizer (vocab 49152), shared by the real and the tiny model."""
+    return load_tokenizer("smollm2", cache_dir=smollm2_conversion.cache_dir, progress=lambda _m: None)
+
+
+@pytest.fixture()
+def tiny_model(smollm2_tokenizer) -> LoadedModel:
+    """A fresh random 4-layer Llama (hidden 256) with SmolLM2's vocabulary, seed 0."""
+    return tiny_llama(seed=0, tokenizer=smollm2_tokenizer)
