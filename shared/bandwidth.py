@@ -55,8 +55,10 @@ class DualConfig:
     """Settings of the dual-ascent solver."""
 
     max_iter: int = 60    # price updates; it usually settles in under 20
-    step: float = 0.5     # η: multiplicative step on the price λ
-    tol: float = 1e-9     # stop when |Σ shares − 1| is below this and x is unchanged
+    step: float = 2.0     # η: multiplicative step on the price λ; |d overrun / d log λ| ≤ 1/2 near
+                          # the optimum (Cauchy–Schwarz), so 2 is a Newton step at most: no overshoot
+    tol: float = 1e-4     # stop when |Σ shares − 1| is below this and x is unchanged (x is then
+                          # recovered exactly, so a loose price tolerance costs no accuracy)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,244 @@
+"""planner: exactness vs brute force, dual-ascent gap, planning time, gain over baselines.
+
+Measures, in one run (`deftly bench plan`):
+
+* `exactness`: on random instances up to 8 blocks x 8 devices (real cost model,
+  random profiles, random block splits so payloads differ, duplicated devices
+  for ties, tight memory), CRUNCH under a random fixed split against brute
+  force, and the exact joint solver against brute force.  A mismatch is an
+  instance where either differs (CRUNCH exactly, joint beyond 1e-9 relative).
+* `dual_ascent_gap`: the worst relative excess of dual ascent over the exact
+  joint optimum on the same instances.
+* `time_s`: wall time of `plan()` (boundary choice, exact and dual solves,
+  no baselines) for synthetic fleets of 8, 64 and 256 devices x 30 layers;
+  the median of `--repeats` runs.
+* `gain_vs_equal_random`: 1 - plan / (mean round latency of random blocks with
+  equal bandwidth) on the 10-device classroom fleet with the SmolLM2 job.
+* `baselines`: every baseline's round latency (s) beside the plan's, on every
+  example fleet, for each example job it can run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from shared.bandwidth import brute_force_joint, joint_dual_ascent, joint_exact
+from shared.costmodel import block_costs, latency, step_times
+from shared.crunch import brute_force_minmax, crunch
+from shared.errors import InputError
+from shared.fleet_io import load_fleet, load_job
+from shared.planner import PlannerConfig, plan
+from shared.profiles import Block, DeviceProfile, Fleet, Job
+
+ROOT = Path(__file__).resolve().parents[2]
+FLEETS = ("lab3", "classroom10", "synthetic256")
+JOBS = ("smollm2", "smollm2_blocks")
+
+# Device classes of the example fleets (see the header of assets/fleets/lab3.toml):
+# compute factor vs the build machine, usable memory (GiB), link (Mbit/s).
+CLASSES = {
+    "laptop": (0.6, 8.0, 300), "old-laptop": (1.2, 4.0, 100), "flagship-phone": (0.8, 3.5, 400),
+    "midrange-phone": (1.5, 2.5, 150), "lowend-phone": (3.0, 1.5, 50), "pi4-4gb": (4.0, 3.0, 60),
+    "pi4-2gb": (4.0, 1.4, 60),
+}
+# SmolLM2-135M per-layer times on the build machine (s): bs rows, 2q*bs rows, head.
+BASE_BS, BASE_WIDE, BASE_HEAD = 0.00786, 0.0497, 0.02
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--instances", type=int, default=1000, help="random instances for exactness (default 1000)")
+    parser.add_argument("--repeats", type=int, default=3, help="timing runs per fleet size, median kept (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random instances (default 0)")
+
+
+def synthetic_devices(n: int, seed: int) -> list[dict]:
+    """n devices drawn from the example classes, each jittered by up to ±25 %.
+
+    Returns:
+        Device tables as a fleet file holds them.
+    """
+    rng = np.random.default_rng(seed)
+    names = list(CLASSES)
+    out = []
+    for i in range(n):
+        cls = names[int(rng.integers(len(names)))]
+        speed, mem, link = CLASSES[cls]
+        s = speed * rng.uniform(0.75, 1.25)
+        out.append({"name": f"{cls}-{i:03d}", "layer_s_bs": round(BASE_BS * s, 6),
+                    "layer_s_wide": round(BASE_WIDE * s, 6), "head_s": round(BASE_HEAD * s, 5),
+                    "memory_gib": round(mem * rng.uniform(0.75, 1.25), 3),
+                    "link_mbit_s": round(link * rng.uniform(0.75, 1.25), 1)})
+    return out
+
+
+def synthetic_fleet(n: int, seed: int) -> Fleet:
+    """The synthetic fleet as profiles (the same draw `write_synthetic` puts in a file)."""
+    return Fleet(f"synthetic{n}", tuple(
+        DeviceProfile(d["name"], (d["layer_s_bs"],), (d["layer_s_wide"],), d["head_s"],
+                      d["memory_gib"] * 2**30, d["link_mbit_s"] * 1e6 / 8) for d in synthetic_devices(n, seed)))
+
+
+def write_synthetic(n: int, path: Path, seed: int | None = None) -> None:
+    """Write assets/fleets/synthetic<n>.toml (seed defaults to n)."""
+    seed = n if seed is None else seed
+    lines = [
+        f"# deftly plan --fleet assets/fleets/synthetic{n}.toml --job assets/jobs/smollm2.toml",
+        "#",
+        f"# A synthetic fleet of {n} devices for planner scaling.  Generated, not measured:",
+        f"#   .venv/bin/python -c \"from desktop.bench.plan import write_synthetic; "
+        f"write_synthetic({n}, 'assets/fleets/synthetic{n}.toml')\"",
+        "# Each device is drawn (numpy seed {0}) from the device classes of lab3.toml and".format(seed),
+        "# classroom10.toml (same per-layer SmolLM2 times, compute factors, memory and",
+        "# link rates; see the header of lab3.toml for their sources), then its compute,",
+        "# memory and link are each jittered uniformly by up to +-25 %.",
+        "",
+        f'name = "synthetic{n}"',
+        "",
+    ]
+    for d in synthetic_devices(n, seed):
+        lines.append("[[device]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in d.items()]
+        lines.append("")
+    Path(path).write_text("\n".join(lines))
+
+
+def random_instance(rng: np.random.Generator):
+    """A random planning instance through the real cost model: (costs, shares)."""
+    n_dev = int(rng.integers(1, 9))
+    n_blocks = int(rng.integers(1, min(n_dev, 8) + 1))
+    layers = int(rng.integers(n_blocks, 17))
+    speeds = rng.uniform(0.5, 4.0, n_dev)
+    if n_dev > 1 and rng.random() < 0.3:  # identical devices: ties
+        speeds[rng.integers(n_dev, size=n_dev // 2)] = speeds[0]
+    devices = tuple(DeviceProfile(f"d{k}", (BASE_BS * s,), (BASE_WIDE * s * rng.uniform(0.5, 1.5),),
+                                  BASE_HEAD * s, float(rng.uniform(0.4, 1.2) * 2**30),
+                                  float(rng.uniform(5, 50) * 1e6 / 8 * rng.choice([1e-2, 1.0])))
+                    for k, s in enumerate(speeds))
+    cuts = np.sort(rng.choice(np.arange(1, layers), n_blocks - 1, replace=False)) if n_blocks > 1 else []
+    bounds = [0, *[int(c) for c in cuts], layers]
+    payload = float(rng.uniform(1e4, 4e5))
+    blocks = tuple(Block(f"b{i}", lo, hi - 1, payload * (hi - lo)) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])))
+    job = Job("bench", layers, 0, layers - 1, payload, 4, 4, int(rng.integers(1, 6)),
+              0.3 * 2**30, 0.05 * 2**30)
+    shares = rng.dirichlet(np.ones(n_dev))
+    return block_costs(Fleet("bench", devices), job, blocks), shares
+
+
+def exactness(instances: int, seed: int) -> tuple[dict, float]:
+    """CRUNCH and the exact joint solver vs brute force; worst dual-ascent gap."""
+    rng = np.random.default_rng(seed)
+    mismatches, worst_gap = 0, 0.0
+    for _ in range(instances):
+        costs, shares = random_instance(rng)
+        lat = latency(costs, shares)
+        match, expected = crunch(lat), brute_force_minmax(lat)
+        if (match.round_s if match else math.inf) != expected:
+            mismatches += 1
+        exact, reference = joint_exact(costs), brute_force_joint(costs)
+        got = exact.round_s if exact else math.inf
+        if not (got == reference or abs(got - reference) <= 1e-9 * reference):
+            mismatches += 1
+        if exact is not None:
+            dual = joint_dual_ascent(costs)
+            worst_gap = max(worst_gap, dual.round_s / exact.round_s - 1.0)
+    return {"instances": instances, "mismatches": mismatches}, worst_gap
+
+
+def planning_times(repeats: int) -> dict[str, float]:
+    job = load_job(ROOT / "assets/jobs/smollm2.toml")
+    config = PlannerConfig(baselines=False)
+    out = {}
+    for n in (8, 64, 256):
+        fleet = synthetic_fleet(n, seed=n)
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            plan(fleet, job, config)
+            runs.append(time.perf_counter() - start)
+        out[str(n)] = statistics.median(runs)
+    return out
+
+
+def baselines_table() -> dict[str, dict[str, dict[str, float | None]]]:
+    table: dict[str, dict[str, dict[str, float | None]]] = {}
+    for fleet_name in FLEETS:
+        fleet = load_fleet(ROOT / f"assets/fleets/{fleet_name}.toml")
+        table[fleet_name] = {}
+        for job_name in JOBS:
+            job = load_job(ROOT / f"assets/jobs/{job_name}.toml")
+            try:
+                result = plan(fleet, job, PlannerConfig())
+            except InputError as exc:  # e.g. more blocks than devices: say so in the results
+                table[fleet_name][job_name] = {"error": str(exc)}
+                continue
+            row = {"plan": result.round_s, **result.baselines}
+            table[fleet_name][job_name] = {k: (v if math.isfinite(v) else None) for k, v in row.items()}
+    return table
+
+
+def draw(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2.3, 1]})
+    names = ["plan", "equal_bandwidth", "random", "fastest_first", "memory_proportional",
+             "lowest_throughput_window", "all_on_fastest"]
+    fleets = list(results["baselines"])
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [results["baselines"][f]["smollm2"].get(name) for f in fleets]
+        xs = [j + (i - len(names) / 2 + 0.5) * width for j in range(len(fleets))]
+        heights = [v if v is not None else 0.0 for v in values]
+        bars = left.bar(xs, heights, width, label=name.replace("_", " "),
+                        color="black" if name == "plan" else None)
+        for bar, v in zip(bars, values):
+            if v is None:
+                left.text(bar.get_x() + width / 2, 0.5, "x", ha="center", color="red")
+    left.set_xticks(range(len(fleets)), [f"{f}\n({results['baselines'][f]['smollm2'].get('plan', 0):.1f} s plan)"
+                                          for f in fleets])
+    left.set_ylabel("round latency (s), lower is better")
+    left.set_title(f"SmolLM2 job: plan vs baselines  (gain vs equal-bw random on classroom10: "
+                   f"{100 * results['gain_vs_equal_random']:.0f} %)", fontsize=10)
+    left.legend(fontsize=8, ncol=2)
+    sizes = list(results["time_s"])
+    right.plot([int(s) for s in sizes], [results["time_s"][s] for s in sizes], "o-", label="plan() with boundary choice")
+    right.axhline(1.0, color="red", linestyle="--", label="target for 256: 1 s")
+    right.set_xscale("log", base=2)
+    right.set_xticks([int(s) for s in sizes], sizes)
+    right.set_ylim(0, max(1.1, 1.1 * max(results["time_s"].values())))
+    right.set_xlabel("devices (x 30 layers)")
+    right.set_ylabel("planning time (s)")
+    ex = results["exactness"]
+    right.set_title(f"exact: {ex['mismatches']} mismatches / {ex['instances']} instances;\n"
+                    f"dual-ascent worst gap {100 * results['dual_ascent_gap']:.2f} %", fontsize=10)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict:
+    exact, gap = exactness(args.instances, args.seed)
+    times = planning_times(args.repeats)
+    table = baselines_table()
+    room = table["classroom10"]["smollm2"]
+    results = {
+        "exactness": exact,
+        "dual_ascent_gap": gap,
+        "time_s": times,
+        "gain_vs_equal_random": 1.0 - room["plan"] / room["random"],
+        "baselines": table,
+    }
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "plan.json").write_text(json.dumps(results, indent=2) + "\n")
+    draw(results, out_dir / "plan.png")
+    print(json.dumps({k: v for k, v in results.items() if k != "baselines"}, indent=2))
+    return results
