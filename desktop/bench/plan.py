@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.bandwidth import brute_force_joint, joint_dual_ascent, joint_exact
-from shared.costmodel import block_costs, latency, step_times
+from shared.costmodel import block_costs, latency
 from shared.crunch import brute_force_minmax, crunch
 from shared.errors import InputError
 from shared.fleet_io import load_fleet, load_job

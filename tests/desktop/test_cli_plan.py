@@ -46,3 +46,21 @@ def test_example_commands_in_the_asset_headers_run() -> None:
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, (path.name, proc.stderr)
         assert json.loads(proc.stdout)["round_s"] > 0
+
+
+def test_bench_plan_writes_json_with_the_agreed_keys_and_a_png(tmp_path: Path) -> None:
+    import argparse
+
+    from desktop.bench import plan as bench
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out-dir", type=Path)
+    bench.add_arguments(parser)
+    results = bench.run(parser.parse_args(["--out-dir", str(tmp_path), "--instances", "30", "--repeats", "1"]))
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert set(saved) == {"exactness", "dual_ascent_gap", "time_s", "gain_vs_equal_random", "baselines"}
+    assert saved["exactness"] == {"instances": 30, "mismatches": 0}
+    assert set(saved["time_s"]) == {"8", "64", "256"}
+    assert set(saved["baselines"]) == {"lab3", "classroom10", "synthetic256"}
+    assert results["gain_vs_equal_random"] == saved["gain_vs_equal_random"]
+    assert (tmp_path / "plan.png").stat().st_size > 10_000
