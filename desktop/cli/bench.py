@@ -3,22 +3,30 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 from pathlib import Path
 
-# benchmark name -> module with `add_arguments(parser)` and `run(args) -> dict`.
+# benchmark name -> (module with `add_arguments(parser)` and `run(args) -> dict`, help).
+# Modules are imported only for the benchmark chosen: `bench plan` must not pay for torch.
 BENCHMARKS = {
-    "plan": "desktop.bench.plan",
-    "prge": "desktop.bench.prge",
+    "plan": ("desktop.bench.plan", "planner exactness, dual-ascent gap, speed, gain over baselines"),
+    "prge": ("desktop.bench.prge", "P-RGE in ExecuTorch vs MeZO, eager P-RGE and first-order LoRA"),
 }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="run a benchmark and write bench/results/")
     names = parser.add_subparsers(dest="benchmark", metavar="NAME", required=True)
-    for name, module_name in BENCHMARKS.items():
-        module = importlib.import_module(module_name)
-        sub = names.add_parser(name, help=(module.__doc__ or name).splitlines()[0])
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        sub = names.add_parser(name, help=help_text)
         sub.add_argument("--out-dir", type=Path, default=Path("bench/results"),
                          help="where NAME.json and NAME.png go (default: bench/results)")
+        module = importlib.import_module(module_name)
         module.add_arguments(sub)
-        sub.set_defaults(func=module.run)
+        sub.set_defaults(func=lambda args, module=module: _run(module, args))
+
+
+def _run(module, args: argparse.Namespace) -> int:
+    results = module.run(args)
+    print(json.dumps(results, indent=2, default=str)[:4000])
+    return 0
