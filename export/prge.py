@@ -1,0 +1,295 @@
+"""The P-RGE training step as one exportable module.
+
+P-RGE (Gao et al., "Enabling Efficient On-Device Fine-Tuning of LLMs Using Only
+Inference Engines", arXiv 2409.15520; later MobiZO, EMNLP 2025) estimates the
+gradient of the loss with respect to the LoRA-FA B tensors from forward passes
+only, so a whole training step is an inference program:
+
+1. draw ``z_i ~ N(0, I)`` shaped like ``b`` for i = 1..q (here ``z`` is an input
+   so that runs are reproducible and resumable: the host draws it from a seeded
+   generator; ``PrgeStepInGraphNoise`` draws it in the graph instead);
+2. perturbed copies ``b_i+ = b + eps·z_i`` and ``b_i- = b − eps·z_i``: 2q copies;
+3. prefix sharing: the layers below the shallowest trainable layer see no
+   perturbation, so they run once on bs rows; the hidden state is expanded to
+   2q·bs rows only from there on;
+4. multi-perturbed LoRA: ``y = x Wᵀ + (alpha/r) · bmm(view(x Aᵀ, [2q, bs·T, r]), B_copyᵀ)``
+   (outer-loop parallelism over the q directions and inner-loop over ±eps are
+   both folded into the batch dimension, so one forward does the whole step);
+5. loss per copy at the answer position only: the LM head is applied to one
+   hidden state per row, and by default the cross-entropy is taken over the
+   task's verbalizer tokens only (classification-style, as MeZO's
+   ``train_as_classification``: with a full-vocabulary cross-entropy the loss
+   fell while accuracy stayed at chance, because mass moved onto both answers);
+6. ``g_i = (L_i+ − L_i−) / (2·eps)`` and ``b ← b − lr · mean_i(g_i · z_i)``;
+7. outputs: the new ``b``, the mean loss over the 2q copies, and ``g``.
+
+``lr`` and ``eps`` are tensor inputs: a Python float would be baked into the
+exported graph as a constant.
+
+The forward is a plain re-statement of the Llama decoder that reads the wrapped
+Hugging Face model's weights (the model itself is never edited): one code path
+that exports cleanly, batches the copies, and gathers the answer position before
+the head.  Sequences are right-padded, so causal attention already keeps real
+tokens from seeing padding and no padding mask is needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export.lora import AdapterTensors
+from shared.errors import InputError
+
+SUPPORTED_ACTIVATIONS = ("silu",)
+
+
+@dataclass(frozen=True)
+class PrgeConfig:
+    """Shapes and choices baked into one program."""
+
+    q: int = 4  # random directions per step (outer loop)
+    batch_size: int = 4  # examples per step
+    seq_len: int = 64  # T: tokens per example, right-padded
+    loss: str = "verbalizer"  # "verbalizer": CE over the answer words; "vocab": CE over the whole vocabulary
+    prefix_sharing: bool = True  # run layers below the shallowest trainable one once
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class PrgeProgram(nn.Module):
+    """The Llama forward with 1 or 2q copies of the LoRA-FA B tensors.
+
+    Holds the frozen weights (by reference to the wrapped model's modules), the
+    frozen A's, the rotary tables and the verbalizer rows of the LM head.
+    """
+
+    def __init__(self, model: nn.Module, adapter: AdapterTensors, cfg: PrgeConfig,
+                 verbalizer_ids: list[int]) -> None:
+        super().__init__()
+        config = model.config
+        if getattr(config, "hidden_act", "silu") not in SUPPORTED_ACTIVATIONS:
+            raise InputError(f"activation {config.hidden_act!r} is not supported (supported: {SUPPORTED_ACTIVATIONS})")
+        if cfg.loss not in ("verbalizer", "vocab"):
+            raise InputError(f"loss {cfg.loss!r}: expected 'verbalizer' or 'vocab'")
+        if not adapter.cfg.layers:
+            raise InputError("no trainable layer")
+        self.cfg = cfg
+        self.adapter_cfg = adapter.cfg
+        self.layout = adapter.layout
+        self.scale = adapter.cfg.scale
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.norm_eps = config.rms_norm_eps
+        self.num_layers = config.num_hidden_layers
+        # The copies only differ from the shallowest trainable layer on: expand there.
+        self.expand_at = min(adapter.cfg.layers) if cfg.prefix_sharing else 0
+
+        # Frozen weights, shared with the wrapped model (no copy).
+        self.embed_tokens = model.model.embed_tokens
+        self.layers = model.model.layers
+        self.norm = model.model.norm
+        lm_head = model.get_output_embeddings().weight  # [V, H]
+        self.register_buffer("verbalizer_ids", torch.tensor(verbalizer_ids, dtype=torch.long), persistent=False)
+        if cfg.loss == "verbalizer":
+            # Only the answer words' rows of the head are ever needed: [C, H].
+            self.register_buffer("head", lm_head.detach()[verbalizer_ids].clone(), persistent=False)
+        else:
+            self.register_buffer("head", lm_head.detach(), persistent=False)  # [V, H]
+
+        # Frozen A's, one buffer per target linear; names must be valid attribute names.
+        self._a_name: dict[tuple[int, str], str] = {}
+        for slot in self.layout:
+            name = f"lora_a_{slot.layer}_{slot.module}"
+            self.register_buffer(name, adapter.a_by_path[slot.path].clone(), persistent=False)  # [r, in]
+            self._a_name[(slot.layer, slot.module)] = name
+        self._slot = {(slot.layer, slot.module): slot for slot in self.layout}
+
+        # Rotary tables for positions 0..T-1 from the model's own rotary module
+        # (honours its rope scaling), and the causal mask.
+        T = cfg.seq_len
+        positions = torch.arange(T).unsqueeze(0)  # [1, T]
+        probe = torch.zeros(1, T, self.head_dim)
+        with torch.no_grad():
+            cos, sin = model.model.rotary_emb(probe, positions)  # [1, T, hd] each
+        self.register_buffer("rope_cos", cos[0].clone(), persistent=False)  # [T, hd]
+        self.register_buffer("rope_sin", sin[0].clone(), persistent=False)  # [T, hd]
+        # Causal mask, repeated for the query heads stacked along time (see _decoder_layer).
+        rep = self.num_heads // self.num_kv_heads
+        mask = torch.full((T, T), float("-inf")).triu(1).repeat(rep, 1)  # [rep·T, T]: -inf above the diagonal
+        self.register_buffer("causal_mask", mask, persistent=False)
+        hidden = config.hidden_size
+        self.register_buffer("mean_row", torch.full((1, hidden), 1.0 / hidden), persistent=False)  # [1, H]
+
+    # -- pieces ---------------------------------------------------------------
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # The mean of squares as a matmul with a constant [1, H] row of 1/H: XNNPACK
+        # delegates a linear but not a mean over the last dim of a 3-D tensor, and
+        # every op left outside the delegate splits it and runs single-threaded.
+        variance = F.linear(x * x, self.mean_row)  # [..., 1]
+        return weight * (x * torch.rsqrt(variance + self.norm_eps))
+
+    def _linear(self, x: torch.Tensor, linear: nn.Linear, layer: int, module: str,
+                b_copies: torch.Tensor | None) -> torch.Tensor:
+        """Frozen linear plus, if (layer, module) is trained, the multi-perturbed LoRA term."""
+        y = F.linear(x, linear.weight, linear.bias)  # [N, T, out]
+        slot = self._slot.get((layer, module))
+        if slot is None or b_copies is None:
+            return y
+        copies = b_copies.shape[0]
+        N, T, _ = x.shape
+        a = getattr(self, self._a_name[(layer, module)])  # [r, in]
+        xa = F.linear(x, a).reshape(copies, (N // copies) * T, a.shape[0])  # [c, bs·T, r]
+        b = b_copies[:, slot.offset:slot.offset + slot.size].reshape(copies, slot.shape[0], slot.shape[1])  # [c, out, r]
+        delta = torch.bmm(xa, b.transpose(1, 2))  # [c, bs·T, out]
+        return y + self.scale * delta.reshape(y.shape)
+
+    def _decoder_layer(self, h: torch.Tensor, index: int, b_copies: torch.Tensor | None) -> torch.Tensor:
+        layer = self.layers[index]
+        attn, mlp = layer.self_attn, layer.mlp
+        N, T, _ = h.shape
+        hd = self.head_dim
+
+        x = self._rms_norm(h, layer.input_layernorm.weight)  # [N, T, H]
+        q = self._linear(x, attn.q_proj, index, "q_proj", b_copies).view(N, T, self.num_heads, hd).transpose(1, 2)
+        k = self._linear(x, attn.k_proj, index, "k_proj", b_copies).view(N, T, self.num_kv_heads, hd).transpose(1, 2)
+        v = self._linear(x, attn.v_proj, index, "v_proj", b_copies).view(N, T, self.num_kv_heads, hd).transpose(1, 2)
+        cos, sin = self.rope_cos, self.rope_sin  # [T, hd]
+        q = q * cos + _rotate_half(q) * sin  # [N, nh, T, hd]
+        k = k * cos + _rotate_half(k) * sin  # [N, nkv, T, hd]
+        # Grouped-query attention without materialising repeated k/v: the `rep` query
+        # heads that share a kv head are stacked along the time axis instead.
+        rep = self.num_heads // self.num_kv_heads
+        nkv = self.num_kv_heads
+        # Explicit 3-D bmm: a 4-D matmul decomposes into expand copies that XNNPACK
+        # does not take.
+        q = q.reshape(N * nkv, rep * T, hd)  # [N·nkv, rep·T, hd]
+        k = k.reshape(N * nkv, T, hd)  # [N·nkv, T, hd]
+        v = v.reshape(N * nkv, T, hd)  # [N·nkv, T, hd]
+        scores = torch.bmm(q, k.transpose(1, 2)) * (hd ** -0.5) + self.causal_mask  # [N·nkv, rep·T, T]
+        attn_out = torch.bmm(torch.softmax(scores, dim=-1), v)  # [N·nkv, rep·T, hd]
+        attn_out = attn_out.reshape(N, self.num_heads, T, hd).transpose(1, 2).reshape(N, T, self.num_heads * hd)  # [N, T, nh·hd]
+        h = h + self._linear(attn_out, attn.o_proj, index, "o_proj", b_copies)
+
+        x = self._rms_norm(h, layer.post_attention_layernorm.weight)
+        gate = self._linear(x, mlp.gate_proj, index, "gate_proj", b_copies)  # [N, T, I]
+        up = self._linear(x, mlp.up_proj, index, "up_proj", b_copies)  # [N, T, I]
+        return h + self._linear(F.silu(gate) * up, mlp.down_proj, index, "down_proj", b_copies)
+
+    # -- the forward with copies ------------------------------------------------
+
+    def answer_logits(self, input_ids: torch.Tensor, lengths: torch.Tensor,
+                      b_copies: torch.Tensor) -> torch.Tensor:
+        """Head logits at each row's answer position, for every copy of ``b``.
+
+        Args:
+            input_ids: [bs, T] right-padded token ids.
+            lengths: [bs] real tokens per row; the answer follows position lengths-1.
+            b_copies: [c, P] one flat B vector per copy.
+
+        Returns:
+            [c·bs, C] logits (C = verbalizer size, or the vocabulary for loss="vocab");
+            row i·bs + j is copy i of example j.
+        """
+        copies = b_copies.shape[0]
+        bs, T = input_ids.shape
+        h = F.embedding(input_ids, self.embed_tokens.weight)  # [bs, T, H]
+        for index in range(self.num_layers):
+            if index == self.expand_at and copies > 1:
+                h = h.repeat(copies, 1, 1)  # [c·bs, T, H]: copy i holds rows i·bs..i·bs+bs-1
+            trained_here = index >= self.expand_at
+            h = self._decoder_layer(h, index, b_copies if trained_here else None)
+        N, _, H = h.shape
+        # Gather each row's last real token before the head: the head runs on N rows, not N·T.
+        answer_pos = (lengths - 1).repeat(N // bs)  # [N]
+        flat_index = torch.arange(N, dtype=torch.long) * T + answer_pos  # [N]
+        h_answer = torch.index_select(h.reshape(N * T, H), 0, flat_index)  # [N, H]
+        h_answer = self._rms_norm(h_answer, self.norm.weight)
+        return F.linear(h_answer, self.head)  # [N, C]
+
+    def copy_losses(self, input_ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor,
+                    b_copies: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy per copy: [c]."""
+        copies = b_copies.shape[0]
+        bs = input_ids.shape[0]
+        logits = self.answer_logits(input_ids, lengths, b_copies)  # [c·bs, C]
+        targets = labels if self.cfg.loss == "verbalizer" else self.verbalizer_ids[labels]  # [bs]
+        log_probs = torch.log_softmax(logits, dim=-1)  # [c·bs, C]
+        picked = torch.gather(log_probs, 1, targets.repeat(copies).unsqueeze(1))  # [c·bs, 1]
+        return -picked.reshape(copies, bs).mean(dim=1)  # [c]
+
+    def class_logits(self, input_ids: torch.Tensor, lengths: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Logits over the task's classes for one (unperturbed) ``b``: [bs, C]."""
+        logits = self.answer_logits(input_ids, lengths, b.unsqueeze(0))  # [bs, C or V]
+        if self.cfg.loss == "vocab":
+            logits = logits[:, self.verbalizer_ids]  # [bs, C]
+        return logits
+
+    def step(self, input_ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor, b: torch.Tensor,
+             z: torch.Tensor, lr: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One P-RGE step (steps 2-7 of the module docstring)."""
+        q = z.shape[0]
+        b_copies = torch.cat([b + eps * z, b - eps * z], dim=0)  # [2q, P]: +eps copies, then -eps
+        losses = self.copy_losses(input_ids, lengths, labels, b_copies)  # [2q]
+        g = (losses[:q] - losses[q:]) / (2 * eps)  # [q] projected gradients
+        b_new = b - lr * (g.unsqueeze(1) * z).mean(dim=0)  # [P]
+        return b_new, losses.mean().reshape(1), g
+
+
+class PrgeStep(nn.Module):
+    """Method ``step``: (input_ids, lengths, labels, b, z, lr, eps) -> (b_new, loss, g)."""
+
+    def __init__(self, program: PrgeProgram) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, input_ids, lengths, labels, b, z, lr, eps):
+        return self.program.step(input_ids, lengths, labels, b, z, lr, eps)
+
+
+class PrgeStepInGraphNoise(nn.Module):
+    """Method ``step_rng``: as ``step`` but z is drawn in the graph (unseeded on device)."""
+
+    def __init__(self, program: PrgeProgram) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, input_ids, lengths, labels, b, lr, eps):
+        z = torch.randn(self.program.cfg.q, b.shape[0])  # [q, P]
+        return self.program.step(input_ids, lengths, labels, b, z, lr, eps)
+
+
+class PrgeEval(nn.Module):
+    """Method ``eval``: (input_ids, lengths, b) -> class_logits [bs, C]."""
+
+    def __init__(self, program: PrgeProgram) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, input_ids, lengths, b):
+        return self.program.class_logits(input_ids, lengths, b)
+
+
+def example_inputs(cfg: PrgeConfig, b_size: int, vocab_size: int, seed: int = 0) -> dict[str, tuple]:
+    """Inputs of the right shapes and dtypes for each method (for export and tests)."""
+    gen = torch.Generator().manual_seed(seed)
+    bs, T, q = cfg.batch_size, cfg.seq_len, cfg.q
+    input_ids = torch.randint(0, vocab_size, (bs, T), generator=gen)
+    lengths = torch.randint(T // 2, T + 1, (bs,), generator=gen)
+    labels = torch.randint(0, 2, (bs,), generator=gen)
+    b = torch.randn(b_size, generator=gen) * 1e-3
+    z = torch.randn(q, b_size, generator=gen)
+    lr = torch.tensor([1e-3])
+    eps = torch.tensor([1e-2])
+    return {
+        "step": (input_ids, lengths, labels, b, z, lr, eps),
+        "step_rng": (input_ids, lengths, labels, b, lr, eps),
+        "eval": (input_ids, lengths, b),
+    }
