@@ -127,6 +127,10 @@ class PrgeProgram(nn.Module):
         hidden = config.hidden_size
         self.register_buffer("mean_row", torch.full((1, hidden), 1.0 / hidden), persistent=False)  # [1, H]
 
+    @property
+    def b_size(self) -> int:
+        return sum(slot.size for slot in self.layout)
+
     # -- pieces ---------------------------------------------------------------
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -266,6 +270,20 @@ class PrgeStepInGraphNoise(nn.Module):
         return self.program.step(input_ids, lengths, labels, b, z, lr, eps)
 
 
+class PrgeLoss(nn.Module):
+    """Method ``loss``: (input_ids, lengths, labels, b) -> mean loss [1] for one ``b``.
+
+    One unperturbed forward: what a sequential (MeZO-style) step calls 2q times.
+    """
+
+    def __init__(self, program: PrgeProgram) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, input_ids, lengths, labels, b):
+        return self.program.copy_losses(input_ids, lengths, labels, b.unsqueeze(0))
+
+
 class PrgeEval(nn.Module):
     """Method ``eval``: (input_ids, lengths, b) -> class_logits [bs, C]."""
 
@@ -292,4 +310,5 @@ def example_inputs(cfg: PrgeConfig, b_size: int, vocab_size: int, seed: int = 0)
         "step": (input_ids, lengths, labels, b, z, lr, eps),
         "step_rng": (input_ids, lengths, labels, b, lr, eps),
         "eval": (input_ids, lengths, b),
+        "loss": (input_ids, lengths, labels, b),
     }

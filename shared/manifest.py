@@ -9,7 +9,9 @@ Method signatures (all float tensors float32, all index tensors int64):
 
 * ``step``:  (input_ids [bs, T], lengths [bs], labels [bs], b [P], z [q, P], lr [1], eps [1])
              -> (b_new [P], loss [1], g [q])
-* ``eval``:  (input_ids [bs, T], lengths [bs], b [P]) -> (class_logits [bs, C])
+* ``eval``:  (input_ids [eval_bs, T], lengths [eval_bs], b [P]) -> (class_logits [eval_bs, C])
+* ``loss``:  (input_ids [bs, T], lengths [bs], labels [bs], b [P]) -> (loss [1])   (optional)
+* ``step_rng``: as ``step`` without ``z``, drawn in the graph (optional)
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ class Manifest:
     alpha: float
     q: int
     batch_size: int
+    eval_batch_size: int
     seq_len: int
     labels: list[str]  # class order of labels / class_logits
     verbalizer_token_ids: list[int]

@@ -1,0 +1,321 @@
+"""Build, cache and write P-RGE training programs (ExecuTorch `.pte`).
+
+`build_program` is pure: a `PrgeProgram` in, an `ExecutorchProgramManager` out,
+in numbered stages (wrap → export → tag weights → lower → emit).
+`export_program` is the whole job behind `deftly export`: load the model and
+the task, build (or take from the cache) the program, and write the files a
+device needs beside each other:
+
+    <name>.pte               the methods (graph + small constants: A's, head rows, rope)
+    <name>.manifest.json     what the program computes and how to call it (shared.manifest)
+    weights-<sha12>.ptd      the frozen base weights, named by content: a device that
+                             holds them never receives them again, whatever the plan
+    <name>.data.npz          the task, tokenised (train / validation / test)
+    <name>.lora_a.npz        the frozen A's, to write the PEFT adapter at the end
+
+The frozen base weights are tagged external in both worlds: XNNPACK-delegated
+linears put theirs in the named data store by content hash, and non-delegated
+constants (the embedding table) go through `external_constants`; both land in
+one `.ptd`, so a new block set ships only the small `.pte`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from export.lora import AdapterTensors, LoraFaConfig, parse_layers, peft_config
+from export.prge import PrgeConfig, PrgeEval, PrgeLoss, PrgeProgram, PrgeStep, PrgeStepInGraphNoise, example_inputs
+from shared.errors import InputError
+from shared.manifest import Manifest
+from shared.task_data import save_splits
+
+PROGRAM_FORMAT = 1  # bump when the program layout changes: invalidates cached exports
+WEIGHTS_TAG = "weights"
+METHODS = {"step": PrgeStep, "step_rng": PrgeStepInGraphNoise, "eval": PrgeEval, "loss": PrgeLoss}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything `deftly export` decides; one flat record, defaults commented."""
+
+    model: str = "smollm2"  # "smollm2" (embedded), a local HF directory, or a hub id
+    task: str = "rotten_tomatoes"  # embedded task name or a TOML task file
+    layers: str = "top:8"  # all | top:K | a-b | a,b,c
+    q: int = 4  # random directions per step
+    batch_size: int = 4  # examples per step
+    eval_batch_size: int = 16  # examples per eval call
+    seq_len: int = 64  # tokens per example (longer prompts lose text, never the cue words)
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    loss: str = "verbalizer"  # "verbalizer" or "vocab"
+    prefix_sharing: bool = True
+    lr: float = 1e-2  # suggested to the trainer; the program takes lr as an input
+    eps: float = 1e-2  # likewise
+    seed: int = 0  # seeds the A's
+    methods: tuple[str, ...] = ("step", "eval")
+    external_weights: bool = True  # frozen weights in a shared .ptd instead of inside the .pte
+
+    def prge(self) -> PrgeConfig:
+        return PrgeConfig(q=self.q, batch_size=self.batch_size, seq_len=self.seq_len, loss=self.loss,
+                          prefix_sharing=self.prefix_sharing)
+
+
+@dataclass
+class ExportResult:
+    manifest_path: Path
+    manifest: Manifest
+    from_cache: bool
+    seconds: float
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+# -- the pure part -----------------------------------------------------------------
+
+
+def _is_base_weight(name: str) -> bool:
+    """Frozen base-model weights (shared by every program of a model) vs program constants."""
+    return any(part in name for part in ("embed_tokens", "layers", "norm")) and "lora_a" not in name \
+        and "mean_row" not in name
+
+
+def build_program(program: PrgeProgram, methods: tuple[str, ...], eval_batch_size: int,
+                  external_weights: bool = True, progress: Callable[[str], None] = print):
+    """Lower a P-RGE program to ExecuTorch.
+
+    Args:
+        program: the module holding the forward with copies.
+        methods: names from METHODS to put in the program.
+        eval_batch_size: batch size of the ``eval`` method.
+        external_weights: tag the frozen base weights for a separate ``.ptd``.
+        progress: receives one-line stage messages.
+
+    Returns:
+        An ``ExecutorchProgramManager`` (call ``save`` / ``write_tensor_data_to_file``).
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
+
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise InputError(f"unknown methods {sorted(unknown)}; choose from {sorted(METHODS)}")
+    cfg = program.cfg
+    vocab = program.embed_tokens.weight.shape[0]
+    inputs = example_inputs(cfg, program.b_size, vocab)
+    inputs["eval"] = example_inputs(PrgeConfig(**{**asdict(cfg), "batch_size": eval_batch_size}),
+                                    program.b_size, vocab)["eval"]
+
+    # 1. wrap: one module per method, all sharing the program's weights.
+    wrapped = {name: METHODS[name](program) for name in methods}
+
+    # 2. export each method to an ATen graph.
+    exported = {}
+    for name, module in wrapped.items():
+        with _Ticker(progress, f"exporting method {name}"):
+            ep = torch.export.export(module, inputs[name], strict=False)
+            if external_weights:
+                # 3. tag the frozen weights on the unlifted graph, then re-export, so that
+                #    XNNPACK writes them to the named data store under an external tag.
+                unlifted = ep.module()
+                delegate_external_constants_pass_unlifted(
+                    unlifted, lambda node: WEIGHTS_TAG if _is_base_weight(str(node.target)) else None)
+                ep = torch.export.export(unlifted, inputs[name], strict=False)
+            exported[name] = ep
+
+    # 4. lower: XNNPACK takes the linears, bmm, softmax and elementwise ops.
+    with _Ticker(progress, f"lowering {len(exported)} method(s) to XNNPACK"):
+        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
+
+    # 5. emit the ExecuTorch program; non-delegated base weights go external too.
+    def external_tag(node: torch.fx.Node) -> str | None:
+        return WEIGHTS_TAG if _is_base_weight(node.name) else None
+
+    with _Ticker(progress, "emitting the program"):
+        return edge.to_executorch(ExecutorchBackendConfig(
+            external_constants=external_tag if external_weights else False))
+
+
+# -- the job behind `deftly export` -------------------------------------------------
+
+
+def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
+                   progress: Callable[[str], None] = print, loaded=None) -> ExportResult:
+    """Export one P-RGE program with its manifest, weights, data and A's beside ``out``.
+
+    Args:
+        cfg: what to export.
+        out: path of the ``.pte`` to write; the other files go beside it.
+        cache_dir: cache root (default ``export.models.default_cache_dir()``); lowered
+            programs are cached under ``programs/<key>/`` and never lowered twice.
+        progress: receives one-line progress messages.
+        loaded: an already loaded ``export.models.LoadedModel`` (tests, benchmarks).
+
+    Returns:
+        Paths and the manifest.
+    """
+    from export.models import default_cache_dir, load_model
+    from export.tasks import encode_split, load_examples, load_task_spec, verbalizer_token_ids
+
+    start = time.perf_counter()
+    if out.suffix != ".pte":
+        raise InputError(f"--out {out}: the program file must end in .pte")
+    cache_root = (cache_dir or default_cache_dir())
+    loaded = loaded or load_model(cfg.model, cache_dir=cache_dir, progress=progress)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    task = load_task_spec(cfg.task)
+    verbalizer_ids = verbalizer_token_ids(task, tokenizer)
+
+    num_layers = model.config.num_hidden_layers
+    lora_cfg = LoraFaConfig(rank=cfg.rank, alpha=cfg.alpha, target_modules=tuple(cfg.target_modules),
+                            layers=parse_layers(cfg.layers, num_layers), seed=cfg.seed)
+    adapter = AdapterTensors.build(model, lora_cfg)
+    program = PrgeProgram(model, adapter, cfg.prge(), verbalizer_ids)
+
+    key = cache_key(cfg, loaded.model_id, model, lora_cfg, verbalizer_ids)
+    cached = cache_root / "programs" / key
+    from_cache = (cached / "program.pte").exists() and (cached / "weights.ptd").exists()
+    if from_cache:
+        progress(f"Program found in the cache ({cached}); not lowering again")
+    else:
+        progress(f"Exporting {loaded.model_id}, layers {list(lora_cfg.layers)}, q={cfg.q}, bs={cfg.batch_size}, "
+                 f"T={cfg.seq_len}, methods {list(cfg.methods)}")
+        et_program = build_program(program, cfg.methods, cfg.eval_batch_size, cfg.external_weights, progress)
+        _write_cache_entry(et_program, cached, cfg.external_weights)
+
+    # The task, tokenised once here: the device side has numpy, not a tokenizer.
+    with _Ticker(progress, f"tokenising task {task.name}"):
+        examples = load_examples(task)
+        splits = {name: encode_split(rows, task, tokenizer, cfg.seq_len) for name, rows in examples.items()}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stem = out.name[:-len(".pte")]
+    files: dict[str, Path] = {"program": out}
+    shutil.copyfile(cached / "program.pte", out)
+    if (cached / "weights.ptd").exists():
+        weights_hash = (cached / "weights.sha256").read_text().strip()
+        weights_path = out.parent / f"weights-{weights_hash[:12]}.ptd"
+        if not weights_path.exists():
+            shutil.copyfile(cached / "weights.ptd", weights_path)
+        files["weights"] = weights_path
+    files["data"] = out.parent / f"{stem}.data.npz"
+    save_splits(files["data"], {name: (s.input_ids, s.lengths, s.labels) for name, s in splits.items()})
+    files["lora_a"] = out.parent / f"{stem}.lora_a.npz"
+    with open(files["lora_a"], "wb") as f:
+        np.savez(f, **{path: a.numpy() for path, a in adapter.a_by_path.items()})
+
+    manifest = Manifest(
+        model_id=loaded.model_id, task=task.name, num_layers=num_layers,
+        trainable_layers=list(lora_cfg.layers), target_modules=list(lora_cfg.target_modules),
+        rank=cfg.rank, alpha=cfg.alpha, q=cfg.q, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+        seq_len=cfg.seq_len, labels=list(task.labels), verbalizer_token_ids=list(verbalizer_ids), loss=cfg.loss,
+        prefix_sharing=cfg.prefix_sharing, b_size=adapter.b_size, b_layout=adapter.layout,
+        methods=list(cfg.methods), lr=cfg.lr, eps=cfg.eps,
+        files={role: path.name for role, path in files.items()},
+        sha256={path.name: sha256_file(path) for path in files.values()},
+        peft_config=_peft_config_dict(lora_cfg, loaded.model_id),
+        export_seconds=round(time.perf_counter() - start, 2), cache_key=key,
+    )
+    manifest_path = out.parent / f"{stem}.manifest.json"
+    manifest.save(manifest_path)
+    seconds = time.perf_counter() - start
+    sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in files.values())
+    progress(f"Wrote {manifest_path} ({sizes}) in {seconds:.1f} s")
+    return ExportResult(manifest_path=manifest_path, manifest=manifest, from_cache=from_cache,
+                        seconds=seconds, files=files)
+
+
+def cache_key(cfg: ExportConfig, model_id: str, model: torch.nn.Module, lora_cfg: LoraFaConfig,
+              verbalizer_ids: list[int]) -> str:
+    """Key of a lowered program: the model's content, its layers, shapes and settings, the toolchain."""
+    import executorch
+
+    fingerprint = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        fingerprint.update(name.encode())
+        # A strided sample of every tensor: the same model always gives the same key,
+        # and a fine-tuned copy of it almost surely not, without hashing 500 MB.
+        flat = tensor.detach().reshape(-1)
+        fingerprint.update(flat[:: max(1, flat.numel() // 4096)].numpy().tobytes())
+    settings = {
+        "format": PROGRAM_FORMAT, "model_id": model_id, "weights": fingerprint.hexdigest(),
+        "config": model.config.to_json_string(use_diff=False),
+        "lora": asdict(lora_cfg), "verbalizer": verbalizer_ids,
+        "prge": asdict(cfg.prge()), "eval_batch_size": cfg.eval_batch_size, "methods": list(cfg.methods),
+        "external_weights": cfg.external_weights,
+        "torch": torch.__version__, "executorch": getattr(executorch, "__version__", "?"),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_cache_entry(et_program, target: Path, external_weights: bool) -> None:
+    """Write program.pte (+ weights.ptd) into the cache atomically: temp dir, then rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{time.time_ns()}"
+    tmp.mkdir()
+    try:
+        et_program.save(str(tmp / "program.pte"))
+        if external_weights:
+            et_program.write_tensor_data_to_file(str(tmp))
+            written = sorted(tmp.glob("*.ptd"))
+            if len(written) != 1:
+                raise RuntimeError(f"expected one weights file, the exporter wrote {[p.name for p in written]}")
+            written[0].rename(tmp / "weights.ptd")
+            (tmp / "weights.sha256").write_text(sha256_file(tmp / "weights.ptd"))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _peft_config_dict(lora_cfg: LoraFaConfig, model_id: str) -> dict:
+    """adapter_config.json content, as PEFT's save_pretrained writes it."""
+    config = peft_config(lora_cfg)
+    config.base_model_name_or_path = model_id
+    data = config.to_dict()
+    return json.loads(json.dumps(data, default=lambda value: sorted(value) if isinstance(value, set) else str(value)))
+
+
+class _Ticker:
+    """Prints a stage's start, a line every `every` seconds while it runs, and its duration."""
+
+    def __init__(self, progress: Callable[[str], None], what: str, every: float = 15.0) -> None:
+        self.progress, self.what, self.every = progress, what, every
+        self._done = threading.Event()
+
+    def __enter__(self) -> "_Ticker":
+        self.start = time.perf_counter()
+        self.progress(f"  {self.what} ...")
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+        self._thread.start()
+        return self
+
+    def _tick(self) -> None:
+        while not self._done.wait(self.every):
+            self.progress(f"  {self.what} ... {time.perf_counter() - self.start:.0f} s")
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        if exc[0] is None:
+            self.progress(f"  {self.what}: done in {time.perf_counter() - self.start:.1f} s")
