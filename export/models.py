@@ -99,9 +99,8 @@ def load_model(
     if not Path(source).is_dir():
         progress(f"Fetching {spec} from the Hugging Face Hub (offline, this fails after a few retries) ...")
     _check_architecture(_read_architectures(source, spec), spec)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
     progress(f"Loading model {model_id} ...")

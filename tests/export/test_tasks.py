@@ -96,7 +96,7 @@ def test_shipped_example_csv_task_loads(smollm2_tokenizer) -> None:
 @pytest.mark.parametrize("name", ["rotten_tomatoes.toml", "example_csv.toml"])
 def test_example_configs_start_with_the_command_that_uses_them(name: str) -> None:
     first = (TASKS / name).read_text().splitlines()[0]
-    assert first.startswith(f"# deftly export ") and f"--task assets/tasks/{name}" in first
+    assert first.startswith("# deftly export ") and f"--task assets/tasks/{name}" in first
 
 
 # --- user files ---------------------------------------------------------------------
