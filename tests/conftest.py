@@ -1,4 +1,5 @@
-"""Session fixtures for the export tests: the real SmolLM2, converted once per session.
+"""Session fixtures shared by the test packages: the real SmolLM2, converted once per session,
+and one tiny exported P-RGE program.
 
 The conversion runs into a session temporary directory rather than the user's
 `~/.cache/deftly`: the GGUF has to be de-quantised anyway for the parity check
@@ -7,17 +8,25 @@ a developer's machine run the same code path, and the tests never read a cache
 that an older deftly left behind. Use `smollm2_tokenizer` (or `tiny_model`) rather
 than calling `load_tokenizer()` directly, which would convert a second time into
 the default cache on a fresh machine.
+
+torch and the exporter are imported inside the fixtures, so that a run of the
+planner tests alone does not pay for importing them.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
 
 from export.models import LoadedModel, convert_gguf, embedded_gguf_path, embedded_model_dir, load_model, load_tokenizer, tiny_llama
+
+if TYPE_CHECKING:
+    import torch
+
+    from export.program import ExportConfig, ExportResult
 
 # A short prompt in the task's format; its next-token logits are the parity reference.
 PARITY_PROMPT = "A gorgeous, moving film that never puts a foot wrong. It was"
@@ -34,6 +43,8 @@ class Conversion:
 @pytest.fixture(scope="session")
 def smollm2_conversion(tmp_path_factory: pytest.TempPathFactory) -> Conversion:
     """Converts the embedded GGUF once and keeps only the reference logits, not the model."""
+    import torch
+
     cache_dir = tmp_path_factory.mktemp("deftly-cache")
     start = time.perf_counter()
     gguf = convert_gguf(embedded_gguf_path(), embedded_model_dir(cache_dir), progress=lambda _m: None)
@@ -60,3 +71,30 @@ def smollm2_tokenizer(smollm2_conversion: Conversion):
 def tiny_model(smollm2_tokenizer) -> LoadedModel:
     """A fresh random 4-layer Llama (hidden 256) with SmolLM2's vocabulary, seed 0."""
     return tiny_llama(seed=0, tokenizer=smollm2_tokenizer)
+
+
+@dataclass
+class TinyProgram:
+    export: ExportResult  # paths and manifest of the exported files
+    loaded: LoadedModel  # the eager model it was exported from (parity and PEFT references)
+    config: ExportConfig
+
+    @property
+    def pte(self) -> Path:
+        return self.export.files["program"]
+
+
+@pytest.fixture(scope="session")
+def tiny_program(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer) -> TinyProgram:
+    """A 2-layer, hidden-64 random Llama exported once with layer 1 trainable, T=32, methods step and eval.
+
+    Tests must not modify these files: copy the directory first.
+    """
+    from export.program import ExportConfig, export_program
+
+    config = ExportConfig(model="tiny", layers="1-1", seq_len=32, methods=("step", "eval"))
+    loaded = tiny_llama(num_layers=2, hidden_size=64, tokenizer=smollm2_tokenizer)
+    out = tmp_path_factory.mktemp("tiny-program") / "step.pte"
+    result = export_program(config, out, cache_dir=tmp_path_factory.mktemp("program-cache"),
+                            progress=lambda _m: None, loaded=loaded)
+    return TinyProgram(export=result, loaded=loaded, config=config)
