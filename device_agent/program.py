@@ -1,0 +1,246 @@
+"""One exported P-RGE program, loaded with the ExecuTorch runtime and called with numpy.
+
+A program is a set of files beside its manifest (see `shared.manifest`): the
+`.pte`, the shared base weights `.ptd`, the tokenised task `.npz` and the frozen
+A's `.npz`. `Program` checks every file's sha256 against the manifest before it
+loads anything (a program that was cut short in transfer, or edited, must not
+train silently), then exposes the methods as numpy in / numpy out:
+
+    step(input_ids, lengths, labels, b, z, lr, eps) -> (b_new, loss, g)
+    class_logits(input_ids, lengths, b)             -> logits [n, C], any n
+
+torch appears only as the runtime's tensor type: executorch depends on it, and
+`torch.from_numpy` shares memory rather than copying.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.errors import InputError
+from shared.manifest import Manifest
+from shared.task_data import Split, load_splits
+
+MANIFEST_SUFFIX = ".manifest.json"
+
+
+def resolve_manifest_path(path: Path) -> Path:
+    """The manifest of a program given as its ``.pte`` or its ``.manifest.json``.
+
+    Raises:
+        InputError: the path is neither, or the manifest does not exist.
+    """
+    path = Path(path)
+    if path.name.endswith(MANIFEST_SUFFIX):
+        manifest_path = path
+    elif path.suffix == ".pte":
+        manifest_path = path.with_name(path.name[:-len(".pte")] + MANIFEST_SUFFIX)
+    else:
+        raise InputError(f"{path}: expected a program (.pte) or its manifest ({MANIFEST_SUFFIX})")
+    if not manifest_path.exists():
+        if path.suffix == ".pte" and not path.exists():
+            raise InputError(f"{path}: no such program")
+        raise InputError(f"{manifest_path}: no such manifest (export the program with `deftly export`)")
+    return manifest_path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_files(manifest: Manifest, manifest_path: Path) -> None:
+    """Check that every file the manifest names exists beside it with the recorded sha256.
+
+    Raises:
+        InputError: naming the first file that is absent, unlisted, or has another hash.
+    """
+    for role, name in manifest.files.items():
+        if name not in manifest.sha256:
+            raise InputError(f"{manifest_path}: the {role} file {name} has no sha256 in the manifest")
+    for name, expected in manifest.sha256.items():
+        path = manifest_path.parent / name
+        if not path.is_file():
+            raise InputError(f"{path}: missing (listed in {manifest_path.name}; copy every file the export wrote)")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise InputError(f"{path}: sha256 {actual[:12]}… does not match the manifest's {expected[:12]}… "
+                             f"(the file is corrupt or from another export)")
+
+
+def _tensor(array: np.ndarray, dtype: np.dtype, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    array = np.asarray(array)
+    if array.shape != shape:
+        raise ValueError(f"{what}: shape {array.shape}, the program takes {shape}")
+    array = np.ascontiguousarray(array, dtype=dtype)
+    if not array.flags.writeable:  # torch.from_numpy warns on read-only memory
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    # Copy: an output may live in the method's planned memory, which the next execute() overwrites.
+    return tensor.detach().numpy().copy()
+
+
+class Program:
+    """A verified P-RGE program with its ``step`` and ``eval`` methods.
+
+    Attributes:
+        manifest: what the program computes and how to call it.
+        manifest_path: where the manifest was read from; the other files sit beside it.
+    """
+
+    def __init__(self, path: Path, verify: bool = True) -> None:
+        """Load the program a ``.pte`` or ``.manifest.json`` path names.
+
+        Args:
+            path: the program's ``.pte`` or its manifest.
+            verify: check every file's sha256 first (leave on unless the caller just did).
+
+        Raises:
+            InputError: a missing or malformed manifest, a missing or altered file.
+        """
+        from executorch.runtime import Runtime  # imported here: it loads the native runtime
+
+        self.manifest_path = resolve_manifest_path(path)
+        self.manifest = Manifest.load(self.manifest_path)
+        if verify:
+            verify_files(self.manifest, self.manifest_path)
+        weights = (self.manifest.file("weights", self.manifest_path)
+                   if "weights" in self.manifest.files else None)
+        program_path = self.manifest.file("program", self.manifest_path)
+        try:
+            self._program = Runtime.get().load_program(program_path, data_path=weights)
+        except RuntimeError as exc:
+            raise InputError(f"{program_path}: ExecuTorch could not load the program ({exc})") from None
+        self._methods: dict = {}
+
+    # -- shapes from the manifest ---------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        return self.manifest.batch_size
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.manifest.eval_batch_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.manifest.seq_len
+
+    @property
+    def q(self) -> int:
+        return self.manifest.q
+
+    @property
+    def b_size(self) -> int:
+        return self.manifest.b_size
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """What tells this program from another: its cache key and the sha256 of its ``.pte``."""
+        return {"cache_key": self.manifest.cache_key,
+                "program_sha256": self.manifest.sha256.get(self.manifest.files.get("program", ""), "")}
+
+    # -- the program's side files ---------------------------------------------------
+
+    def load_data(self) -> dict[str, Split]:
+        """The task's tokenised splits ("train", "validation", "test")."""
+        return load_splits(self.manifest.file("data", self.manifest_path))
+
+    def load_lora_a(self) -> dict[str, np.ndarray]:
+        """The frozen A's, keyed by module path (``BSlot.path``), each [r, in] float32."""
+        path = self.manifest.file("lora_a", self.manifest_path)
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name].astype(np.float32) for name in data.files}
+
+    # -- the methods ------------------------------------------------------------------
+
+    def _method(self, name: str):
+        if name not in self._methods:
+            if name not in self.manifest.methods:
+                raise InputError(f"{self.manifest_path}: the program has no {name!r} method "
+                                 f"(it has {self.manifest.methods}); export it with --methods including {name}")
+            method = self._program.load_method(name)
+            if method is None:
+                raise InputError(f"{self.manifest_path}: ExecuTorch could not load method {name!r}")
+            self._methods[name] = method
+        return self._methods[name]
+
+    def step(self, input_ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray, b: np.ndarray,
+             z: np.ndarray, lr: float, eps: float) -> tuple[np.ndarray, float, np.ndarray]:
+        """One P-RGE step.
+
+        Args:
+            input_ids: [bs, T] int64, right-padded.
+            lengths: [bs] int64 real tokens per row.
+            labels: [bs] int64 class indices.
+            b: [P] float32, the flat trained B's.
+            z: [q, P] float32 directions.
+            lr: learning rate of this step.
+            eps: perturbation size.
+
+        Returns:
+            (b_new [P] float32, mean loss over the 2q copies, g [q] float32).
+        """
+        bs, T, q, P = self.batch_size, self.seq_len, self.q, self.b_size
+        inputs = [
+            _tensor(input_ids, np.int64, (bs, T), "input_ids"),
+            _tensor(lengths, np.int64, (bs,), "lengths"),
+            _tensor(labels, np.int64, (bs,), "labels"),
+            _tensor(b, np.float32, (P,), "b"),
+            _tensor(z, np.float32, (q, P), "z"),
+            _tensor(np.array([lr]), np.float32, (1,), "lr"),
+            _tensor(np.array([eps]), np.float32, (1,), "eps"),
+        ]
+        b_new, loss, g = self._method("step").execute(inputs)
+        return _numpy(b_new), float(loss.reshape(-1)[0]), _numpy(g)
+
+    def class_logits(self, input_ids: np.ndarray, lengths: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Class logits for any number of rows, in ``eval_batch_size`` calls.
+
+        The last call is padded with copies of the first row and the padded rows are dropped.
+
+        Args:
+            input_ids: [n, T] int64.
+            lengths: [n] int64.
+            b: [P] float32.
+
+        Returns:
+            [n, C] float32, C = number of classes (``manifest.labels``).
+        """
+        input_ids, lengths = np.asarray(input_ids), np.asarray(lengths)
+        n, ebs = input_ids.shape[0], self.eval_batch_size
+        if lengths.shape != (n,):
+            raise ValueError(f"lengths: shape {lengths.shape}, expected ({n},) to match input_ids")
+        b_tensor = _tensor(b, np.float32, (self.b_size,), "b")
+        method = self._method("eval")
+        chunks = []
+        for start in range(0, n, ebs):
+            ids, lens = input_ids[start:start + ebs], lengths[start:start + ebs]
+            real = ids.shape[0]
+            if real < ebs:  # pad with row 0 (any valid row will do): the method's batch is fixed
+                ids = np.concatenate([ids, np.repeat(ids[:1], ebs - real, axis=0)])
+                lens = np.concatenate([lens, np.repeat(lens[:1], ebs - real)])
+            (logits,) = method.execute([_tensor(ids, np.int64, (ebs, self.seq_len), "input_ids"),
+                                        _tensor(lens, np.int64, (ebs,), "lengths"), b_tensor])
+            chunks.append(_numpy(logits)[:real])
+        if not chunks:
+            return np.zeros((0, len(self.manifest.labels)), dtype=np.float32)
+        return np.concatenate(chunks)
+
+    def accuracy(self, split: Split, b: np.ndarray, limit: int | None = None) -> float:
+        """Fraction of the first ``limit`` rows of ``split`` (all when None) whose argmax is the label."""
+        n = len(split) if limit is None else min(limit, len(split))
+        if n == 0:
+            return float("nan")
+        logits = self.class_logits(split.input_ids[:n], split.lengths[:n], b)
+        return float((logits.argmax(axis=1) == split.labels[:n]).mean())
