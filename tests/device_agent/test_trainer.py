@@ -1,0 +1,155 @@
+"""The local training loop: exact resume, metrics, checkpoints on interruption, the PEFT adapter."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from device_agent.program import Program
+from device_agent.trainer import TrainConfig, epoch_order, lr_at, next_batch, run_training, write_adapter
+from shared.errors import InputError
+
+# Small evaluations keep each run well under a second on the tiny program.
+FAST = {"eval_limit": 16, "test_limit": 16}
+
+
+def config(tiny_program, out: Path, **changes) -> TrainConfig:
+    return TrainConfig(**{"program": tiny_program.pte, "out": out, "steps": 10, "eval_every": 5, **FAST, **changes})
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- pure pieces -----------------------------------------------------------------------
+
+
+def test_schedules_start_at_the_base_rate_and_decay_to_zero() -> None:
+    assert [lr_at(t, 0.1, "constant", 10) for t in (0, 9)] == [0.1, 0.1]
+    assert lr_at(0, 0.1, "cosine", 10) == pytest.approx(0.1) and lr_at(5, 0.1, "cosine", 10) == pytest.approx(0.05)
+    assert lr_at(0, 0.1, "linear", 10) == pytest.approx(0.1) and lr_at(10, 0.1, "linear", 10) == pytest.approx(0.0)
+    with pytest.raises(InputError, match="schedule"):
+        lr_at(0, 0.1, "step", 10)
+
+
+def test_sampler_walks_seeded_epochs_without_repeats() -> None:
+    n, bs, epoch, position, seen = 10, 3, 0, 0, []
+    for _ in range(3):  # 3 batches of 3 from 10 examples: the 10th is skipped this epoch
+        indices, epoch, position = next_batch(7, epoch, position, n, bs)
+        seen.extend(indices.tolist())
+    assert len(set(seen)) == 9 and epoch == 0
+    indices, epoch, position = next_batch(7, epoch, position, n, bs)
+    assert epoch == 1 and position == 3 and indices.tolist() == epoch_order(7, 1, n)[:3].tolist()
+    assert epoch_order(7, 0, n).tolist() != epoch_order(7, 1, n).tolist()
+
+
+# -- runs ------------------------------------------------------------------------------
+
+
+def test_resume_continues_exactly(tiny_program, tmp_path: Path) -> None:
+    # prepare: one straight run of 10 steps
+    straight = run_training(config(tiny_program, tmp_path / "straight"))
+    # execute: 5 steps, then resume to 10
+    first = run_training(config(tiny_program, tmp_path / "split", steps=5))
+    resumed = run_training(config(tiny_program, tmp_path / "split", resume=True))
+    # assert: bit-identical b, and the metrics read as one run
+    assert first.step == 5 and resumed.step == straight.step == 10
+    assert np.array_equal(resumed.b, straight.b)
+    assert not np.array_equal(first.b, straight.b)
+    losses = [m["loss"] for m in read_metrics(tmp_path / "straight") if m["kind"] == "step"]
+    assert [m["loss"] for m in read_metrics(tmp_path / "split") if m["kind"] == "step"] == losses
+
+
+def test_interrupt_checkpoints_and_resume_is_exact_with_a_decaying_schedule(tiny_program, tmp_path: Path) -> None:
+    # prepare
+    straight = run_training(config(tiny_program, tmp_path / "straight", schedule="cosine"))
+    out = tmp_path / "interrupted"
+
+    def interrupt_at_step_7(event: dict) -> None:
+        if event["kind"] == "step" and event["step"] == 7:
+            raise KeyboardInterrupt
+
+    # execute: Ctrl-C after step 7 (between checkpoints), then resume
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config(tiny_program, out, schedule="cosine"), on_event=interrupt_at_step_7)
+    saved = json.loads((out / "checkpoint.json").read_text())
+    resumed = run_training(config(tiny_program, out, resume=True))  # schedule comes from the checkpoint
+    # assert: the checkpoint held step 7, no temporary file was left, and the result is the straight run's
+    assert saved["step"] == 7 and saved["schedule"] == "cosine"
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+    assert np.array_equal(resumed.b, straight.b)
+    steps = [m["step"] for m in read_metrics(out) if m["kind"] == "step"]
+    assert steps == list(range(1, 11))
+
+
+def test_metrics_lines_hold_every_step_and_evaluation(tiny_program, tmp_path: Path) -> None:
+    events: list[dict] = []
+    result = run_training(config(tiny_program, tmp_path / "run", lr=0.02, schedule="linear"), on_event=events.append)
+    metrics = read_metrics(tmp_path / "run")
+    steps = [m for m in metrics if m["kind"] == "step"]
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    assert [m["step"] for m in steps] == list(range(1, 11))
+    for m in steps:
+        assert set(m) == {"kind", "step", "loss", "g_abs_mean", "seconds", "rss_mb", "lr"}
+        assert m["loss"] > 0 and m["g_abs_mean"] >= 0 and m["seconds"] > 0 and m["rss_mb"] > 10
+    assert [m["lr"] for m in steps] == pytest.approx([0.02 * (1 - t / 10) for t in range(10)])
+    assert [(m["step"], m["examples"]) for m in evals] == [(0, 16), (5, 16), (10, 16)]
+    assert metrics[-1]["kind"] == "test" and metrics[-1]["accuracy"] == result.test_accuracy
+    assert [e for e in events if e["kind"] in ("step", "eval", "test")] == metrics
+    assert events[0]["kind"] == "start" and events[-1]["kind"] == "done"
+    assert result.best_val_accuracy == max(m["accuracy"] for m in evals)
+
+
+def test_adapter_loads_in_peft_and_gives_the_programs_logits(tiny_program, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    # prepare: a b large enough that a wrong key, shape or scale would show
+    program = Program(tiny_program.pte)
+    b = (np.random.default_rng(5).standard_normal(program.b_size) * 0.2).astype(np.float32)
+    write_adapter(program, b, tmp_path / "adapter")
+    validation = program.load_data()["validation"]
+    ids, lengths = validation.input_ids[:8], validation.lengths[:8]
+    # execute
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny_program.loaded.model), tmp_path / "adapter")
+    with torch.no_grad():
+        logits = peft_model(input_ids=torch.from_numpy(ids)).logits  # [n, T, V]
+    answer = logits[torch.arange(len(ids)), torch.from_numpy(lengths) - 1][:, program.manifest.verbalizer_token_ids]
+    # assert
+    np.testing.assert_allclose(answer.numpy(), program.class_logits(ids, lengths, b), atol=1e-4, rtol=1e-4)
+
+
+def test_the_run_writes_its_trained_b_as_the_adapter(tiny_program, tmp_path: Path) -> None:
+    from shared.safetensors_io import load_file
+
+    result = run_training(config(tiny_program, tmp_path / "run", steps=3, eval_every=0))
+    tensors = load_file(result.adapter_dir / "adapter_model.safetensors")
+    manifest = tiny_program.export.manifest
+    for slot in manifest.b_layout:
+        np.testing.assert_array_equal(tensors[slot.peft_b_key], result.b[slot.offset:slot.offset + slot.size].reshape(slot.shape))
+        assert tensors[slot.peft_a_key].shape == (manifest.rank, tiny_program.loaded.model.config.hidden_size)
+    assert json.loads((result.adapter_dir / "adapter_config.json").read_text()) == manifest.peft_config
+    assert np.abs(result.b).sum() > 0
+
+
+def test_resume_refuses_a_missing_checkpoint_or_another_programs(tiny_program, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        run_training(config(tiny_program, tmp_path / "none", resume=True))
+    run_training(config(tiny_program, tmp_path / "run", steps=2, eval_every=0))
+    # the same files under another program identity
+    other = tmp_path / "other"
+    shutil.copytree(tiny_program.pte.parent, other)
+    manifest_path = other / tiny_program.export.manifest_path.name
+    manifest_path.write_text(manifest_path.read_text().replace(tiny_program.export.manifest.cache_key, "0" * 24))
+    with pytest.raises(InputError, match="another program"):
+        run_training(config(tiny_program, tmp_path / "run", program=manifest_path, resume=True))
+
+
+def test_a_fresh_run_refuses_to_overwrite_a_checkpoint(tiny_program, tmp_path: Path) -> None:
+    run_training(config(tiny_program, tmp_path / "run", steps=2, eval_every=0))
+    with pytest.raises(InputError, match="--resume"):
+        run_training(config(tiny_program, tmp_path / "run", steps=2, eval_every=0))
