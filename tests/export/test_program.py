@@ -1,0 +1,88 @@
+"""Exported programs: files, manifest, the lowering cache, weights shared across block sets."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from export.program import ExportConfig, export_program, sha256_file
+from shared.errors import InputError
+from shared.manifest import Manifest
+from shared.task_data import load_splits
+
+PROGRAM_BYTES_TARGET = 5_000_000  # what a device holding the weights receives for a new block set
+
+
+@pytest.fixture(scope="module")
+def other_block(tiny_program, tmp_path_factory):
+    """The same tiny model exported for a different block (layer 0), twice into one cache."""
+    cache = tmp_path_factory.mktemp("cache-other-block")
+    config = ExportConfig(model="tiny", layers="0-0", seq_len=32, methods=("step", "eval"))
+    first = export_program(config, tmp_path_factory.mktemp("a") / "block0.pte", cache_dir=cache,
+                           progress=lambda _m: None, loaded=tiny_program.loaded)
+    again = export_program(config, tmp_path_factory.mktemp("b") / "block0.pte", cache_dir=cache,
+                           progress=lambda _m: None, loaded=tiny_program.loaded)
+    return first, again
+
+
+def test_manifest_describes_the_program(tiny_program) -> None:
+    manifest = Manifest.load(tiny_program.export.manifest_path)
+    assert manifest.trainable_layers == [1]
+    assert manifest.methods == ["step", "eval"]
+    assert (manifest.q, manifest.batch_size, manifest.seq_len) == (4, 4, 32)
+    assert manifest.labels == ["rotten", "fresh"]
+    assert manifest.b_size == sum(slot.size for slot in manifest.b_layout) > 0
+    for role, name in manifest.files.items():
+        path = tiny_program.export.manifest_path.parent / name
+        assert manifest.sha256[name] == sha256_file(path), role
+    assert manifest.peft_config["r"] == manifest.rank
+    assert manifest.peft_config["layers_to_transform"] == [1]
+
+
+def test_task_data_is_tokenised_for_the_device(tiny_program) -> None:
+    manifest = tiny_program.export.manifest
+    splits = load_splits(tiny_program.export.files["data"])
+    assert set(splits) == {"train", "validation", "test"}
+    train = splits["train"]
+    assert train.input_ids.shape[1] == manifest.seq_len
+    assert (train.lengths >= 1).all() and (train.lengths <= manifest.seq_len).all()
+    assert set(train.labels.tolist()) == {0, 1}
+
+
+def test_program_is_small_and_weights_live_outside(tiny_program) -> None:
+    files = tiny_program.export.files
+    assert files["program"].stat().st_size < PROGRAM_BYTES_TARGET
+    assert files["weights"].stat().st_size > 10 * files["program"].stat().st_size
+
+
+def test_a_new_block_set_reuses_the_same_weights_file(tiny_program, other_block) -> None:
+    first, _ = other_block
+    # Same base model, different trainable layers: the weights file is byte-identical,
+    # so a device that holds it receives only the small .pte.
+    assert first.files["weights"].name == tiny_program.export.files["weights"].name
+    assert sha256_file(first.files["weights"]) == sha256_file(tiny_program.export.files["weights"])
+    assert first.manifest.cache_key != tiny_program.export.manifest.cache_key
+
+
+def test_the_same_export_is_never_lowered_twice(other_block) -> None:
+    first, again = other_block
+    assert not first.from_cache and again.from_cache
+    assert sha256_file(first.files["program"]) == sha256_file(again.files["program"])
+    assert again.seconds < first.seconds
+
+
+def test_out_must_be_a_pte(tiny_program, tmp_path) -> None:
+    with pytest.raises(InputError, match="must end in .pte"):
+        export_program(ExportConfig(model="tiny"), tmp_path / "step.bin", loaded=tiny_program.loaded)
+
+
+def test_manifest_round_trips_and_rejects_garbage(tiny_program, tmp_path) -> None:
+    manifest = tiny_program.export.manifest
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"version": 999}))
+    with pytest.raises(InputError, match="manifest version 999"):
+        Manifest.load(bad)
+    bad.write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        Manifest.load(bad)
