@@ -87,6 +87,25 @@ def test_interrupt_checkpoints_and_resume_is_exact_with_a_decaying_schedule(tiny
     assert steps == list(range(1, 11))
 
 
+def test_a_fault_while_writing_a_checkpoint_keeps_the_previous_one(tiny_program, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    run_training(config(tiny_program, out, steps=5))
+
+    def disk_full(_fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    # execute: the temporary file is written, then the write fails before the rename
+    monkeypatch.setattr("device_agent.trainer.os.fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        run_training(config(tiny_program, out, resume=True))
+    monkeypatch.undo()
+    # assert: the step-5 checkpoint is whole, nothing temporary is left, and it resumes
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 5
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+    assert run_training(config(tiny_program, out, resume=True)).step == 10
+
+
 def test_metrics_lines_hold_every_step_and_evaluation(tiny_program, tmp_path: Path) -> None:
     events: list[dict] = []
     result = run_training(config(tiny_program, tmp_path / "run", lr=0.02, schedule="linear"), on_event=events.append)
