@@ -13,6 +13,7 @@ from export.baselines import (
     frozen_weights,
     measure_peak_rss,
     measure_step_seconds,
+    median_class_bias,
     mezo_step,
     prge_eager_step,
     run_baseline,
@@ -120,6 +121,19 @@ def test_runner_returns_curves_and_accuracies(tiny, task_splits, name) -> None:
     assert result.config["batch_size"] == (8 if name == "first_order_lora" else 4)
     summary = result.summary()
     assert "b" not in summary and summary["train_seconds"] == pytest.approx(sum(result.step_seconds))
+
+
+def test_median_class_bias_splits_the_training_prompts_evenly(tiny, task_splits) -> None:
+    splits, verbalizer = task_splits
+    program = build(tiny, verbalizer)
+    train = splits["train"]
+    bias = median_class_bias(program, train, limit=64)  # [C]
+    with torch.no_grad():
+        logits = program.class_logits(torch.as_tensor(train.input_ids), torch.as_tensor(train.lengths),
+                                      torch.zeros(program.b_size))  # [64, C]
+    predicted = (logits + bias).argmax(dim=1)
+    assert bias.shape == (2,) and bias.sum().abs() < 1e-5
+    assert abs(int(predicted.sum()) - 32) <= 1  # the median: half each way
 
 
 def test_measure_step_seconds_is_positive(tiny, task_splits) -> None:
