@@ -14,13 +14,13 @@ torch appears only as the runtime's tensor type: executorch depends on it, and
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from shared.errors import InputError
+from shared.hashing import sha256_file
 from shared.manifest import Manifest
 from shared.task_data import Split, load_splits
 
@@ -45,14 +45,6 @@ def resolve_manifest_path(path: Path) -> Path:
             raise InputError(f"{path}: no such program")
         raise InputError(f"{manifest_path}: no such manifest (export the program with `deftly export`)")
     return manifest_path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_files(manifest: Manifest, manifest_path: Path) -> None:
@@ -203,6 +195,20 @@ class Program:
         ]
         b_new, loss, g = self._method("step").execute(inputs)
         return _numpy(b_new), float(loss.reshape(-1)[0]), _numpy(g)
+
+    def loss(self, input_ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray, b: np.ndarray) -> float:
+        """Mean loss of one unperturbed forward on a training batch (the optional ``loss`` method).
+
+        What a sequential, MeZO-style step would call 2q times; the benchmark times it.
+        """
+        bs, T = self.batch_size, self.seq_len
+        (loss,) = self._method("loss").execute([
+            _tensor(input_ids, np.int64, (bs, T), "input_ids"),
+            _tensor(lengths, np.int64, (bs,), "lengths"),
+            _tensor(labels, np.int64, (bs,), "labels"),
+            _tensor(b, np.float32, (self.b_size,), "b"),
+        ])
+        return float(loss.reshape(-1)[0])
 
     def class_logits(self, input_ids: np.ndarray, lengths: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Class logits for any number of rows, in ``eval_batch_size`` calls.

@@ -35,6 +35,7 @@ import torch
 from export.lora import AdapterTensors, LoraFaConfig, parse_layers, peft_config
 from export.prge import PrgeConfig, PrgeEval, PrgeLoss, PrgeProgram, PrgeStep, PrgeStepInGraphNoise, example_inputs
 from shared.errors import InputError
+from shared.hashing import sha256_file
 from shared.manifest import Manifest
 from shared.task_data import save_splits
 
@@ -256,14 +257,6 @@ def cache_key(cfg: ExportConfig, model_id: str, model: torch.nn.Module, lora_cfg
         "torch": torch.__version__, "executorch": getattr(executorch, "__version__", "?"),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_cache_entry(et_program, target: Path, external_weights: bool) -> None:

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from export.program import ExportConfig, export_program, sha256_file
+from export.program import ExportConfig, export_program
+from shared.hashing import sha256_file
 from shared.errors import InputError
 from shared.manifest import Manifest
 from shared.task_data import load_splits
