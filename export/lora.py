@@ -71,9 +71,7 @@ def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
             layers = list(range(num_layers))
         elif text.startswith("top:"):
             k = int(text[4:])
-            if not 1 <= k <= num_layers:
-                raise InputError(f"--layers {text}: K must be between 1 and {num_layers}")
-            layers = list(range(num_layers - k, num_layers))
+            layers = list(range(num_layers - k, num_layers)) if 1 <= k <= num_layers else []
         elif "-" in text:
             a, b = (int(part) for part in text.split("-", 1))
             layers = list(range(a, b + 1))
@@ -82,7 +80,8 @@ def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
     except ValueError:
         raise InputError(f"--layers {text!r}: expected all, top:K, a-b or a,b,c") from None
     if not layers:
-        raise InputError(f"--layers {text!r} selects no layer")
+        raise InputError(f"--layers {text!r} selects no layer of this model's {num_layers} "
+                         f"(top:K takes K from 1 to {num_layers})")
     bad = [layer for layer in layers if not 0 <= layer < num_layers]
     if bad:
         raise InputError(f"--layers {text!r}: layers {bad} outside 0..{num_layers - 1} of this model")

@@ -1,0 +1,59 @@
+"""`deftly demo`: the main job as it stands today, end to end with live progress.
+
+1. plan: CRUNCH and the bandwidth split for a 3-device lab (Raspberry Pi 4, phone, laptop);
+2. export: SmolLM2's P-RGE program for Rotten Tomatoes (cached after the first run);
+3. train: the program in ExecuTorch on this machine, with validation accuracy;
+4. report: the PEFT adapter, metrics.jsonl and a PNG of the curves.
+
+Run again, it continues the same run (the checkpoint is resumed) instead of starting over.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="the main job: plan, export and train with live progress",
+                                   description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300, help="P-RGE training steps (default 300)")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-limit", type=int, default=300, help="validation examples per evaluation")
+    parser.add_argument("--layers", default=None, help="trainable layers (default: export's)")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the program and the run go")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from desktop.cli import plan, train
+    from desktop.report import plot_run
+    from export.program import ExportConfig, export_program
+
+    print("== 1/4 plan: which device trains which block ==")
+    plan.run(argparse.Namespace(fleet=ASSETS / "fleets" / "lab3.toml", job=ASSETS / "jobs" / "smollm2.toml",
+                                json=False, solver="exact", equal_blocks=False, seeds=100))
+
+    print("\n== 2/4 export: SmolLM2's P-RGE training program ==")
+    cfg = ExportConfig()
+    if args.layers:
+        cfg = replace(cfg, layers=args.layers)
+    exported = export_program(cfg, args.out / "step.pte")
+
+    print("\n== 3/4 train: the program in ExecuTorch, on this machine ==")
+    run_dir = args.out / "train"
+    train.run(argparse.Namespace(
+        program=exported.manifest_path, out=run_dir, steps=args.steps, eval_every=args.eval_every,
+        lr=None, eps=None, schedule=None, seed=0, resume=(run_dir / "checkpoint.npz").exists(),
+        eval_limit=args.eval_limit, test_limit=None))
+
+    print("\n== 4/4 report ==")
+    png = plot_run(run_dir / "metrics.jsonl", run_dir / "curves.png",
+                   title=f"P-RGE in ExecuTorch: {exported.manifest.model_id} on {exported.manifest.task}")
+    print(f"curves: {png}")
+    print(f"program: {exported.files['program']} ({exported.files['program'].stat().st_size / 1e6:.2f} MB; "
+          f"the shared weights file is {exported.files['weights'].stat().st_size / 1e6:.0f} MB)")
+    return 0
