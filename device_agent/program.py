@@ -129,6 +129,22 @@ class Program:
         return self.manifest.seq_len
 
     @property
+    def buckets(self) -> list[int]:
+        """Sequence lengths with a step method of their own, ascending; the last is seq_len."""
+        return sorted(int(t) for t in self.manifest.step_buckets)
+
+    def bucket_for(self, longest: int) -> int:
+        """The shortest bucket that holds a batch whose longest row has ``longest`` tokens.
+
+        Right padding makes the cut exact: positions past every row's length only
+        ever hold padding, which no real token attends to.
+        """
+        for length in self.buckets:
+            if longest <= length:
+                return length
+        raise ValueError(f"a row of {longest} tokens is longer than the program's {self.seq_len}")
+
+    @property
     def q(self) -> int:
         return self.manifest.q
 
@@ -183,9 +199,11 @@ class Program:
         Returns:
             (b_new [P] float32, mean loss over the 2q copies, g [q] float32).
         """
-        bs, T, q, P = self.batch_size, self.seq_len, self.q, self.b_size
+        bs, q, P = self.batch_size, self.q, self.b_size
+        _tensor(input_ids, np.int64, (bs, self.seq_len), "input_ids")  # checks the full shape
+        T = self.bucket_for(int(np.max(lengths)))
         inputs = [
-            _tensor(input_ids, np.int64, (bs, T), "input_ids"),
+            _tensor(np.asarray(input_ids)[:, :T], np.int64, (bs, T), "input_ids"),
             _tensor(lengths, np.int64, (bs,), "lengths"),
             _tensor(labels, np.int64, (bs,), "labels"),
             _tensor(b, np.float32, (P,), "b"),
@@ -193,7 +211,7 @@ class Program:
             _tensor(np.array([lr]), np.float32, (1,), "lr"),
             _tensor(np.array([eps]), np.float32, (1,), "eps"),
         ]
-        b_new, loss, g = self._method("step").execute(inputs)
+        b_new, loss, g = self._method(self.manifest.step_buckets[str(T)]).execute(inputs)
         return _numpy(b_new), float(loss.reshape(-1)[0]), _numpy(g)
 
     def loss(self, input_ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray, b: np.ndarray) -> float:

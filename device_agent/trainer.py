@@ -130,13 +130,31 @@ def lr_at(step: int, base_lr: float, schedule: str, total_steps: int) -> float:
     raise InputError(f"schedule {schedule!r}: choose from {', '.join(SCHEDULES)}")
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The training examples' order in one epoch: a permutation seeded by (seed, epoch)."""
+# Examples are grouped by length bucket within windows of this many batches: batches
+# come out nearly length-homogeneous (so most run at a short bucket) while the order
+# stays shuffled at the scale of an epoch.
+BUCKET_WINDOW_BATCHES = 64
+
+
+def epoch_order(seed: int, epoch: int, n: int, bucket_ids: np.ndarray | None = None,
+                batch_size: int = 1) -> np.ndarray:
+    """The training examples' order in one epoch: a permutation seeded by (seed, epoch).
+
+    With ``bucket_ids`` ([n], the length bucket of each example), each window of
+    ``BUCKET_WINDOW_BATCHES`` batches is stably sorted by bucket.
+    """
     # spawn_key keeps this stream apart from the z generator's, which has spawn_key (0,).
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1, epoch))).permutation(n)
+    order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1, epoch))).permutation(n)
+    if bucket_ids is not None:
+        window = BUCKET_WINDOW_BATCHES * batch_size
+        for start in range(0, n, window):
+            chunk = order[start:start + window]
+            order[start:start + window] = chunk[np.argsort(bucket_ids[chunk], kind="stable")]
+    return order
 
 
-def next_batch(seed: int, epoch: int, position: int, n: int, batch_size: int) -> tuple[np.ndarray, int, int]:
+def next_batch(seed: int, epoch: int, position: int, n: int, batch_size: int,
+               bucket_ids: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
     """Indices of the next batch and the sampler state after it.
 
     Shuffled epochs without replacement; an epoch's last incomplete batch is skipped
@@ -149,7 +167,7 @@ def next_batch(seed: int, epoch: int, position: int, n: int, batch_size: int) ->
         raise InputError(f"the training split has {n} examples, fewer than the program's batch size {batch_size}")
     if position + batch_size > n:
         epoch, position = epoch + 1, 0
-    indices = epoch_order(seed, epoch, n)[position:position + batch_size]
+    indices = epoch_order(seed, epoch, n, bucket_ids, batch_size)[position:position + batch_size]
     return indices, epoch, position + batch_size
 
 
@@ -337,6 +355,8 @@ def run_training(cfg: TrainConfig, on_event: Callable[[Event], None] | None = No
     emit({"kind": "start", "step": state.step, "steps": cfg.steps, "resumed": cfg.resume, "lr": state.lr,
           "eps": state.eps, "schedule": state.schedule, "train_examples": len(train)})
     first_step = state.step
+    # Index of the shortest length bucket that holds each training example.
+    bucket_ids = np.searchsorted(np.array(program.buckets), train.lengths)  # [n]
     step_seconds: list[float] = []
     last_loss: float | None = None
     try:
@@ -347,7 +367,7 @@ def run_training(cfg: TrainConfig, on_event: Callable[[Event], None] | None = No
         while state.step < cfg.steps:
             start = time.perf_counter()
             indices, epoch, position = next_batch(state.seed, state.epoch, state.position, len(train),
-                                                  program.batch_size)
+                                                  program.batch_size, bucket_ids)
             z, rng_state = draw_z(state.rng_state, program.q, program.b_size)
             lr = lr_at(state.step, state.lr, state.schedule, cfg.steps)
             b_new, loss, g = program.step(train.input_ids[indices], train.lengths[indices], train.labels[indices],
@@ -359,7 +379,7 @@ def run_training(cfg: TrainConfig, on_event: Callable[[Event], None] | None = No
             step_seconds.append(seconds)
             last_loss = loss
             event = {"kind": "step", "step": state.step, "loss": loss, "g_abs_mean": float(np.abs(g).mean()),
-                     "seconds": seconds, "rss_mb": process.memory_info().rss / 2**20, "lr": lr}
+                     "seconds": seconds, "seq_len": program.bucket_for(int(train.lengths[indices].max())), "rss_mb": process.memory_info().rss / 2**20, "lr": lr}
             _append_jsonl(metrics_path, event)
             emit(event)
             if cfg.eval_every and state.step % cfg.eval_every == 0:

@@ -80,6 +80,9 @@ class PrgeProgram(nn.Module):
         if not adapter.cfg.layers:
             raise InputError("no trainable layer")
         self.cfg = cfg
+        # Kept out of the module tree (a plain attribute in a tuple) so that the
+        # export sees only what the forward uses; used by `like`.
+        self._sources = (model, adapter)
         self.adapter_cfg = adapter.cfg
         self.layout = adapter.layout
         self.scale = adapter.cfg.scale
@@ -126,6 +129,12 @@ class PrgeProgram(nn.Module):
         self.register_buffer("causal_mask", mask, persistent=False)
         hidden = config.hidden_size
         self.register_buffer("mean_row", torch.full((1, hidden), 1.0 / hidden), persistent=False)  # [1, H]
+
+    @classmethod
+    def like(cls, other: "PrgeProgram", cfg: PrgeConfig) -> "PrgeProgram":
+        """A program over the same model and adapter with other shapes (e.g. a shorter T)."""
+        model, adapter = other._sources
+        return cls(model, adapter, cfg, other.verbalizer_ids.tolist())
 
     @property
     def b_size(self) -> int:

@@ -12,6 +12,8 @@ Method signatures (all float tensors float32, all index tensors int64):
 * ``eval``:  (input_ids [eval_bs, T], lengths [eval_bs], b [P]) -> (class_logits [eval_bs, C])
 * ``loss``:  (input_ids [bs, T], lengths [bs], labels [bs], b [P]) -> (loss [1])   (optional)
 * ``step_rng``: as ``step`` without ``z``, drawn in the graph (optional)
+* ``step_t<T>``: as ``step`` at a shorter length T (``step_buckets``): a batch whose
+  longest row fits in T tokens runs there with ``input_ids[:, :T]``
 """
 from __future__ import annotations
 
@@ -71,6 +73,8 @@ class Manifest:
     b_size: int
     b_layout: list[BSlot]
     methods: list[str]  # method names inside the .pte
+    # sequence length (as a string: JSON keys) -> step method; the full seq_len maps to "step"
+    step_buckets: dict[str, str]
     lr: float  # suggested defaults; the program takes lr and eps as inputs
     eps: float
     files: dict[str, str] = field(default_factory=dict)  # role -> file name beside the manifest

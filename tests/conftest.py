@@ -92,7 +92,7 @@ def tiny_program(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer) ->
     """
     from export.program import ExportConfig, export_program
 
-    config = ExportConfig(model="tiny", layers="1-1", seq_len=32, methods=("step", "eval"))
+    config = ExportConfig(model="tiny", layers="1-1", seq_len=32, methods=("step", "eval"), length_buckets=(16,))
     loaded = tiny_llama(num_layers=2, hidden_size=64, tokenizer=smollm2_tokenizer)
     out = tmp_path_factory.mktemp("tiny-program") / "step.pte"
     result = export_program(config, out, cache_dir=tmp_path_factory.mktemp("program-cache"),

@@ -36,14 +36,19 @@ def copy_program(tiny_program, target: Path) -> Path:
     return target / tiny_program.export.manifest_path.name
 
 
-def test_step_matches_the_eager_step_for_the_same_z(tiny_program, program: Program) -> None:
-    # prepare: a real batch, a non-zero b and fixed directions
+@pytest.mark.parametrize("rows", ["short", "long"])
+def test_step_matches_the_eager_step_for_the_same_z(tiny_program, program: Program, rows: str) -> None:
+    # prepare: a real batch (all rows within the 16-token bucket, or some longer), a
+    # non-zero b and fixed directions; the eager reference always runs at the full T
     train = program.load_data()["train"]
     bs, q, P = program.batch_size, program.q, program.b_size
     rng = np.random.default_rng(3)
     b = (rng.standard_normal(P) * 0.05).astype(np.float32)
     z = rng.standard_normal((q, P), dtype=np.float32)
-    ids, lengths, labels = train.input_ids[:bs], train.lengths[:bs], train.labels[:bs]
+    short = train.lengths <= 16
+    pick = np.flatnonzero(short)[:bs] if rows == "short" else np.flatnonzero(~short)[:bs]
+    ids, lengths, labels = train.input_ids[pick], train.lengths[pick], train.labels[pick]
+    assert program.bucket_for(int(lengths.max())) == (16 if rows == "short" else 32)
     # execute
     b_new, loss, g = program.step(ids, lengths, labels, b, z, lr=0.05, eps=1e-2)
     with torch.no_grad():

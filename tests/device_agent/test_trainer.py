@@ -114,8 +114,9 @@ def test_metrics_lines_hold_every_step_and_evaluation(tiny_program, tmp_path: Pa
     evals = [m for m in metrics if m["kind"] == "eval"]
     assert [m["step"] for m in steps] == list(range(1, 11))
     for m in steps:
-        assert set(m) == {"kind", "step", "loss", "g_abs_mean", "seconds", "rss_mb", "lr"}
+        assert set(m) == {"kind", "step", "loss", "g_abs_mean", "seconds", "seq_len", "rss_mb", "lr"}
         assert m["loss"] > 0 and m["g_abs_mean"] >= 0 and m["seconds"] > 0 and m["rss_mb"] > 10
+        assert m["seq_len"] in (16, 32)
     assert [m["lr"] for m in steps] == pytest.approx([0.02 * (1 - t / 10) for t in range(10)])
     assert [(m["step"], m["examples"]) for m in evals] == [(0, 16), (5, 16), (10, 16)]
     assert metrics[-1]["kind"] == "test" and metrics[-1]["accuracy"] == result.test_accuracy
@@ -172,3 +173,17 @@ def test_a_fresh_run_refuses_to_overwrite_a_checkpoint(tiny_program, tmp_path: P
     run_training(config(tiny_program, tmp_path / "run", steps=2, eval_every=0))
     with pytest.raises(InputError, match="--resume"):
         run_training(config(tiny_program, tmp_path / "run", steps=2, eval_every=0))
+
+
+def test_batches_group_examples_of_one_length_bucket() -> None:
+    # prepare: 1,000 examples, 70 % short (bucket 0), shuffled
+    rng = np.random.default_rng(0)
+    bucket_ids = (rng.random(1000) > 0.7).astype(np.int64)
+    # execute
+    order = epoch_order(5, 0, 1000, bucket_ids, batch_size=4)
+    plain = epoch_order(5, 0, 1000)
+    # assert: the same examples, and nearly every batch is of one bucket (not so without grouping)
+    assert sorted(order.tolist()) == list(range(1000))
+    homogeneous = np.mean([len(set(bucket_ids[order[i:i + 4]])) == 1 for i in range(0, 1000, 4)])
+    homogeneous_plain = np.mean([len(set(bucket_ids[plain[i:i + 4]])) == 1 for i in range(0, 1000, 4)])
+    assert homogeneous > 0.95 > 0.5 > homogeneous_plain
