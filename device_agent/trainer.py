@@ -52,6 +52,7 @@ from shared.safetensors_io import save_file
 from shared.task_data import Split
 
 SCHEDULES = ("constant", "cosine", "linear")
+CALIBRATION_FILE = "deftly_calibration.json"  # beside the PEFT adapter: labels, verbalizer ids, class bias
 CHECKPOINT_FORMAT = 1
 Event = dict[str, Any]
 
@@ -269,6 +270,11 @@ def write_adapter(program: Program, b: np.ndarray, adapter_dir: Path) -> None:
     adapter_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, adapter_dir / "adapter_model.safetensors", metadata={"format": "pt"})
     _atomic_write_bytes(adapter_dir / "adapter_config.json", json.dumps(manifest.peft_config, indent=2).encode())
+    # The classifier is argmax(verbalizer logits + class_bias): PEFT has no place for the
+    # bias, so it travels beside the adapter.
+    calibration = {"labels": manifest.labels, "verbalizer_token_ids": manifest.verbalizer_token_ids,
+                   "class_bias": manifest.class_bias}
+    _atomic_write_bytes(adapter_dir / CALIBRATION_FILE, json.dumps(calibration, indent=2).encode())
 
 
 # -- the run --------------------------------------------------------------------------

@@ -279,42 +279,6 @@ def evaluate(program: PrgeProgram, split: SplitLike, b: torch.Tensor, batch_size
     return correct / n
 
 
-def median_class_bias(program: PrgeProgram, split: SplitLike, b: torch.Tensor | None = None, limit: int = 256,
-                      batch_size: int = 32) -> torch.Tensor:
-    """A per-class logit bias, from training prompts only, that makes the classes equally likely.
-
-    SmolLM2 answers " great" to 98 % of reviews zero-shot; the logit difference
-    still ranks them (a median threshold gives ~0.66).  Centre each prompt's
-    class logits, take each class's median over ``limit`` training prompts, and
-    negate: for two classes that is ``[+m/2, −m/2]`` with ``m`` the median of
-    ``logit_1 − logit_0``, i.e. exactly the median threshold.  Added to the answer
-    logits (in the loss as well as at evaluation) it is a constant of the
-    program, so the exported step can apply it too (see docs/accuracy_experiments.md).
-
-    Args:
-        program: the step module; its logits must not already include a bias.
-        split: the training split (never validation or test).
-        b: [P] B vector to calibrate at; zeros (the untrained model) when None.
-        limit: prompts to use (the first ``limit`` of the split).
-        batch_size: rows per forward.
-
-    Returns:
-        [C] bias to add to the class logits.
-    """
-    b = torch.zeros(program.b_size) if b is None else b
-    n = min(limit, len(split.labels))
-    logits = []
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            logits.append(program.class_logits(torch.as_tensor(split.input_ids[start:stop]),
-                                               torch.as_tensor(split.lengths[start:stop]), b))  # [rows, C]
-    logits = torch.cat(logits)  # [n, C]
-    centred = logits - logits.mean(dim=1, keepdim=True)  # [n, C]: only differences between classes matter
-    # quantile, not median: torch's median takes the lower middle value, which is not odd-symmetric.
-    return -torch.quantile(centred, 0.5, dim=0)  # [C]
-
-
 # --- the runner ----------------------------------------------------------------
 
 

@@ -16,7 +16,8 @@ only, so a whole training step is an inference program:
    (outer-loop parallelism over the q directions and inner-loop over ±eps are
    both folded into the batch dimension, so one forward does the whole step);
 5. loss per copy at the answer position only: the LM head is applied to one
-   hidden state per row, and by default the cross-entropy is taken over the
+   hidden state per row, a calibration bias (export.calibration) is added, and
+   by default the cross-entropy is taken over the
    task's verbalizer tokens only (classification-style, as MeZO's
    ``train_as_classification``: with a full-vocabulary cross-entropy the loss
    fell while accuracy stayed at chance, because mass moved onto both answers);
@@ -100,6 +101,8 @@ class PrgeProgram(nn.Module):
         self.norm = model.model.norm
         lm_head = model.get_output_embeddings().weight  # [V, H]
         self.register_buffer("verbalizer_ids", torch.tensor(verbalizer_ids, dtype=torch.long), persistent=False)
+        # Calibration bias on the class logits (export.calibration); zero until set.
+        self.register_buffer("class_bias", torch.zeros(len(verbalizer_ids)), persistent=False)  # [C]
         if cfg.loss == "verbalizer":
             # Only the answer words' rows of the head are ever needed: [C, H].
             self.register_buffer("head", lm_head.detach()[verbalizer_ids].clone(), persistent=False)
@@ -134,7 +137,9 @@ class PrgeProgram(nn.Module):
     def like(cls, other: "PrgeProgram", cfg: PrgeConfig) -> "PrgeProgram":
         """A program over the same model and adapter with other shapes (e.g. a shorter T)."""
         model, adapter = other._sources
-        return cls(model, adapter, cfg, other.verbalizer_ids.tolist())
+        program = cls(model, adapter, cfg, other.verbalizer_ids.tolist())
+        program.class_bias.copy_(other.class_bias)
+        return program
 
     @property
     def b_size(self) -> int:
@@ -233,6 +238,8 @@ class PrgeProgram(nn.Module):
         copies = b_copies.shape[0]
         bs = input_ids.shape[0]
         logits = self.answer_logits(input_ids, lengths, b_copies)  # [c·bs, C]
+        if self.cfg.loss == "verbalizer":
+            logits = logits + self.class_bias  # the calibrated classifier is the one trained
         targets = labels if self.cfg.loss == "verbalizer" else self.verbalizer_ids[labels]  # [bs]
         log_probs = torch.log_softmax(logits, dim=-1)  # [c·bs, C]
         picked = torch.gather(log_probs, 1, targets.repeat(copies).unsqueeze(1))  # [c·bs, 1]
@@ -243,7 +250,7 @@ class PrgeProgram(nn.Module):
         logits = self.answer_logits(input_ids, lengths, b.unsqueeze(0))  # [bs, C or V]
         if self.cfg.loss == "vocab":
             logits = logits[:, self.verbalizer_ids]  # [bs, C]
-        return logits
+        return logits + self.class_bias  # [bs, C]
 
     def step(self, input_ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor, b: torch.Tensor,
              z: torch.Tensor, lr: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -68,6 +68,7 @@ class Manifest:
     seq_len: int
     labels: list[str]  # class order of labels / class_logits
     verbalizer_token_ids: list[int]
+    class_bias: list[float]  # added to the class logits in the loss and in `eval` (calibration)
     loss: str  # "verbalizer" or "vocab"
     prefix_sharing: bool
     b_size: int

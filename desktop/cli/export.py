@@ -34,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=d.seed, help="seeds the LoRA A's")
     parser.add_argument("--methods", default=",".join(d.methods),
                         help="methods to include: step,eval[,loss,step_rng]")
+    parser.add_argument("--calibrate", choices=("median", "none"), default=d.calibrate,
+                        help="per-class bias on the answer logits measured on training prompts (default median)")
     parser.add_argument("--embed-weights", action="store_true",
                         help="keep the frozen weights inside the .pte instead of a shared .ptd")
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: $DEFTLY_CACHE or ~/.cache/deftly")
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()), loss=args.loss,
         prefix_sharing=not args.no_prefix_sharing, lr=args.lr, eps=args.eps, seed=args.seed,
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        external_weights=not args.embed_weights,
+        external_weights=not args.embed_weights, calibrate=args.calibrate,
     )
     result = export_program(cfg, args.out, cache_dir=args.cache_dir)
     print(f"manifest: {result.manifest_path}")

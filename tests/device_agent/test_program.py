@@ -22,7 +22,9 @@ def eager_program(tiny_program) -> PrgeProgram:
                         layers=tuple(m.trainable_layers), seed=tiny_program.config.seed)
     model = tiny_program.loaded.model
     prge = PrgeConfig(q=m.q, batch_size=m.batch_size, seq_len=m.seq_len, loss=m.loss, prefix_sharing=m.prefix_sharing)
-    return PrgeProgram(model, AdapterTensors.build(model, lora), prge, m.verbalizer_token_ids)
+    program = PrgeProgram(model, AdapterTensors.build(model, lora), prge, m.verbalizer_token_ids)
+    program.class_bias.copy_(torch.tensor(m.class_bias))  # the calibration measured at export
+    return program
 
 
 @pytest.fixture(scope="module")

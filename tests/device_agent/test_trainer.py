@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from device_agent.program import Program
-from device_agent.trainer import TrainConfig, epoch_order, lr_at, next_batch, run_training, write_adapter
+from device_agent.trainer import CALIBRATION_FILE, TrainConfig, epoch_order, lr_at, next_batch, run_training, write_adapter
 from shared.errors import InputError
 
 # Small evaluations keep each run well under a second on the tiny program.
@@ -139,8 +139,11 @@ def test_adapter_loads_in_peft_and_gives_the_programs_logits(tiny_program, tmp_p
     with torch.no_grad():
         logits = peft_model(input_ids=torch.from_numpy(ids)).logits  # [n, T, V]
     answer = logits[torch.arange(len(ids)), torch.from_numpy(lengths) - 1][:, program.manifest.verbalizer_token_ids]
-    # assert
-    np.testing.assert_allclose(answer.numpy(), program.class_logits(ids, lengths, b), atol=1e-4, rtol=1e-4)
+    calibration = json.loads((tmp_path / "adapter" / CALIBRATION_FILE).read_text())
+    # assert: PEFT's verbalizer logits plus the calibration bias are the program's class logits
+    assert calibration["class_bias"] == program.manifest.class_bias and any(calibration["class_bias"])
+    np.testing.assert_allclose(answer.numpy() + np.array(calibration["class_bias"], dtype=np.float32),
+                               program.class_logits(ids, lengths, b), atol=1e-4, rtol=1e-4)
 
 
 def test_the_run_writes_its_trained_b_as_the_adapter(tiny_program, tmp_path: Path) -> None:

@@ -13,11 +13,11 @@ from export.baselines import (
     frozen_weights,
     measure_peak_rss,
     measure_step_seconds,
-    median_class_bias,
     mezo_step,
     prge_eager_step,
     run_baseline,
 )
+from export.calibration import median_class_bias
 from export.lora import AdapterTensors, LoraFaConfig
 from export.models import tiny_llama
 from export.prge import PrgeConfig, PrgeProgram

@@ -82,3 +82,16 @@ def test_vocab_loss_reads_class_logits_from_the_verbalizer_rows(tiny_model) -> N
 def test_unknown_loss_is_an_input_error(tiny_model) -> None:
     with pytest.raises(InputError, match="loss 'mse'"):
         build(tiny_model.model, loss="mse")
+
+
+def test_class_bias_shifts_predictions_and_the_trained_loss(tiny_model) -> None:
+    program = build(tiny_model.model)
+    ids, lengths, labels, b, *_ = example_inputs(program.cfg, program.b_size, 1000)["step"]
+    with torch.no_grad():
+        raw_logits = program.class_logits(ids, lengths, b)
+        raw_loss = program.copy_losses(ids, lengths, labels, b.unsqueeze(0))
+        program.class_bias.copy_(torch.tensor([3.0, -3.0]))
+        biased_logits = program.class_logits(ids, lengths, b)
+        biased_loss = program.copy_losses(ids, lengths, labels, b.unsqueeze(0))
+    torch.testing.assert_close(biased_logits, raw_logits + torch.tensor([3.0, -3.0]))
+    assert not torch.allclose(raw_loss, biased_loss)
