@@ -1,0 +1,283 @@
+"""P-RGE in ExecuTorch vs MeZO, eager P-RGE and first-order LoRA, side by side in one run.
+
+`deftly bench prge` on SmolLM2-135M (q=4, bs=4, T=64) writes
+`bench/results/prge.json` (flat keys) and `prge.png`:
+
+* `speedup_vs_mezo`      eager MeZO step (2q sequential one-copy forwards, no prefix
+                         sharing) / ExecuTorch P-RGE step with prefix sharing   (target ≥ 5)
+* `et_over_eager`        eager P-RGE step / ExecuTorch P-RGE step, same maths and shapes (≥ 1, target 1.5)
+* `prefix_speedup`       ExecuTorch step with all layers trainable / top-K with prefix sharing (target ≥ 2)
+* `batch_speedup`        2q sequential one-copy forwards in ExecuTorch / one batched step
+* `rss_train_over_infer` peak RSS of ExecuTorch training / ExecuTorch inference (target ≤ 1.3)
+* `rss_train_over_fo`    peak RSS of ExecuTorch training / first-order LoRA in eager PyTorch (target ≤ 0.5)
+* `accuracy`             test accuracy after P-RGE training in ExecuTorch, beside
+                         `zero_shot_accuracy`, `steps`, `train_seconds` (target ≥ 0.80 within 2,000 steps)
+* `program_bytes`        size of the per-device `.pte` without the shared weights (target < 5 MB)
+
+Timings are interleaved: each round times one step of every contender in turn,
+and the ratio of medians is reported, so a busy neighbour slows all of them
+alike.  Peak RSS is measured in fresh processes, one per contender.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+TARGETS = {
+    "speedup_vs_mezo": ">= 5", "et_over_eager": ">= 1 (goal 1.5)", "prefix_speedup": ">= 2",
+    "rss_train_over_infer": "<= 1.3", "rss_train_over_fo": "<= 0.5", "accuracy": ">= 0.80 within 2000 steps",
+    "program_bytes": "< 5 MB",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2",
+                        help="model spec (default: embedded SmolLM2; 'tiny' for a smoke run)")
+    parser.add_argument("--task", default="rotten_tomatoes")
+    parser.add_argument("--layers", default=None, help="trainable layers of the P-RGE program (default: export's)")
+    parser.add_argument("--steps", type=int, default=2000, help="P-RGE training steps in ExecuTorch")
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-limit", type=int, default=400, help="validation examples per evaluation")
+    parser.add_argument("--fo-steps", type=int, default=250, help="first-order LoRA steps for its curve")
+    parser.add_argument("--timing-rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--rss-steps", type=int, default=5, help="steps run in each peak-RSS process")
+    parser.add_argument("--skip-accuracy", action="store_true", help="timings and memory only")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-prge"),
+                        help="where the exported programs and the training run go")
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from device_agent.program import Program
+    from device_agent.trainer import TrainConfig, run_training
+    from export import baselines
+    from export.lora import AdapterTensors, LoraFaConfig, parse_layers
+    from export.models import load_model, load_tokenizer, tiny_llama
+    from export.prge import PrgeConfig, PrgeProgram
+    from export.program import ExportConfig, export_program
+
+    started = time.perf_counter()
+    say = print
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    runs = args.runs_dir
+    base = ExportConfig(model=args.model, task=args.task)
+    if args.layers:
+        base = replace(base, layers=args.layers)
+
+    # 1. programs: top-K with prefix sharing (step, eval, loss) and all layers (step).
+    if args.model == "tiny":  # the smoke test's model: a 2-layer random Llama with SmolLM2's tokenizer
+        loaded = tiny_llama(num_layers=2, hidden_size=64, tokenizer=load_tokenizer("smollm2", args.cache_dir, say))
+    else:
+        loaded = load_model(args.model, cache_dir=args.cache_dir, progress=say)
+    top = export_program(replace(base, methods=("step", "eval", "loss")), runs / "top" / "step.pte",
+                         cache_dir=args.cache_dir, progress=say, loaded=loaded)
+    every = export_program(replace(base, layers="all", methods=("step",), length_buckets=()), runs / "all" / "step.pte",
+                           cache_dir=args.cache_dir, progress=say, loaded=loaded)
+    et_top, et_all = Program(top.manifest_path), Program(every.manifest_path)
+    manifest = et_top.manifest
+    splits = et_top.load_data()
+
+    # 2. the eager twins of the same program (same adapter, same shapes).
+    num_layers = loaded.model.config.num_hidden_layers
+    lora = LoraFaConfig(rank=base.rank, alpha=base.alpha, target_modules=tuple(base.target_modules),
+                        layers=parse_layers(base.layers, num_layers), seed=base.seed)
+    adapter = AdapterTensors.build(loaded.model, lora)
+    eager_prge = PrgeProgram(loaded.model, adapter, base.prge(), manifest.verbalizer_token_ids)
+    eager_mezo = PrgeProgram(loaded.model, adapter, replace(base.prge(), prefix_sharing=False),
+                             manifest.verbalizer_token_ids)
+    for eager in (eager_prge, eager_mezo):  # the same calibrated classifier as the program
+        eager.class_bias.copy_(torch.tensor(manifest.class_bias))
+
+    # 3. step timings, interleaved.
+    train = splits["train"]
+    bs, q = manifest.batch_size, manifest.q
+    # A batch with a row longer than every shorter bucket, so every contender runs at the
+    # full T: the ratios compare the same maths on the same shapes.
+    longest_bucket_below = max([t for t in et_top.buckets if t < manifest.seq_len], default=0)
+    rows = np.flatnonzero(train.lengths > longest_bucket_below)[:bs]
+    ids, lengths, labels = train.input_ids[rows], train.lengths[rows], train.labels[rows]
+    rng = np.random.default_rng(0)
+    b = np.zeros(manifest.b_size, dtype=np.float32)
+    z = rng.standard_normal((q, manifest.b_size), dtype=np.float32)
+    z_all = rng.standard_normal((q, et_all.b_size), dtype=np.float32)
+    b_all = np.zeros(et_all.b_size, dtype=np.float32)
+    t_ids, t_len, t_lab = (torch.from_numpy(a) for a in (ids, lengths, labels))
+    t_b, t_z = torch.from_numpy(b), torch.from_numpy(z)
+    lr, eps = base.lr, base.eps
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    contenders: dict[str, Callable[[], object]] = {
+        "et_step": lambda: et_top.step(ids, lengths, labels, b, z, lr, eps),
+        "et_step_all_layers": lambda: et_all.step(ids, lengths, labels, b_all, z_all, lr, eps),
+        "et_sequential_2q": lambda: [et_top.loss(ids, lengths, labels, b) for _ in range(2 * q)],
+        "eager_prge_step": lambda: baselines.prge_eager_step(eager_prge, t_ids, t_len, t_lab, t_b, t_z, lr, eps),
+        "eager_mezo_step": lambda: baselines.mezo_step(eager_mezo, t_ids, t_len, t_lab, t_b,
+                                                       lambda i: t_z[i], q, lr, eps),
+    }
+    say(f"Timing {len(contenders)} contenders, {args.timing_rounds} interleaved rounds ...")
+    seconds = interleaved_medians(contenders, args.timing_rounds)
+    for name, value in seconds.items():
+        say(f"  {name:22s} {value:.3f} s")
+
+    # 4. peak RSS, each in a fresh process.
+    say("Measuring peak RSS in separate processes ...")
+    rss_train = baselines.measure_peak_rss(et_training_job, str(top.manifest_path), args.rss_steps).bytes
+    rss_infer = baselines.measure_peak_rss(et_inference_job, str(top.manifest_path), args.rss_steps).bytes
+    fo_job = baselines.EagerJob(method="first_order_lora", model=args.model,
+                                cache_dir=str(args.cache_dir) if args.cache_dir else None, task=args.task,
+                                layers=base.layers, target_modules=tuple(base.target_modules), rank=base.rank,
+                                alpha=base.alpha, seq_len=base.seq_len, steps=args.rss_steps)
+    rss_fo = baselines.measure_peak_rss(baselines.eager_training_job, fo_job).bytes
+    say(f"  ET training {rss_train / 2**20:.0f} MiB, ET inference {rss_infer / 2**20:.0f} MiB, "
+        f"first-order eager {rss_fo / 2**20:.0f} MiB")
+
+    results: dict = {
+        "model": manifest.model_id, "task": manifest.task, "q": q, "batch_size": bs, "seq_len": manifest.seq_len,
+        "trainable_layers": manifest.trainable_layers, "target_modules": manifest.target_modules,
+        "speedup_vs_mezo": seconds["eager_mezo_step"] / seconds["et_step"],
+        "et_over_eager": seconds["eager_prge_step"] / seconds["et_step"],
+        "prefix_speedup": seconds["et_step_all_layers"] / seconds["et_step"],
+        "batch_speedup": seconds["et_sequential_2q"] / seconds["et_step"],
+        "rss_train_over_infer": rss_train / rss_infer,
+        "rss_train_over_fo": rss_train / rss_fo,
+        "program_bytes": top.files["program"].stat().st_size,
+        "weights_bytes": top.files["weights"].stat().st_size,
+        "seconds_per_step": seconds,
+        "rss_bytes": {"et_train": rss_train, "et_infer": rss_infer, "first_order_eager": rss_fo},
+        "targets": TARGETS,
+        "machine": {"cpus": _cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+    }
+
+    # 5. accuracy: P-RGE trained in ExecuTorch, and first-order LoRA's curve beside it.
+    if not args.skip_accuracy:
+        say(f"Training P-RGE in ExecuTorch for {args.steps} steps ...")
+        curve: list[tuple[int, float]] = []
+
+        def on_event(event: dict) -> None:
+            if event["kind"] == "eval":
+                curve.append((event["step"], event["accuracy"]))
+                say(f"  step {event['step']}: validation accuracy {event['accuracy']:.3f}")
+
+        run_dir = runs / "train"
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: the trainer refuses to overwrite one
+        train_cfg = TrainConfig(program=top.manifest_path, steps=args.steps, eval_every=args.eval_every,
+                                eval_limit=args.eval_limit, out=run_dir)
+        train_start = time.perf_counter()
+        result = run_training(train_cfg, on_event=on_event)
+        train_seconds = time.perf_counter() - train_start
+        zero_shot = et_top.accuracy(splits["test"], np.zeros(manifest.b_size, dtype=np.float32))
+        say(f"Training first-order LoRA (eager) for {args.fo_steps} steps for its curve ...")
+        fo = baselines.run_baseline(
+            "first_order_lora", eager_prge, {k: v for k, v in splits.items()},
+            baselines.BaselineConfig(steps=args.fo_steps, eval_every=max(1, args.fo_steps // 5),
+                                     eval_limit=args.eval_limit))
+        results.update({
+            "accuracy": result.test_accuracy, "zero_shot_accuracy": zero_shot, "steps": args.steps,
+            "train_seconds": train_seconds, "et_seconds_per_step_training": result.seconds_per_step,
+            "lr": manifest.lr, "eps": manifest.eps,
+            "prge_curve": curve, "first_order_curve": list(zip(fo.eval_steps, fo.eval_accuracy)),
+            "first_order_test_accuracy": fo.test_accuracy, "first_order_steps": args.fo_steps,
+            "first_order_train_seconds": float(sum(fo.step_seconds)),
+        })
+
+    results["bench_seconds"] = time.perf_counter() - started
+    (args.out_dir / "prge.json").write_text(json.dumps(results, indent=2, default=float))
+    plot(results, args.out_dir / "prge.png")
+    say(f"Wrote {args.out_dir / 'prge.json'} and prge.png")
+    return {k: v for k, v in results.items() if k not in ("prge_curve", "first_order_curve")}
+
+
+def interleaved_medians(contenders: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds of each callable, timed one after another in each round (after one warm-up)."""
+    for fn in contenders.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def et_training_job(manifest_path: str, steps: int) -> int:
+    """Run `steps` ExecuTorch P-RGE steps (for peak RSS in a fresh process)."""
+    from device_agent.program import Program
+
+    program = Program(Path(manifest_path))
+    train = program.load_data()["train"]
+    rng = np.random.default_rng(0)
+    b = np.zeros(program.b_size, dtype=np.float32)
+    bs = program.batch_size
+    for step in range(steps):
+        rows = slice(step * bs, (step + 1) * bs)
+        z = rng.standard_normal((program.q, program.b_size), dtype=np.float32)
+        b, _, _ = program.step(train.input_ids[rows], train.lengths[rows], train.labels[rows], b, z,
+                               program.manifest.lr, program.manifest.eps)
+    return steps
+
+
+def et_inference_job(manifest_path: str, steps: int) -> int:
+    """Run `steps` ExecuTorch forwards of the same model on the same batches (peak RSS)."""
+    from device_agent.program import Program
+
+    program = Program(Path(manifest_path))
+    train = program.load_data()["train"]
+    b = np.zeros(program.b_size, dtype=np.float32)
+    bs = program.batch_size
+    for step in range(steps):
+        rows = slice(step * bs, (step + 1) * bs)
+        program.loss(train.input_ids[rows], train.lengths[rows], train.labels[rows], b)
+    return steps
+
+
+def plot(results: dict, path: Path) -> None:
+    """Accuracy curves (left) and seconds per step of every contender (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    if results.get("prge_curve"):
+        steps, acc = zip(*results["prge_curve"])
+        left.plot(steps, acc, "o-", label=f"P-RGE in ExecuTorch (test {results['accuracy']:.3f})")
+        fo_steps, fo_acc = zip(*results["first_order_curve"])
+        left.plot(fo_steps, fo_acc, "s-", label=f"first-order LoRA, eager (test {results['first_order_test_accuracy']:.3f})")
+        left.axhline(results["zero_shot_accuracy"], color="grey", ls="--", label="zero-shot")
+        left.axhline(0.80, color="green", ls=":", label="target 0.80")
+        left.set_xlabel("step")
+        left.set_ylabel("validation accuracy")
+        left.set_ylim(0.4, 1.0)
+        left.legend(loc="lower right", fontsize=8)
+        left.set_title(f"{results['model']} on {results['task']}")
+    else:
+        left.text(0.5, 0.5, "accuracy run skipped", ha="center", va="center")
+        left.set_axis_off()
+    names = list(results["seconds_per_step"])
+    values = [results["seconds_per_step"][n] for n in names]
+    bars = right.barh(names, values, color=["C0" if n.startswith("et_") else "C1" for n in names])
+    right.bar_label(bars, fmt="%.2f s", fontsize=8)
+    right.set_xlabel("seconds per step (median, interleaved)")
+    right.set_title(f"speedup vs MeZO {results['speedup_vs_mezo']:.1f}x, ET/eager {results['et_over_eager']:.2f}x, "
+                    f"prefix {results['prefix_speedup']:.1f}x", fontsize=9)
+    right.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,28 @@
+"""Smoke run of `deftly bench prge` on a tiny model: every key, every file, sane values."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from desktop.cli import main
+
+KEYS = ("speedup_vs_mezo", "et_over_eager", "prefix_speedup", "batch_speedup", "rss_train_over_infer",
+        "rss_train_over_fo", "accuracy", "zero_shot_accuracy", "steps", "train_seconds", "program_bytes")
+
+
+@pytest.mark.slow
+def test_bench_prge_writes_every_key_and_a_picture(tmp_path, smollm2_conversion) -> None:
+    out = tmp_path / "results"
+    code = main(["bench", "prge", "--model", "tiny", "--cache-dir", str(smollm2_conversion.cache_dir),
+                 "--layers", "top:1", "--steps", "6", "--eval-every", "3", "--eval-limit", "16", "--fo-steps", "4",
+                 "--timing-rounds", "2", "--rss-steps", "2", "--out-dir", str(out),
+                 "--runs-dir", str(tmp_path / "runs")])
+    assert code == 0
+    results = json.loads((out / "prge.json").read_text())
+    for key in KEYS:
+        assert key in results, key
+    assert all(results[key] > 0 for key in KEYS if key != "steps")
+    assert 0.0 <= results["accuracy"] <= 1.0
+    assert results["program_bytes"] < results["weights_bytes"]
+    assert (out / "prge.png").stat().st_size > 10_000
