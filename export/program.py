@@ -1,7 +1,9 @@
 """Build, cache and write P-RGE training programs (ExecuTorch `.pte`).
 
-`build_program` is pure: a `PrgeProgram` in, an `ExecutorchProgramManager` out,
-in numbered stages (wrap → export → tag weights → lower → emit).
+Pure stages, numbered in the code: `method_modules` wraps a `PrgeProgram` into one
+module per method (1 wrap; a `step_t<T>` per length bucket), and `build_program`
+turns them into an `ExecutorchProgramManager` (2 export → 3 tag weights → 4 lower
+→ 5 emit).
 `export_program` is the whole job behind `deftly export`: load the model and
 the task, build (or take from the cache) the program, and write the files a
 device needs beside each other:
