@@ -163,6 +163,17 @@ def test_peak_rss_is_measured_in_a_separate_process() -> None:
         measure_peak_rss(int, "not a number")
 
 
+def test_peak_rss_of_a_child_does_not_include_the_parents_peak() -> None:
+    # prepare: the parent touches 400 MB (ru_maxrss would carry this into a spawned child)
+    ballast = bytearray(400 * 1024 * 1024)
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    # execute: a child that needs only 10 MB
+    peak = measure_peak_rss(_allocate, 10)
+    del ballast
+    # assert
+    assert peak.bytes < 300 * 1024 * 1024
+
+
 def test_eager_training_job_runs_in_a_child(smollm2_conversion) -> None:
     job = EagerJob(method="first_order_lora", model="tiny", cache_dir=str(smollm2_conversion.cache_dir),
                    layers="top:1", seq_len=SEQ_LEN, steps=2, max_train_examples=16, threads=1)
