@@ -254,7 +254,7 @@ def plot(results: dict, path: Path) -> None:
         left.plot(steps, acc, "o-", label=f"P-RGE in ExecuTorch (test {results['accuracy']:.3f})")
         fo_steps, fo_acc = zip(*results["first_order_curve"])
         left.plot(fo_steps, fo_acc, "s-", label=f"first-order LoRA, eager (test {results['first_order_test_accuracy']:.3f})")
-        left.axhline(results["zero_shot_accuracy"], color="grey", ls="--", label="zero-shot")
+        left.axhline(results["zero_shot_accuracy"], color="grey", ls="--", label=f"zero-shot, calibrated (test {results['zero_shot_accuracy']:.3f})")
         left.axhline(0.80, color="green", ls=":", label="target 0.80")
         left.set_xlabel("step")
         left.set_ylabel("validation accuracy")
