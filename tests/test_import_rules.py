@@ -63,7 +63,7 @@ def test_qt_only_in_view_package() -> None:
     assert not offences, "\n".join(offences)
 
 
-def test_device_agent_does_not_import_desktop_internals_from_desktop() -> None:
+def test_desktop_uses_only_the_public_device_agent_modules() -> None:
     # desktop may use device_agent's public trainer, never its server internals.
     allowed = {"device_agent", "device_agent.trainer", "device_agent.program"}
     offences = []
