@@ -75,6 +75,11 @@ class ExportConfig:
     calibrate: str = "median"  # "median": per-class logit bias from training prompts (export.calibration); "none"
     calibration_examples: int = 256  # training prompts the bias is measured on
 
+    def lora(self, num_layers: int) -> LoraFaConfig:
+        """The adapter these settings describe, for a model of ``num_layers`` layers."""
+        return LoraFaConfig(rank=self.rank, alpha=self.alpha, target_modules=tuple(self.target_modules),
+                            layers=parse_layers(self.layers, num_layers), seed=self.seed)
+
     def prge(self) -> PrgeConfig:
         return PrgeConfig(q=self.q, batch_size=self.batch_size, seq_len=self.seq_len, loss=self.loss,
                           prefix_sharing=self.prefix_sharing)
@@ -207,8 +212,7 @@ def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
     verbalizer_ids = verbalizer_token_ids(task, tokenizer)
 
     num_layers = model.config.num_hidden_layers
-    lora_cfg = LoraFaConfig(rank=cfg.rank, alpha=cfg.alpha, target_modules=tuple(cfg.target_modules),
-                            layers=parse_layers(cfg.layers, num_layers), seed=cfg.seed)
+    lora_cfg = cfg.lora(num_layers)
     adapter = AdapterTensors.build(model, lora_cfg)
     program = PrgeProgram(model, adapter, cfg.prge(), verbalizer_ids)
 

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> dict:
     from device_agent.program import Program
     from device_agent.trainer import TrainConfig, run_training
     from export import baselines
-    from export.lora import AdapterTensors, LoraFaConfig, parse_layers
+    from export.lora import AdapterTensors
     from export.models import load_model, load_tokenizer, tiny_llama
     from export.prge import PrgeConfig, PrgeProgram
     from export.program import ExportConfig, export_program
@@ -88,10 +88,7 @@ def run(args: argparse.Namespace) -> dict:
     splits = et_top.load_data()
 
     # 2. the eager twins of the same program (same adapter, same shapes).
-    num_layers = loaded.model.config.num_hidden_layers
-    lora = LoraFaConfig(rank=base.rank, alpha=base.alpha, target_modules=tuple(base.target_modules),
-                        layers=parse_layers(base.layers, num_layers), seed=base.seed)
-    adapter = AdapterTensors.build(loaded.model, lora)
+    adapter = AdapterTensors.build(loaded.model, base.lora(loaded.model.config.num_hidden_layers))
     eager_prge = PrgeProgram(loaded.model, adapter, base.prge(), manifest.verbalizer_token_ids)
     eager_mezo = PrgeProgram(loaded.model, adapter, replace(base.prge(), prefix_sharing=False),
                              manifest.verbalizer_token_ids)
