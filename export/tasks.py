@@ -49,6 +49,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from shared.errors import InputError
+from shared.task_data import Split
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_RT = "rotten_tomatoes"
@@ -101,8 +102,9 @@ class Example:
 
 
 @dataclass
-class EncodedSplit:
-    """A split as fixed-shape token arrays.
+class EncodedSplit(Split):
+    """A split as fixed-shape token arrays: `shared.task_data.Split`, the same
+    arrays the device reads, plus a single-split file format.
 
     Attributes:
         input_ids: [n, T] int64, right-padded with the pad id; with right padding
@@ -111,13 +113,6 @@ class EncodedSplit:
             the logits at position `lengths - 1`.
         labels: [n] int64, class index into `task.labels`.
     """
-
-    input_ids: np.ndarray
-    lengths: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
 
     def save(self, path: Path) -> None:
         """Writes an uncompressed `.npz` that numpy alone reads back.
