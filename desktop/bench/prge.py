@@ -208,20 +208,16 @@ def interleaved_medians(contenders: dict[str, Callable[[], object]], rounds: int
 
 
 def et_training_job(manifest_path: str, steps: int) -> int:
-    """Run `steps` ExecuTorch P-RGE steps (for peak RSS in a fresh process)."""
-    from device_agent.program import Program
+    """`deftly train`'s own loop for `steps` steps, with its default resident-method bound,
+    a validation and a test pass (for peak RSS in a fresh process): what a device runs."""
+    import tempfile
 
-    program = Program(Path(manifest_path))
-    train = program.load_data()["train"]
-    rng = np.random.default_rng(0)
-    b = np.zeros(program.b_size, dtype=np.float32)
-    bs = program.batch_size
-    for step in range(steps):
-        rows = slice(step * bs, (step + 1) * bs)
-        z = rng.standard_normal((program.q, program.b_size), dtype=np.float32)
-        b, _, _ = program.step(train.input_ids[rows], train.lengths[rows], train.labels[rows], b, z,
-                               program.manifest.lr, program.manifest.eps)
-    return steps
+    from device_agent.trainer import TrainConfig, run_training
+
+    with tempfile.TemporaryDirectory(prefix="deftly-rss-") as out:
+        result = run_training(TrainConfig(program=Path(manifest_path), out=Path(out), steps=steps,
+                                          eval_every=steps, eval_limit=32, test_limit=32))
+    return result.step
 
 
 def et_inference_job(manifest_path: str, steps: int) -> int:

@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-limit", type=int, default=None,
                         help="validation examples per evaluation (default: the whole split)")
     parser.add_argument("--test-limit", type=int, default=None, help="test examples at the end (default: all)")
+    parser.add_argument("--resident-methods", type=int, default=1,
+                        help="program methods kept loaded at once, each with its own packed copy of the "
+                             "weights (default 1: least memory; 0: keep all, a little faster)")
     parser.set_defaults(func=run)
 
 
@@ -44,9 +47,12 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.resident_methods < 0:
+        raise InputError("--resident-methods must be 0 (keep all) or more")
     cfg = TrainConfig(program=args.program, out=args.out, steps=args.steps, eval_every=args.eval_every,
                       lr=args.lr, eps=args.eps, schedule=args.schedule, seed=args.seed, resume=args.resume,
-                      eval_limit=args.eval_limit, test_limit=args.test_limit)
+                      eval_limit=args.eval_limit, test_limit=args.test_limit,
+                      resident_methods=args.resident_methods or None)
     progress = _Progress(plain=not sys.stderr.isatty() or bool(os.environ.get("CI")))
     try:
         result = run_training(cfg, on_event=progress)

@@ -64,6 +64,40 @@ def test_step_matches_the_eager_step_for_the_same_z(tiny_program, program: Progr
     assert b_new.dtype == np.float32 and b_new.shape == (P,) and g.shape == (q,)
 
 
+@pytest.fixture(scope="module")
+def q1_program(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer) -> Program:
+    """A tiny program with one direction per step and the in-graph-noise method."""
+    from export.models import tiny_llama
+    from export.program import ExportConfig, export_program
+
+    config = ExportConfig(model="tiny", layers="1-1", q=1, seq_len=32, methods=("step", "step_rng"),
+                          length_buckets=(), calibrate="none")
+    out = tmp_path_factory.mktemp("q1-program") / "step.pte"
+    export_program(config, out, cache_dir=tmp_path_factory.mktemp("q1-cache"), progress=lambda _m: None,
+                   loaded=tiny_llama(num_layers=2, hidden_size=64, tokenizer=smollm2_tokenizer))
+    return Program(out)
+
+
+def test_in_graph_noise_step_is_the_step_with_a_fresh_standard_normal_z(q1_program: Program) -> None:
+    # prepare: with q = 1 the update is b_new = b - lr * g * z, so z can be read back off it
+    train = q1_program.load_data()["train"]
+    ids, lengths, labels = (a[:q1_program.batch_size] for a in (train.input_ids, train.lengths, train.labels))
+    b = (np.random.default_rng(5).standard_normal(q1_program.b_size) * 0.05).astype(np.float32)
+    lr, eps = 0.5, 1e-2
+    # execute
+    b1, loss1, g1 = q1_program.step_in_graph_noise(ids, lengths, labels, b, lr, eps)
+    b2, _, _ = q1_program.step_in_graph_noise(ids, lengths, labels, b, lr, eps)
+    assert abs(g1[0]) > 1e-3  # else z cannot be read back
+    z = (b - b1) / (lr * g1[0])  # [P]
+    b_ref, loss_ref, g_ref = q1_program.step(ids, lengths, labels, b, z[None, :].astype(np.float32), lr, eps)
+    # assert: z is N(0, 1), fresh on every call, and the step with it is the same step
+    assert abs(float(z.mean())) < 0.15 and 0.85 < float(z.std()) < 1.15, (z.mean(), z.std(), z.size)
+    assert not np.allclose(b1, b2)
+    assert loss1 == pytest.approx(loss_ref, rel=1e-4)
+    np.testing.assert_allclose(g1, g_ref, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(b1, b_ref, atol=1e-5, rtol=0)
+
+
 def test_class_logits_pad_the_last_batch_and_match_eager(tiny_program, program: Program) -> None:
     validation = program.load_data()["validation"]
     n = program.eval_batch_size + 5  # two calls, the second padded
@@ -77,6 +111,35 @@ def test_class_logits_pad_the_last_batch_and_match_eager(tiny_program, program: 
     # the padded call gives the same rows as an unpadded one
     np.testing.assert_array_equal(program.class_logits(validation.input_ids[n - 5:n], validation.lengths[n - 5:n], b),
                                   logits[n - 5:])
+
+
+def test_a_bounded_program_releases_the_least_recently_used_method_and_computes_the_same(
+        tiny_program, program: Program) -> None:
+    # prepare: one short-bucket and one full-length batch, and an unbounded program to compare with
+    bounded = Program(tiny_program.pte, max_resident_methods=1)
+    train = program.load_data()["train"]
+    rng = np.random.default_rng(4)
+    b = (rng.standard_normal(program.b_size) * 0.05).astype(np.float32)
+    z = rng.standard_normal((program.q, program.b_size), dtype=np.float32)
+    short, long = np.flatnonzero(train.lengths <= 16)[:4], np.flatnonzero(train.lengths > 16)[:4]
+    calls = [
+        ("step_t16", lambda p: p.step(train.input_ids[short], train.lengths[short], train.labels[short], b, z, 0.05, 1e-2)),
+        ("step", lambda p: p.step(train.input_ids[long], train.lengths[long], train.labels[long], b, z, 0.05, 1e-2)),
+        ("eval", lambda p: p.class_logits(train.input_ids[:5], train.lengths[:5], b)),
+        ("step_t16", lambda p: p.step(train.input_ids[short], train.lengths[short], train.labels[short], b, z, 0.05, 1e-2)),
+    ]
+    for method, call in calls:
+        # execute
+        got, want = call(bounded), call(program)
+        # assert: one method at a time, the one just called, and the same numbers
+        assert bounded.resident_methods == [method]
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_a_resident_bound_below_one_is_refused(tiny_program) -> None:
+    with pytest.raises(InputError, match="max_resident_methods must be at least 1"):
+        Program(tiny_program.pte, max_resident_methods=0)
 
 
 def test_outputs_do_not_alias_the_methods_memory(program: Program) -> None:
