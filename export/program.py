@@ -74,6 +74,10 @@ class ExportConfig:
     external_weights: bool = True  # frozen weights in a shared .ptd instead of inside the .pte
     calibrate: str = "median"  # "median": per-class logit bias from training prompts (export.calibration); "none"
     calibration_examples: int = 256  # training prompts the bias is measured on
+    # "fp32", or "int8": the frozen linears of the decoder layers as int8 weights with
+    # per-output-channel scales and int8 activations per token (XNNPACK's qd8 GEMMs);
+    # the embedding, norms, head, A and B stay fp32.
+    base_weights: str = "fp32"
 
     def lora(self, num_layers: int) -> LoraFaConfig:
         """The adapter these settings describe, for a model of ``num_layers`` layers."""
@@ -213,6 +217,12 @@ def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
 
     num_layers = model.config.num_hidden_layers
     lora_cfg = cfg.lora(num_layers)
+    weights_fingerprint = model_fingerprint(model)  # of the fp32 model: the cache key adds base_weights
+    if cfg.base_weights == "int8":
+        with _Ticker(progress, "quantising the frozen decoder linears to int8"):
+            model = quantize_base_linears(model)
+    elif cfg.base_weights != "fp32":
+        raise InputError(f"--weights {cfg.base_weights!r}: expected fp32 or int8")
     adapter = AdapterTensors.build(model, lora_cfg)
     program = PrgeProgram(model, adapter, cfg.prge(), verbalizer_ids)
 
@@ -229,7 +239,8 @@ def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
     elif cfg.calibrate != "none":
         raise InputError(f"--calibrate {cfg.calibrate!r}: expected median or none")
 
-    key = cache_key(cfg, loaded.model_id, model, lora_cfg, verbalizer_ids, program.class_bias.tolist())
+    key = cache_key(cfg, loaded.model_id, model, weights_fingerprint, lora_cfg, verbalizer_ids,
+                    program.class_bias.tolist())
     cached = cache_root / "programs" / key
     from_cache = (cached / "program.pte").exists() and (cached / "weights.ptd").exists()
     if from_cache:
@@ -270,7 +281,7 @@ def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
         files={role: path.name for role, path in files.items()},
         sha256={path.name: sha256_file(path) for path in files.values()},
         peft_config=_peft_config_dict(lora_cfg, loaded.model_id),
-        export_seconds=round(time.perf_counter() - start, 2), cache_key=key,
+        export_seconds=round(time.perf_counter() - start, 2), cache_key=key, base_weights=cfg.base_weights,
     )
     manifest_path = out.parent / f"{stem}.manifest.json"
     manifest.save(manifest_path)
@@ -288,20 +299,45 @@ def _buckets(cfg: ExportConfig) -> tuple[int, ...]:
     return tuple(sorted({t for t in cfg.length_buckets if 1 <= t < cfg.seq_len}))
 
 
-def cache_key(cfg: ExportConfig, model_id: str, model: torch.nn.Module, lora_cfg: LoraFaConfig,
-              verbalizer_ids: list[int], class_bias: list[float]) -> str:
-    """Key of a lowered program: the model's content, its layers, shapes and settings, the toolchain."""
-    import executorch
-
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the model's fp32 weights: a strided sample of every tensor, so the same
+    model always gives the same value, and a fine-tuned copy almost surely not, without
+    hashing 500 MB."""
     fingerprint = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         fingerprint.update(name.encode())
-        # A strided sample of every tensor: the same model always gives the same key,
-        # and a fine-tuned copy of it almost surely not, without hashing 500 MB.
         flat = tensor.detach().reshape(-1)
         fingerprint.update(flat[:: max(1, flat.numel() // 4096)].numpy().tobytes())
+    return fingerprint.hexdigest()
+
+
+def quantize_base_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose decoder-layer linears hold int8 weights (torchao).
+
+    Per-output-channel symmetric int8 weights with dynamic per-token int8 activations:
+    the pattern XNNPACK's partitioner takes as one quantised GEMM. Only
+    ``model.layers.*`` linears: the embedding lookup and the tied head stay fp32. The
+    copy keeps the caller's model (benchmarks reuse it) in fp32.
+    """
+    import copy
+
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis
+
+    quantized = copy.deepcopy(model)
+    quantize_(quantized, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+              filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear) and ".layers." in f".{fqn}")
+    return quantized
+
+
+def cache_key(cfg: ExportConfig, model_id: str, model: torch.nn.Module, weights_fingerprint: str,
+              lora_cfg: LoraFaConfig, verbalizer_ids: list[int], class_bias: list[float]) -> str:
+    """Key of a lowered program: the model's content, its layers, shapes and settings, the toolchain."""
+    import executorch
+
     settings = {
-        "format": PROGRAM_FORMAT, "model_id": model_id, "weights": fingerprint.hexdigest(),
+        "format": PROGRAM_FORMAT, "model_id": model_id, "weights": weights_fingerprint,
+        "base_weights": cfg.base_weights,
         "config": model.config.to_json_string(use_diff=False),
         "lora": asdict(lora_cfg), "verbalizer": verbalizer_ids, "class_bias": class_bias,
         "prge": asdict(cfg.prge()), "eval_batch_size": cfg.eval_batch_size, "methods": list(cfg.methods),

@@ -83,6 +83,9 @@ class Manifest:
     peft_config: dict[str, Any] = field(default_factory=dict)  # adapter_config.json content
     export_seconds: float = 0.0
     cache_key: str = ""
+    # Frozen decoder linears as stored in the program: "fp32", or "int8" (per-output-channel
+    # weights, activations quantised per token at run time; embedding and head stay fp32).
+    base_weights: str = "fp32"
     version: int = MANIFEST_VERSION
 
     def to_json(self) -> str:

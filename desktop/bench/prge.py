@@ -14,6 +14,11 @@
                          `zero_shot_accuracy`, `steps`, `train_seconds` (target ≥ 0.80 within 2,000 steps)
 * `program_bytes`        size of the per-device `.pte` without the shared weights (target < 5 MB)
 
+`--weights int8` runs the same comparison with int8 frozen linears in the ExecuTorch
+programs (the eager contenders stay fp32, as the baselines are defined) and writes
+`prge_int8.json` / `.png`, adding `int8_speedup_over_fp32` (the fp32 ExecuTorch step
+timed in the same rounds / the int8 one) and `zero_shot_accuracy_fp32`.
+
 Timings are interleaved: each round times one step of every contender in turn,
 and the ratio of medians is reported, so a busy neighbour slows all of them
 alike.  Peak RSS is measured in fresh processes, one per contender.
@@ -51,8 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rss-steps", type=int, default=5, help="steps run in each peak-RSS process")
     parser.add_argument("--skip-accuracy", action="store_true", help="timings and memory only")
     parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench-prge"),
-                        help="where the exported programs and the training run go")
+    parser.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
+                        help="frozen linears of the ExecuTorch programs (int8 writes prge_int8.json)")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="where the exported programs and the training run go (default runs/bench-prge[-int8])")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -69,8 +76,10 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     say = print
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    runs = args.runs_dir
-    base = ExportConfig(model=args.model, task=args.task)
+    int8 = args.weights == "int8"
+    name = "prge_int8" if int8 else "prge"
+    runs = args.runs_dir or Path("runs/bench-prge-int8" if int8 else "runs/bench-prge")
+    base = ExportConfig(model=args.model, task=args.task, base_weights=args.weights)
     if args.layers:
         base = replace(base, layers=args.layers)
 
@@ -84,6 +93,11 @@ def run(args: argparse.Namespace) -> dict:
     every = export_program(replace(base, layers="all", methods=("step",), length_buckets=()), runs / "all" / "step.pte",
                            cache_dir=args.cache_dir, progress=say, loaded=loaded)
     et_top, et_all = Program(top.manifest_path), Program(every.manifest_path)
+    et_fp32 = None
+    if int8:  # the fp32 program of the same block, timed in the same rounds
+        top_fp32 = export_program(replace(base, base_weights="fp32", methods=("step", "eval", "loss")),
+                                  runs / "top_fp32" / "step.pte", cache_dir=args.cache_dir, progress=say, loaded=loaded)
+        et_fp32 = Program(top_fp32.manifest_path)
     manifest = et_top.manifest
     splits = et_top.load_data()
 
@@ -121,6 +135,8 @@ def run(args: argparse.Namespace) -> dict:
         "eager_mezo_step": lambda: baselines.mezo_step(eager_mezo, t_ids, t_len, t_lab, t_b,
                                                        lambda i: t_z[i], q, lr, eps),
     }
+    if et_fp32 is not None:
+        contenders["et_step_fp32"] = lambda: et_fp32.step(ids, lengths, labels, b, z, lr, eps)
     say(f"Timing {len(contenders)} contenders, {args.timing_rounds} interleaved rounds ...")
     seconds = interleaved_medians(contenders, args.timing_rounds)
     for name, value in seconds.items():
@@ -139,7 +155,7 @@ def run(args: argparse.Namespace) -> dict:
         f"first-order eager {rss_fo / 2**20:.0f} MiB")
 
     results: dict = {
-        "model": manifest.model_id, "task": manifest.task, "q": q, "batch_size": bs, "seq_len": manifest.seq_len,
+        "model": manifest.model_id, "task": manifest.task, "base_weights": manifest.base_weights, "q": q, "batch_size": bs, "seq_len": manifest.seq_len,
         "trainable_layers": manifest.trainable_layers, "target_modules": manifest.target_modules,
         "speedup_vs_mezo": seconds["eager_mezo_step"] / seconds["et_step"],
         "et_over_eager": seconds["eager_prge_step"] / seconds["et_step"],
@@ -154,6 +170,8 @@ def run(args: argparse.Namespace) -> dict:
         "targets": TARGETS,
         "machine": {"cpus": _cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
     }
+    if et_fp32 is not None:
+        results["int8_speedup_over_fp32"] = seconds["et_step_fp32"] / seconds["et_step"]
 
     # 5. accuracy: P-RGE trained in ExecuTorch, and first-order LoRA's curve beside it.
     if not args.skip_accuracy:
@@ -173,6 +191,8 @@ def run(args: argparse.Namespace) -> dict:
         result = run_training(train_cfg, on_event=on_event)
         train_seconds = time.perf_counter() - train_start
         zero_shot = et_top.accuracy(splits["test"], np.zeros(manifest.b_size, dtype=np.float32))
+        if et_fp32 is not None:
+            results["zero_shot_accuracy_fp32"] = et_fp32.accuracy(splits["test"], np.zeros(manifest.b_size, np.float32))
         say(f"Training first-order LoRA (eager) for {args.fo_steps} steps for its curve ...")
         fo = baselines.run_baseline(
             "first_order_lora", eager_prge, {k: v for k, v in splits.items()},
@@ -188,9 +208,9 @@ def run(args: argparse.Namespace) -> dict:
         })
 
     results["bench_seconds"] = time.perf_counter() - started
-    (args.out_dir / "prge.json").write_text(json.dumps(results, indent=2, default=float))
-    plot(results, args.out_dir / "prge.png")
-    say(f"Wrote {args.out_dir / 'prge.json'} and prge.png")
+    (args.out_dir / f"{name}.json").write_text(json.dumps(results, indent=2, default=float))
+    plot(results, args.out_dir / f"{name}.png")
+    say(f"Wrote {args.out_dir / f'{name}.json'} and {name}.png")
     return {k: v for k, v in results.items() if k not in ("prge_curve", "first_order_curve")}
 
 

@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="methods to include: step,eval[,loss,step_rng]")
     parser.add_argument("--calibrate", choices=("median", "none"), default=d.calibrate,
                         help="per-class bias on the answer logits measured on training prompts (default median)")
+    parser.add_argument("--weights", choices=("fp32", "int8"), default=d.base_weights,
+                        help="frozen decoder linears as fp32, or int8 (per-channel weights, per-token "
+                             "activations; embedding and head stay fp32)")
     parser.add_argument("--embed-weights", action="store_true",
                         help="keep the frozen weights inside the .pte instead of a shared .ptd")
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: $DEFTLY_CACHE or ~/.cache/deftly")
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()), loss=args.loss,
         prefix_sharing=not args.no_prefix_sharing, lr=args.lr, eps=args.eps, seed=args.seed,
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        external_weights=not args.embed_weights, calibrate=args.calibrate,
+        external_weights=not args.embed_weights, calibrate=args.calibrate, base_weights=args.weights,
     )
     result = export_program(cfg, args.out, cache_dir=args.cache_dir)
     print(f"manifest: {result.manifest_path}")

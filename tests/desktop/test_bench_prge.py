@@ -12,17 +12,22 @@ KEYS = ("speedup_vs_mezo", "et_over_eager", "prefix_speedup", "batch_speedup", "
 
 
 @pytest.mark.slow
-def test_bench_prge_writes_every_key_and_a_picture(tmp_path, smollm2_conversion) -> None:
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_bench_prge_writes_every_key_and_a_picture(tmp_path, smollm2_conversion, weights: str) -> None:
     out = tmp_path / "results"
+    name = "prge" if weights == "fp32" else "prge_int8"
     code = main(["bench", "prge", "--model", "tiny", "--cache-dir", str(smollm2_conversion.cache_dir),
                  "--layers", "top:1", "--steps", "6", "--eval-every", "3", "--eval-limit", "16", "--fo-steps", "4",
-                 "--timing-rounds", "2", "--rss-steps", "2", "--out-dir", str(out),
+                 "--timing-rounds", "2", "--rss-steps", "2", "--out-dir", str(out), "--weights", weights,
                  "--runs-dir", str(tmp_path / "runs")])
     assert code == 0
-    results = json.loads((out / "prge.json").read_text())
+    results = json.loads((out / f"{name}.json").read_text())
+    assert results["base_weights"] == weights
+    if weights == "int8":
+        assert results["int8_speedup_over_fp32"] > 0 and 0.0 <= results["zero_shot_accuracy_fp32"] <= 1.0
     for key in KEYS:
         assert key in results, key
     assert all(results[key] > 0 for key in KEYS if key != "steps")
     assert 0.0 <= results["accuracy"] <= 1.0
     assert results["program_bytes"] < results["weights_bytes"]
-    assert (out / "prge.png").stat().st_size > 10_000
+    assert (out / f"{name}.png").stat().st_size > 10_000

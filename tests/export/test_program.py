@@ -88,3 +88,54 @@ def test_manifest_round_trips_and_rejects_garbage(tiny_program, tmp_path) -> Non
     bad.write_text("{not json")
     with pytest.raises(InputError, match="not valid JSON"):
         Manifest.load(bad)
+
+
+def test_int8_base_weights_run_in_executorch_as_in_eager_and_close_to_fp32(tiny_program, tmp_path) -> None:
+    # prepare: the tiny model's layer-1 program with int8 frozen linears, and its eager twins
+    import numpy as np
+    import torch
+
+    from device_agent.program import Program
+    from export.lora import AdapterTensors
+    from export.prge import PrgeProgram
+    from export.program import quantize_base_linears
+
+    config = ExportConfig(model="tiny", layers="1-1", seq_len=32, methods=("step",), length_buckets=(),
+                          calibrate="none", base_weights="int8")
+    fp32_model = tiny_program.loaded.model
+    # execute
+    result = export_program(config, tmp_path / "int8.pte", cache_dir=tmp_path / "cache", progress=lambda _m: None,
+                            loaded=tiny_program.loaded)
+    program = Program(result.manifest_path)
+    train = program.load_data()["train"]
+    rng = np.random.default_rng(6)
+    b = (rng.standard_normal(program.b_size) * 0.05).astype(np.float32)
+    z = rng.standard_normal((program.q, program.b_size), dtype=np.float32)
+    rows = np.flatnonzero(train.lengths > 16)[:program.batch_size]
+    args = (train.input_ids[rows], train.lengths[rows], train.labels[rows], b, z)
+    b_et, loss_et, g_et = program.step(*args, lr=0.05, eps=1e-2)
+    lora = config.lora(fp32_model.config.num_hidden_layers)
+    torch_args = [torch.from_numpy(a) for a in args] + [torch.tensor([0.05]), torch.tensor([1e-2])]
+    with torch.no_grad():
+        int8_model = quantize_base_linears(fp32_model)
+        b_int8, loss_int8, g_int8 = PrgeProgram(int8_model, AdapterTensors.build(int8_model, lora), config.prge(),
+                                           result.manifest.verbalizer_token_ids).step(*torch_args)
+        _, loss_fp32, _ = PrgeProgram(fp32_model, AdapterTensors.build(fp32_model, lora), config.prge(),
+                                      result.manifest.verbalizer_token_ids).step(*torch_args)
+    # assert: recorded, keyed apart from fp32, the same numbers as eager int8, near fp32;
+    # the caller's model stays fp32
+    assert result.manifest.base_weights == "int8" and tiny_program.export.manifest.base_weights == "fp32"
+    assert result.manifest.cache_key != tiny_program.export.manifest.cache_key
+    assert loss_et == pytest.approx(loss_int8.item(), rel=1e-4)
+    # Not fp32's 1e-5 on b: XNNPACK and torchao round the per-token activation scales
+    # differently, and g = (L+ - L-) / (2 eps) turns a 1e-6 loss difference into 5e-5.
+    np.testing.assert_allclose(g_et, g_int8.numpy(), rtol=0, atol=0.05 * float(np.abs(g_int8.numpy()).max()))
+    np.testing.assert_allclose(b_et, b_int8.numpy(), atol=2e-3, rtol=0)  # the update itself is ~1.5e-2
+    assert loss_et == pytest.approx(loss_fp32.item(), rel=2e-2)
+    assert type(fp32_model.model.layers[0].self_attn.q_proj.weight) is torch.nn.Parameter
+
+
+def test_unknown_base_weights_are_refused(tiny_program, tmp_path) -> None:
+    with pytest.raises(InputError, match="expected fp32 or int8"):
+        export_program(ExportConfig(model="tiny", layers="1-1", base_weights="int4"), tmp_path / "x.pte", loaded=tiny_program.loaded,
+                       progress=lambda _m: None)
