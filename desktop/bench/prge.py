@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> dict:
     say = print
     args.out_dir.mkdir(parents=True, exist_ok=True)
     int8 = args.weights == "int8"
-    name = "prge_int8" if int8 else "prge"
+    stem = "prge_int8" if int8 else "prge"
     runs = args.runs_dir or Path("runs/bench-prge-int8" if int8 else "runs/bench-prge")
     base = ExportConfig(model=args.model, task=args.task, base_weights=args.weights)
     if args.layers:
@@ -208,9 +208,9 @@ def run(args: argparse.Namespace) -> dict:
         })
 
     results["bench_seconds"] = time.perf_counter() - started
-    (args.out_dir / f"{name}.json").write_text(json.dumps(results, indent=2, default=float))
-    plot(results, args.out_dir / f"{name}.png")
-    say(f"Wrote {args.out_dir / f'{name}.json'} and {name}.png")
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2, default=float))
+    plot(results, args.out_dir / f"{stem}.png")
+    say(f"Wrote {args.out_dir / f'{stem}.json'} and {stem}.png")
     return {k: v for k, v in results.items() if k not in ("prge_curve", "first_order_curve")}
 
 
