@@ -231,19 +231,26 @@ class Program:
         Returns:
             (b_new [P] float32, mean loss over the 2q copies, g [q] float32).
         """
-        bs, q, P = self.batch_size, self.q, self.b_size
-        _tensor(input_ids, np.int64, (bs, self.seq_len), "input_ids")  # checks the full shape
+        _tensor(input_ids, np.int64, (self.batch_size, self.seq_len), "input_ids")  # checks the full shape
         T = self.bucket_for(int(np.max(lengths)))
+        z_tensor = _tensor(z, np.float32, (self.q, self.b_size), "z")
+        return self._run_step(self.manifest.step_buckets[str(T)], np.asarray(input_ids)[:, :T], lengths, labels,
+                              b, lr, eps, z_tensor)
+
+    def _run_step(self, method: str, input_ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray,
+                  b: np.ndarray, lr: float, eps: float, z: torch.Tensor | None = None):
+        """Calls a step method: (input_ids, lengths, labels, b[, z], lr, eps) -> (b_new, loss, g)."""
+        bs = self.batch_size
         inputs = [
-            _tensor(np.asarray(input_ids)[:, :T], np.int64, (bs, T), "input_ids"),
+            _tensor(input_ids, np.int64, (bs, input_ids.shape[1]), "input_ids"),
             _tensor(lengths, np.int64, (bs,), "lengths"),
             _tensor(labels, np.int64, (bs,), "labels"),
-            _tensor(b, np.float32, (P,), "b"),
-            _tensor(z, np.float32, (q, P), "z"),
+            _tensor(b, np.float32, (self.b_size,), "b"),
+            *([] if z is None else [z]),
             _tensor(np.array([lr]), np.float32, (1,), "lr"),
             _tensor(np.array([eps]), np.float32, (1,), "eps"),
         ]
-        b_new, loss, g = self._method(self.manifest.step_buckets[str(T)]).execute(inputs)
+        b_new, loss, g = self._method(method).execute(inputs)
         return _numpy(b_new), float(loss.reshape(-1)[0]), _numpy(g)
 
     def step_in_graph_noise(self, input_ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray,
@@ -258,17 +265,8 @@ class Program:
         Returns:
             (b_new [P] float32, mean loss over the 2q copies, g [q] float32).
         """
-        bs, P = self.batch_size, self.b_size
-        inputs = [
-            _tensor(input_ids, np.int64, (bs, self.seq_len), "input_ids"),
-            _tensor(lengths, np.int64, (bs,), "lengths"),
-            _tensor(labels, np.int64, (bs,), "labels"),
-            _tensor(b, np.float32, (P,), "b"),
-            _tensor(np.array([lr]), np.float32, (1,), "lr"),
-            _tensor(np.array([eps]), np.float32, (1,), "eps"),
-        ]
-        b_new, loss, g = self._method("step_rng").execute(inputs)
-        return _numpy(b_new), float(loss.reshape(-1)[0]), _numpy(g)
+        _tensor(input_ids, np.int64, (self.batch_size, self.seq_len), "input_ids")  # checks the full shape
+        return self._run_step("step_rng", np.asarray(input_ids), lengths, labels, b, lr, eps)
 
     def loss(self, input_ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray, b: np.ndarray) -> float:
         """Mean loss of one unperturbed forward on a training batch (the optional ``loss`` method).
