@@ -107,6 +107,12 @@ def _is_base_weight(name: str) -> bool:
         and "mean_row" not in name
 
 
+def _has_tensor_subclass_weights(module: torch.nn.Module) -> bool:
+    """Whether any weight is a tensor subclass (torchao's quantised weights are)."""
+    return any(type(t) not in (torch.Tensor, torch.nn.Parameter)
+               for t in (*module.parameters(), *module.buffers()))
+
+
 def bucket_method(seq_len: int) -> str:
     """Name of the step method for a shorter length bucket."""
     return f"step_t{seq_len}"
@@ -165,6 +171,11 @@ def build_program(methods: dict[str, tuple[torch.nn.Module, tuple]], external_we
             if external_weights:
                 # 3. tag the frozen weights on the unlifted graph, then re-export, so that
                 #    XNNPACK writes them to the named data store under an external tag.
+                if _has_tensor_subclass_weights(module):
+                    # int8 weights are torchao tensor subclasses; lowering would flatten each
+                    # into new (data, scale, zero point) parameters that carry no tag and so
+                    # land inside the .pte. Flatten first, so the tags go on those.
+                    ep = ep.run_decompositions({})
                 unlifted = ep.module()
                 delegate_external_constants_pass_unlifted(
                     unlifted, lambda node: WEIGHTS_TAG if _is_base_weight(str(node.target)) else None)

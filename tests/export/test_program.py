@@ -133,6 +133,12 @@ def test_int8_base_weights_run_in_executorch_as_in_eager_and_close_to_fp32(tiny_
     np.testing.assert_allclose(b_et, b_int8.numpy(), atol=2e-3, rtol=0)  # the update itself is ~1.5e-2
     assert loss_et == pytest.approx(loss_fp32.item(), rel=2e-2)
     assert type(fp32_model.model.layers[0].self_attn.q_proj.weight) is torch.nn.Parameter
+    # the int8 layers travel in the shared weights file, not inside the per-device program
+    int8_bytes = sum(m.weight.numel() for name, m in fp32_model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}")
+    embedding_bytes = fp32_model.model.embed_tokens.weight.numel() * 4
+    assert result.files["weights"].stat().st_size >= embedding_bytes + int8_bytes
+    assert result.files["program"].stat().st_size < int8_bytes
 
 
 def test_unknown_base_weights_are_refused(tiny_program, tmp_path) -> None:
