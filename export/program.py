@@ -42,7 +42,7 @@ from shared.hashing import sha256_file
 from shared.manifest import Manifest
 from shared.task_data import save_splits
 
-PROGRAM_FORMAT = 2  # bump when the program layout changes: invalidates cached exports
+PROGRAM_FORMAT = 3  # 3: int8 weights moved to the .ptd. Bump when the program layout changes: invalidates cached exports
 WEIGHTS_TAG = "weights"
 METHODS = {"step": PrgeStep, "step_rng": PrgeStepInGraphNoise, "eval": PrgeEval, "loss": PrgeLoss}
 
