@@ -190,3 +190,27 @@ def test_a_method_the_program_lacks_is_an_input_error(tiny_program, tmp_path: Pa
     program = Program(manifest_path)
     with pytest.raises(InputError, match="no 'eval' method"):
         program.class_logits(np.zeros((1, program.seq_len), np.int64), np.ones(1, np.int64), np.zeros(program.b_size))
+
+
+def test_running_a_program_does_not_import_the_exporter(tiny_program) -> None:
+    # A device runs programs only: executorch.runtime's import chain would load
+    # executorch.exir and torchao (136 MB resident on this machine), so the agent must not take it.
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+import numpy as np
+from device_agent.program import Program
+program = Program({str(tiny_program.pte)!r})
+test = program.load_data()["test"]
+accuracy = program.accuracy(test, np.zeros(program.b_size, dtype=np.float32), limit=program.eval_batch_size)
+heavy = sorted(m for m in ("executorch.exir", "executorch.runtime", "torchao", "transformers") if m in sys.modules)
+print(accuracy, ",".join(heavy) or "none")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    accuracy, heavy = done.stdout.split()[-2:]
+    assert 0.0 <= float(accuracy) <= 1.0
+    assert heavy == "none"
