@@ -218,7 +218,7 @@ class PrgeProgram(nn.Module):
         """
         copies = b_copies.shape[0]
         bs, T = input_ids.shape
-        h = F.embedding(input_ids, self.embed_tokens.weight)  # [bs, T, H]
+        h = self.embed_tokens(input_ids)  # [bs, T, H]
         for index in range(self.num_layers):
             if index == self.expand_at and copies > 1:
                 h = h.repeat(copies, 1, 1)  # [c·bs, T, H]: copy i holds rows i·bs..i·bs+bs-1

@@ -44,6 +44,9 @@ from shared.task_data import save_splits
 
 PROGRAM_FORMAT = 3  # 3: int8 weights moved to the .ptd. Bump when the program layout changes: invalidates cached exports
 WEIGHTS_TAG = "weights"
+# What --weights int8 quantises, in the cache key of int8 programs only: change it when the
+# recipe changes, so int8 programs are lowered again and fp32 ones stay cached.
+INT8_RECIPE = "decoder-linears-qd8-per-channel+embedding-int8-rows"
 METHODS = {"step": PrgeStep, "step_rng": PrgeStepInGraphNoise, "eval": PrgeEval, "loss": PrgeLoss}
 
 
@@ -75,8 +78,8 @@ class ExportConfig:
     calibrate: str = "median"  # "median": per-class logit bias from training prompts (export.calibration); "none"
     calibration_examples: int = 256  # training prompts the bias is measured on
     # "fp32", or "int8": the frozen linears of the decoder layers as int8 weights with
-    # per-output-channel scales and int8 activations per token (XNNPACK's qd8 GEMMs);
-    # the embedding, norms, head, A and B stay fp32.
+    # per-output-channel scales and int8 activations per token (XNNPACK's qd8 GEMMs),
+    # and the embedding as int8 rows with a scale each; norms, head, A and B stay fp32.
     base_weights: str = "fp32"
 
     def lora(self, num_layers: int) -> LoraFaConfig:
@@ -136,7 +139,7 @@ def method_modules(program: PrgeProgram, methods: tuple[str, ...], eval_batch_si
     if unknown:
         raise InputError(f"unknown methods {sorted(unknown)}; choose from {sorted(METHODS)}")
     cfg = program.cfg
-    vocab = program.embed_tokens.weight.shape[0]
+    vocab = program.embed_tokens.num_embeddings
     inputs = example_inputs(cfg, program.b_size, vocab)
     inputs["eval"] = example_inputs(replace(cfg, batch_size=eval_batch_size), program.b_size, vocab)["eval"]
     modules = {name: (METHODS[name](program), inputs[name]) for name in methods}
@@ -230,8 +233,8 @@ def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
     lora_cfg = cfg.lora(num_layers)
     weights_fingerprint = model_fingerprint(model)  # of the fp32 model: the cache key adds base_weights
     if cfg.base_weights == "int8":
-        with _Ticker(progress, "quantising the frozen decoder linears to int8"):
-            model = quantize_base_linears(model)
+        with _Ticker(progress, "quantising the frozen decoder linears and the embedding to int8"):
+            model = quantize_base_weights(model)
     elif cfg.base_weights != "fp32":
         raise InputError(f"--weights {cfg.base_weights!r}: expected fp32 or int8")
     adapter = AdapterTensors.build(model, lora_cfg)
@@ -322,13 +325,37 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return fingerprint.hexdigest()
 
 
-def quantize_base_linears(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` whose decoder-layer linears hold int8 weights (torchao).
+class Int8RowEmbedding(torch.nn.Module):
+    """An embedding table held as int8 rows with one fp32 scale per row.
 
-    Per-output-channel symmetric int8 weights with dynamic per-token int8 activations:
-    the pattern XNNPACK's partitioner takes as one quantised GEMM. Only
-    ``model.layers.*`` linears: the embedding lookup and the tied head stay fp32. The
-    copy keeps the caller's model (benchmarks reuse it) in fp32.
+    ExecuTorch's portable ``embedding`` kernel gathers int8 rows as readily as fp32
+    ones, so the lookup stays one gather; the rows are widened and scaled after it,
+    on [bs, T, H] values only. A quarter of the fp32 table's bytes (SmolLM2: 28 MB
+    instead of 113 MB) on the device, in the shared weights file.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        weight = weight.detach().float()  # [V, H]
+        row_scale = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0  # [V, 1]
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.register_buffer("weight_int8", torch.round(weight / row_scale).clamp(-127, 127).to(torch.int8))  # [V, H]
+        self.register_buffer("row_scale", row_scale)  # [V, 1]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.nn.functional.embedding(input_ids, self.weight_int8).to(torch.float32)  # [..., H]
+        return rows * torch.nn.functional.embedding(input_ids, self.row_scale)  # [..., H] * [..., 1]
+
+
+def quantize_base_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose frozen weights are int8: decoder linears and the embedding.
+
+    Linears (torchao): per-output-channel symmetric int8 weights with dynamic per-token
+    int8 activations, the pattern XNNPACK's partitioner takes as one quantised GEMM.
+    The embedding: :class:`Int8RowEmbedding`. The head stays fp32: the verbalizer loss
+    keeps only its answer words' rows (SmolLM2 ties it to the embedding; the fp32
+    original stays as the head's weight, the copy's input embedding becomes int8).
+    The copy keeps the caller's model (benchmarks reuse it) in fp32.
     """
     import copy
 
@@ -338,6 +365,7 @@ def quantize_base_linears(model: torch.nn.Module) -> torch.nn.Module:
     quantized = copy.deepcopy(model)
     quantize_(quantized, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
               filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear) and ".layers." in f".{fqn}")
+    quantized.model.embed_tokens = Int8RowEmbedding(quantized.model.embed_tokens.weight)
     return quantized
 
 
@@ -348,7 +376,7 @@ def cache_key(cfg: ExportConfig, model_id: str, model: torch.nn.Module, weights_
 
     settings = {
         "format": PROGRAM_FORMAT, "model_id": model_id, "weights": weights_fingerprint,
-        "base_weights": cfg.base_weights,
+        "base_weights": cfg.base_weights if cfg.base_weights != "int8" else f"int8:{INT8_RECIPE}",
         "config": model.config.to_json_string(use_diff=False),
         "lora": asdict(lora_cfg), "verbalizer": verbalizer_ids, "class_bias": class_bias,
         "prge": asdict(cfg.prge()), "eval_batch_size": cfg.eval_batch_size, "methods": list(cfg.methods),

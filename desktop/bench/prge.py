@@ -153,6 +153,10 @@ def run(args: argparse.Namespace) -> dict:
     rss_fo = baselines.measure_peak_rss(baselines.eager_training_job, fo_job).bytes
     say(f"  ET training {rss_train / 2**20:.0f} MiB, ET inference {rss_infer / 2**20:.0f} MiB, "
         f"first-order eager {rss_fo / 2**20:.0f} MiB")
+    rss_train_fp32 = None
+    if int8:  # the fp32 program's training loop, measured beside it
+        rss_train_fp32 = baselines.measure_peak_rss(et_training_job, str(top_fp32.manifest_path), args.rss_steps).bytes
+        say(f"  ET training with fp32 weights {rss_train_fp32 / 2**20:.0f} MiB")
 
     results: dict = {
         "model": manifest.model_id, "task": manifest.task, "base_weights": manifest.base_weights, "q": q, "batch_size": bs, "seq_len": manifest.seq_len,
@@ -172,6 +176,8 @@ def run(args: argparse.Namespace) -> dict:
     }
     if et_fp32 is not None:
         results["int8_speedup_over_fp32"] = seconds["et_step_fp32"] / seconds["et_step"]
+        results["rss_bytes"]["et_train_fp32"] = rss_train_fp32
+        results["rss_train_over_fo_fp32"] = rss_train_fp32 / rss_fo
 
     # 5. accuracy: P-RGE trained in ExecuTorch, and first-order LoRA's curve beside it.
     if not args.skip_accuracy:

@@ -98,7 +98,7 @@ def test_int8_base_weights_run_in_executorch_as_in_eager_and_close_to_fp32(tiny_
     from device_agent.program import Program
     from export.lora import AdapterTensors
     from export.prge import PrgeProgram
-    from export.program import quantize_base_linears
+    from export.program import quantize_base_weights
 
     config = ExportConfig(model="tiny", layers="1-1", seq_len=32, methods=("step",), length_buckets=(),
                           calibrate="none", base_weights="int8")
@@ -117,7 +117,7 @@ def test_int8_base_weights_run_in_executorch_as_in_eager_and_close_to_fp32(tiny_
     lora = config.lora(fp32_model.config.num_hidden_layers)
     torch_args = [torch.from_numpy(a) for a in args] + [torch.tensor([0.05]), torch.tensor([1e-2])]
     with torch.no_grad():
-        int8_model = quantize_base_linears(fp32_model)
+        int8_model = quantize_base_weights(fp32_model)
         b_int8, loss_int8, g_int8 = PrgeProgram(int8_model, AdapterTensors.build(int8_model, lora), config.prge(),
                                            result.manifest.verbalizer_token_ids).step(*torch_args)
         _, loss_fp32, _ = PrgeProgram(fp32_model, AdapterTensors.build(fp32_model, lora), config.prge(),
@@ -126,19 +126,36 @@ def test_int8_base_weights_run_in_executorch_as_in_eager_and_close_to_fp32(tiny_
     # the caller's model stays fp32
     assert result.manifest.base_weights == "int8" and tiny_program.export.manifest.base_weights == "fp32"
     assert result.manifest.cache_key != tiny_program.export.manifest.cache_key
-    assert loss_et == pytest.approx(loss_int8.item(), rel=1e-4)
-    # Not fp32's 1e-5 on b: XNNPACK and torchao round the per-token activation scales
-    # differently, and g = (L+ - L-) / (2 eps) turns a 1e-6 loss difference into 5e-5.
+    assert loss_et == pytest.approx(loss_int8.item(), rel=3e-4)
+    # Not fp32's 1e-4 on the loss and 1e-5 on b: XNNPACK and torchao round the per-token
+    # activation scales differently (measured: loss 1.0e-4 relative apart with the int8
+    # embedding), and g = (L+ - L-) / (2 eps) turns a 1e-6 loss difference into 5e-5.
     np.testing.assert_allclose(g_et, g_int8.numpy(), rtol=0, atol=0.05 * float(np.abs(g_int8.numpy()).max()))
     np.testing.assert_allclose(b_et, b_int8.numpy(), atol=2e-3, rtol=0)  # the update itself is ~1.5e-2
     assert loss_et == pytest.approx(loss_fp32.item(), rel=2e-2)
     assert type(fp32_model.model.layers[0].self_attn.q_proj.weight) is torch.nn.Parameter
-    # the int8 layers travel in the shared weights file, not inside the per-device program
+    # the int8 layers and int8 embedding travel in the shared weights file, not inside the
+    # per-device program, and the embedding is no longer fp32 there
     int8_bytes = sum(m.weight.numel() for name, m in fp32_model.named_modules()
                      if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}")
-    embedding_bytes = fp32_model.model.embed_tokens.weight.numel() * 4
-    assert result.files["weights"].stat().st_size >= embedding_bytes + int8_bytes
+    vocab, hidden = fp32_model.model.embed_tokens.weight.shape
+    weights_bytes = result.files["weights"].stat().st_size
+    assert vocab * hidden + int8_bytes <= weights_bytes < vocab * hidden * 4
     assert result.files["program"].stat().st_size < int8_bytes
+
+
+def test_int8_row_embedding_rounds_each_row_to_within_half_its_step() -> None:
+    import torch
+
+    from export.program import Int8RowEmbedding
+
+    weight = torch.randn(50, 16) * torch.logspace(-3, 1, 50).unsqueeze(1)  # rows of very different scale
+    embedding = Int8RowEmbedding(weight)
+    ids = torch.tensor([[0, 7, 49], [3, 3, 20]])
+    got = embedding(ids)  # [2, 3, 16]
+    step = weight.abs().amax(dim=1, keepdim=True) / 127  # [50, 1]
+    assert got.shape == (2, 3, 16) and embedding.weight_int8.dtype == torch.int8
+    assert ((got - weight[ids]).abs() <= step[ids] / 2 + 1e-7).all()
 
 
 def test_unknown_base_weights_are_refused(tiny_program, tmp_path) -> None:
