@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from export.program import ExportConfig, export_program
 
     print("== 1/4 plan: which device trains which block ==")
-    plan.run(argparse.Namespace(fleet=ASSETS / "fleets" / "lab3.toml", job=ASSETS / "jobs" / "smollm2.toml",
-                                json=False, solver="exact", equal_blocks=False, seeds=100))
+    plan.run(_parsed(plan, "plan", ["--fleet", str(ASSETS / "fleets" / "lab3.toml"),
+                                    "--job", str(ASSETS / "jobs" / "smollm2.toml")]))
 
     print("\n== 2/4 export: SmolLM2's P-RGE training program ==")
     cfg = ExportConfig()
@@ -45,10 +45,10 @@ def run(args: argparse.Namespace) -> int:
 
     print("\n== 3/4 train: the program in ExecuTorch, on this machine ==")
     run_dir = args.out / "train"
-    train.run(argparse.Namespace(
-        program=exported.manifest_path, out=run_dir, steps=args.steps, eval_every=args.eval_every,
-        lr=None, eps=None, schedule=None, seed=0, resume=(run_dir / "checkpoint.npz").exists(),
-        eval_limit=args.eval_limit, test_limit=None))
+    resume = ["--resume"] if (run_dir / "checkpoint.npz").exists() else []
+    train.run(_parsed(train, "train", ["--program", str(exported.manifest_path), "--out", str(run_dir),
+                                       "--steps", str(args.steps), "--eval-every", str(args.eval_every),
+                                       "--eval-limit", str(args.eval_limit), *resume]))
 
     print("\n== 4/4 report ==")
     png = plot_run(run_dir / "metrics.jsonl", run_dir / "curves.png",
@@ -57,3 +57,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"program: {exported.files['program']} ({exported.files['program'].stat().st_size / 1e6:.2f} MB; "
           f"the shared weights file is {exported.files['weights'].stat().st_size / 1e6:.0f} MB)")
     return 0
+
+
+def _parsed(command, name: str, argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed by the ``name`` command's own parser, so every option it adds later
+    gets its default here too (a hand-built Namespace missed --resident-methods once)."""
+    parser = argparse.ArgumentParser(prog="deftly")
+    command.register(parser.add_subparsers())
+    return parser.parse_args([name, *argv])
