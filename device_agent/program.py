@@ -227,7 +227,7 @@ class Program:
         if self.max_resident_methods is not None:
             while len(self._methods) >= self.max_resident_methods:
                 self._methods.popitem(last=False)  # its program and packed weights go with it
-        # A program object per method: dropping it is the public way to release the method.
+        # A program object per method: dropping it is how a method is released.
         et_program = self._open()
         try:
             method = et_program.load_method(name)
