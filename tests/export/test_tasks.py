@@ -93,7 +93,8 @@ def test_shipped_example_csv_task_loads(smollm2_tokenizer) -> None:
     assert len(verbalizer_token_ids(task, smollm2_tokenizer)) == 2
 
 
-@pytest.mark.parametrize("name", ["rotten_tomatoes.toml", "rotten_tomatoes_mezo.toml", "example_csv.toml"])
+@pytest.mark.parametrize("name", ["rotten_tomatoes.toml", "rotten_tomatoes_mezo.toml", "rotten_tomatoes_movie_review.toml",
+                                  "example_csv.toml"])
 def test_example_configs_start_with_the_command_that_uses_them(name: str) -> None:
     first = (TASKS / name).read_text().splitlines()[0]
     assert first.startswith("# deftly export ") and f"--task assets/tasks/{name}" in first
