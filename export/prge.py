@@ -15,7 +15,9 @@ only, so a whole training step is an inference program:
 4. multi-perturbed LoRA: ``y = x Wᵀ + (alpha/r) · bmm(view(x Aᵀ, [2q, bs·T, r]), B_copyᵀ)``
    (outer-loop parallelism over the q directions and inner-loop over ±eps are
    both folded into the batch dimension, so one forward does the whole step);
-5. loss per copy at the answer position only: the LM head is applied to one
+5. loss per copy at the answer position only: the last decoder layer computes
+   its queries, attention output and MLP at that position alone (its keys and
+   values still span the sequence), the LM head is applied to one
    hidden state per row, a calibration bias (export.calibration) is added, and
    by default the cross-entropy is taken over the
    task's verbalizer tokens only (classification-style, as MeZO's
@@ -201,6 +203,53 @@ class PrgeProgram(nn.Module):
         up = self._linear(x, mlp.up_proj, index, "up_proj", b_copies)  # [N, T, I]
         return h + self._linear(F.silu(gate) * up, mlp.down_proj, index, "down_proj", b_copies)
 
+    def _last_layer_at(self, h: torch.Tensor, positions: torch.Tensor, index: int,
+                       b_copies: torch.Tensor | None) -> torch.Tensor:
+        """A decoder layer's output at one position per row: what ``_decoder_layer`` gives
+        there, for 1/T of the query, output-projection and MLP work.
+
+        Args:
+            h: [N, T, H] the layer's input.
+            positions: [N] the position to compute in each row.
+
+        Returns:
+            [N, H] the layer's output at ``positions``.
+        """
+        layer = self.layers[index]
+        attn, mlp = layer.self_attn, layer.mlp
+        N, T, H = h.shape
+        hd, nkv = self.head_dim, self.num_kv_heads
+        rep = self.num_heads // nkv
+        flat_index = torch.arange(N, dtype=torch.long) * T + positions  # [N]
+
+        x = self._rms_norm(h, layer.input_layernorm.weight)  # [N, T, H]
+        k = self._linear(x, attn.k_proj, index, "k_proj", b_copies).view(N, T, nkv, hd).transpose(1, 2)
+        v = self._linear(x, attn.v_proj, index, "v_proj", b_copies).view(N, T, nkv, hd).transpose(1, 2)
+        k = k * self.rope_cos + _rotate_half(k) * self.rope_sin  # [N, nkv, T, hd]
+
+        h_at = torch.index_select(h.reshape(N * T, H), 0, flat_index).unsqueeze(1)  # [N, 1, H]
+        x_at = torch.index_select(x.reshape(N * T, H), 0, flat_index).unsqueeze(1)  # [N, 1, H]
+        q = self._linear(x_at, attn.q_proj, index, "q_proj", b_copies).view(N, self.num_heads, hd)  # [N, nh, hd]
+        cos = torch.index_select(self.rope_cos, 0, positions).unsqueeze(1)  # [N, 1, hd]
+        sin = torch.index_select(self.rope_sin, 0, positions).unsqueeze(1)  # [N, 1, hd]
+        q = q * cos + _rotate_half(q) * sin  # [N, nh, hd]
+        # As in _decoder_layer: the rep query heads sharing a kv head stacked, here T = 1.
+        q = q.reshape(N * nkv, rep, hd)  # [N·nkv, rep, hd]
+        k = k.reshape(N * nkv, T, hd)
+        v = v.reshape(N * nkv, T, hd)
+        # Causal at one position: keys after it are masked out.
+        after = (torch.arange(T).unsqueeze(0) > positions.unsqueeze(1)).to(h.dtype)  # [N, T]: 1 where masked
+        mask = (after * -1e9).repeat_interleave(nkv, dim=0).unsqueeze(1)  # [N·nkv, 1, T]
+        scores = torch.bmm(q, k.transpose(1, 2)) * (hd ** -0.5) + mask  # [N·nkv, rep, T]
+        attn_out = torch.bmm(torch.softmax(scores, dim=-1), v).reshape(N, 1, self.num_heads * hd)  # [N, 1, nh·hd]
+        h_at = h_at + self._linear(attn_out, attn.o_proj, index, "o_proj", b_copies)
+
+        x_at = self._rms_norm(h_at, layer.post_attention_layernorm.weight)
+        gate = self._linear(x_at, mlp.gate_proj, index, "gate_proj", b_copies)  # [N, 1, I]
+        up = self._linear(x_at, mlp.up_proj, index, "up_proj", b_copies)
+        h_at = h_at + self._linear(F.silu(gate) * up, mlp.down_proj, index, "down_proj", b_copies)
+        return h_at.squeeze(1)  # [N, H]
+
     # -- the forward with copies ------------------------------------------------
 
     def answer_logits(self, input_ids: torch.Tensor, lengths: torch.Tensor,
@@ -219,16 +268,19 @@ class PrgeProgram(nn.Module):
         copies = b_copies.shape[0]
         bs, T = input_ids.shape
         h = self.embed_tokens(input_ids)  # [bs, T, H]
-        for index in range(self.num_layers):
+        last = self.num_layers - 1
+        for index in range(last):
             if index == self.expand_at and copies > 1:
                 h = h.repeat(copies, 1, 1)  # [c·bs, T, H]: copy i holds rows i·bs..i·bs+bs-1
             trained_here = index >= self.expand_at
             h = self._decoder_layer(h, index, b_copies if trained_here else None)
-        N, _, H = h.shape
-        # Gather each row's last real token before the head: the head runs on N rows, not N·T.
+        if last == self.expand_at and copies > 1:
+            h = h.repeat(copies, 1, 1)
+        N = h.shape[0]
         answer_pos = (lengths - 1).repeat(N // bs)  # [N]
-        flat_index = torch.arange(N, dtype=torch.long) * T + answer_pos  # [N]
-        h_answer = torch.index_select(h.reshape(N * T, H), 0, flat_index)  # [N, H]
+        # The last layer only at each row's last real token: its keys and values still span
+        # all T tokens, but nothing reads its output anywhere else.
+        h_answer = self._last_layer_at(h, answer_pos, last, b_copies if last >= self.expand_at else None)  # [N, H]
         h_answer = self._rms_norm(h_answer, self.norm.weight)
         return F.linear(h_answer, self.head)  # [N, C]
 

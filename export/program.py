@@ -42,7 +42,7 @@ from shared.hashing import sha256_file
 from shared.manifest import Manifest
 from shared.task_data import save_splits
 
-PROGRAM_FORMAT = 3  # 3: int8 weights moved to the .ptd. Bump when the program layout changes: invalidates cached exports
+PROGRAM_FORMAT = 4  # 4: last layer at the answer position only. 3: int8 weights moved to the .ptd. Bump when the program layout changes: invalidates cached exports
 WEIGHTS_TAG = "weights"
 # What --weights int8 quantises, in the cache key of int8 programs only: change it when the
 # recipe changes, so int8 programs are lowered again and fp32 ones stay cached.

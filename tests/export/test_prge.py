@@ -18,10 +18,16 @@ def build(model, layers=(2, 3), targets=("q_proj", "v_proj"), **prge) -> PrgePro
     return PrgeProgram(model, adapter, PrgeConfig(seq_len=16, **prge), VERBALIZER)
 
 
-@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")])
-def test_class_logits_match_the_peft_model(tiny_model, targets) -> None:
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# Layers (of 4): the last one is computed at the answer position only, so it is covered
+# trained, trained alone (where the copies start) and frozen.
+@pytest.mark.parametrize("targets,layers", [(("q_proj", "v_proj"), (2, 3)), (ALL_TARGETS, (2, 3)),
+                                            (ALL_TARGETS, (3,)), (ALL_TARGETS, (1,))])
+def test_class_logits_match_the_peft_model(tiny_model, targets, layers) -> None:
     model = tiny_model.model
-    program = build(model, targets=targets)
+    program = build(model, layers=layers, targets=targets)
     ids, lengths, *_ = example_inputs(program.cfg, program.b_size, 1000)["step"]
     b = torch.randn(program.b_size, generator=torch.Generator().manual_seed(1)) * 0.05
     peft_model = attach_lora_fa(copy.deepcopy(model), program.adapter_cfg, b)
@@ -32,8 +38,9 @@ def test_class_logits_match_the_peft_model(tiny_model, targets) -> None:
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
 
 
-def test_step_is_the_two_sided_estimator(tiny_model) -> None:
-    program = build(tiny_model.model)
+@pytest.mark.parametrize("layers", [(2, 3), (3,)])
+def test_step_is_the_two_sided_estimator(tiny_model, layers) -> None:
+    program = build(tiny_model.model, layers=layers)
     ids, lengths, labels, b, z, lr, eps = example_inputs(program.cfg, program.b_size, 1000)["step"]
     with torch.no_grad():
         b_new, loss, g = program.step(ids, lengths, labels, b, z, lr, eps)
