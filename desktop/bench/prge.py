@@ -141,6 +141,18 @@ def run(args: argparse.Namespace) -> dict:
     seconds = interleaved_medians(contenders, args.timing_rounds)
     for name, value in seconds.items():
         say(f"  {name:22s} {value:.3f} s")
+    # The work behind the ratios: matmul FLOPs of one step (counted on the eager twins, which
+    # compute what the programs compute) and the rate each contender reaches, beside what a
+    # plain fp32 GEMM of a decoder layer's shape reaches here.
+    gflop = {"prge_step": matmul_gflop(contenders["eager_prge_step"]),
+             "mezo_step": matmul_gflop(contenders["eager_mezo_step"])}
+    gflops = {"et_step": gflop["prge_step"] / seconds["et_step"],
+              "eager_prge_step": gflop["prge_step"] / seconds["eager_prge_step"],
+              "eager_mezo_step": gflop["mezo_step"] / seconds["eager_mezo_step"],
+              "torch_sgemm": sgemm_gflops(2 * q * bs * manifest.seq_len, loaded.model.config.hidden_size,
+                                          loaded.model.config.intermediate_size, args.timing_rounds)}
+    say(f"  GFLOP per step: P-RGE {gflop['prge_step']:.1f}, MeZO {gflop['mezo_step']:.1f}; GFLOP/s "
+        + ", ".join(f"{name} {rate:.0f}" for name, rate in gflops.items()))
 
     # 4. peak RSS, each in a fresh process.
     say("Measuring peak RSS in separate processes ...")
@@ -170,6 +182,9 @@ def run(args: argparse.Namespace) -> dict:
         "program_bytes": top.files["program"].stat().st_size,
         "weights_bytes": top.files["weights"].stat().st_size,
         "seconds_per_step": seconds,
+        "gflop_per_step": gflop,
+        "flop_ratio_mezo_over_prge": gflop["mezo_step"] / gflop["prge_step"],
+        "gflops_per_second": gflops,
         "rss_bytes": {"et_train": rss_train, "et_infer": rss_infer, "first_order_eager": rss_fo},
         "targets": TARGETS,
         "machine": {"cpus": _cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
@@ -231,6 +246,29 @@ def interleaved_medians(contenders: dict[str, Callable[[], object]], rounds: int
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def matmul_gflop(fn: Callable[[], object]) -> float:
+    """Matmul GFLOP (mm, addmm, bmm; 2 per multiply-add) of one call of an eager function."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def sgemm_gflops(rows: int, inner: int, cols: int, rounds: int) -> float:
+    """GFLOP/s of eager PyTorch's fp32 GEMM [rows, inner] @ [inner, cols] (median of ``rounds``)."""
+    import torch
+
+    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+    torch.mm(a, b)  # warm-up
+    times = []
+    for _ in range(max(rounds, 3)):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * rows * inner * cols / float(np.median(times)) / 1e9
 
 
 def et_training_job(manifest_path: str, steps: int) -> int:

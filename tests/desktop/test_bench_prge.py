@@ -32,3 +32,17 @@ def test_bench_prge_writes_every_key_and_a_picture(tmp_path, smollm2_conversion,
     assert 0.0 <= results["accuracy"] <= 1.0
     assert results["program_bytes"] < results["weights_bytes"]
     assert (out / f"{name}.png").stat().st_size > 10_000
+    # MeZO's 2q one-copy forwards through every layer do more matmul work than one shared-prefix step.
+    assert results["gflop_per_step"]["mezo_step"] > results["gflop_per_step"]["prge_step"] > 0
+    assert all(rate > 0 for rate in results["gflops_per_second"].values())
+
+
+def test_matmul_gflop_counts_two_flops_per_multiply_add() -> None:
+    import torch
+
+    from desktop.bench.prge import matmul_gflop
+
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    x, y = torch.randn(3, 8, 4), torch.randn(3, 4, 5)
+    gflop = matmul_gflop(lambda: (torch.nn.functional.linear(a, b.T), torch.bmm(x, y)))
+    assert gflop * 1e9 == 2 * 64 * 32 * 16 + 2 * 3 * 8 * 4 * 5
