@@ -303,10 +303,18 @@ class Program:
         ])
         return float(loss.reshape(-1)[0])
 
+    @property
+    def eval_buckets(self) -> dict[int, str]:
+        """Sequence length -> eval method; only the full length for programs without eval buckets."""
+        return {int(t): name for t, name in self.manifest.eval_buckets.items()} or {self.seq_len: "eval"}
+
     def class_logits(self, input_ids: np.ndarray, lengths: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Class logits for any number of rows, in ``eval_batch_size`` calls.
 
-        The last call is padded with copies of the first row and the padded rows are dropped.
+        Rows are taken shortest first, so that most calls fit a shorter length bucket
+        (``eval_t<T>``) and do not pay for padding to the longest; the logits come back
+        in the rows' own order.  The last call is padded with copies of its first row
+        and the padded rows are dropped.
 
         Args:
             input_ids: [n, T] int64.
@@ -320,21 +328,26 @@ class Program:
         n, ebs = input_ids.shape[0], self.eval_batch_size
         if lengths.shape != (n,):
             raise ValueError(f"lengths: shape {lengths.shape}, expected ({n},) to match input_ids")
+        if n and input_ids.shape[1:] != (self.seq_len,):
+            raise ValueError(f"input_ids: {input_ids.shape[1:]} tokens per row, expected {self.seq_len}")
         b_tensor = _tensor(b, np.float32, (self.b_size,), "b")
-        method = self._method("eval")
-        chunks = []
+        buckets = self.eval_buckets
+        order = np.argsort(lengths, kind="stable")  # shortest first
+        logits = np.zeros((n, len(self.manifest.labels)), dtype=np.float32)
         for start in range(0, n, ebs):
-            ids, lens = input_ids[start:start + ebs], lengths[start:start + ebs]
-            real = ids.shape[0]
-            if real < ebs:  # pad with row 0 (any valid row will do): the method's batch is fixed
+            rows = order[start:start + ebs]
+            T = min((t for t in buckets if t >= int(lengths[rows].max())), default=None)
+            if T is None:
+                raise ValueError(f"a row of {int(lengths[rows].max())} tokens is longer than the program's {self.seq_len}")
+            ids, lens = input_ids[rows, :T], lengths[rows]
+            real = rows.shape[0]
+            if real < ebs:  # pad with the first row (any valid row will do): the method's batch is fixed
                 ids = np.concatenate([ids, np.repeat(ids[:1], ebs - real, axis=0)])
                 lens = np.concatenate([lens, np.repeat(lens[:1], ebs - real)])
-            (logits,) = method([_tensor(ids, np.int64, (ebs, self.seq_len), "input_ids"),
-                                _tensor(lens, np.int64, (ebs,), "lengths"), b_tensor])
-            chunks.append(_numpy(logits)[:real])
-        if not chunks:
-            return np.zeros((0, len(self.manifest.labels)), dtype=np.float32)
-        return np.concatenate(chunks)
+            (chunk,) = self._method(buckets[T])([_tensor(ids, np.int64, (ebs, T), "input_ids"),
+                                                 _tensor(lens, np.int64, (ebs,), "lengths"), b_tensor])
+            logits[rows] = _numpy(chunk)[:real]
+        return logits
 
     def accuracy(self, split: Split, b: np.ndarray, limit: int | None = None) -> float:
         """Fraction of the first ``limit`` rows of ``split`` (all when None) whose argmax is the label."""

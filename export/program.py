@@ -42,7 +42,7 @@ from shared.hashing import sha256_file
 from shared.manifest import Manifest
 from shared.task_data import save_splits
 
-PROGRAM_FORMAT = 4  # 4: last layer at the answer position only. 3: int8 weights moved to the .ptd. Bump when the program layout changes: invalidates cached exports
+PROGRAM_FORMAT = 5  # 5: eval_t<T> methods. 4: last layer at the answer position only. 3: int8 weights moved to the .ptd. Bump when the program layout changes: invalidates cached exports
 WEIGHTS_TAG = "weights"
 # What --weights int8 quantises, in the cache key of int8 programs only: change it when the
 # recipe changes, so int8 programs are lowered again and fp32 ones stay cached.
@@ -70,8 +70,8 @@ class ExportConfig:
     eps: float = 1e-2  # likewise
     seed: int = 0  # seeds the A's
     methods: tuple[str, ...] = ("step", "eval")
-    # Shorter step variants; the trainer batches reviews of similar length together and
-    # runs each batch at the shortest bucket that holds it (70 % of Rotten Tomatoes
+    # Shorter step and eval variants; the trainer batches reviews of similar length together
+    # and runs each batch at the shortest bucket that holds it (70 % of Rotten Tomatoes
     # prompts fit in 32 tokens).  Buckets at or above seq_len are ignored.
     length_buckets: tuple[int, ...] = (32,)
     external_weights: bool = True  # frozen weights in a shared .ptd instead of inside the .pte
@@ -116,9 +116,12 @@ def _has_tensor_subclass_weights(module: torch.nn.Module) -> bool:
                for t in (*module.parameters(), *module.buffers()))
 
 
-def bucket_method(seq_len: int) -> str:
-    """Name of the step method for a shorter length bucket."""
-    return f"step_t{seq_len}"
+def bucket_method(seq_len: int, method: str = "step") -> str:
+    """Name of the ``step`` (or ``eval``) method for a shorter length bucket."""
+    return f"{method}_t{seq_len}"
+
+
+BUCKETED_METHODS = ("step", "eval")  # the methods that get a variant per length bucket
 
 
 def method_modules(program: PrgeProgram, methods: tuple[str, ...], eval_batch_size: int,
@@ -129,8 +132,9 @@ def method_modules(program: PrgeProgram, methods: tuple[str, ...], eval_batch_si
         program: the module holding the forward with copies, at the full sequence length.
         methods: names from METHODS.
         eval_batch_size: batch size of the ``eval`` method.
-        length_buckets: shorter sequence lengths that get a ``step_t<T>`` method of their
-            own, so a batch of short reviews does not pay for padding to the longest.
+        length_buckets: shorter sequence lengths that get a ``step_t<T>`` and an
+            ``eval_t<T>`` method of their own (for each of ``step`` and ``eval`` in
+            ``methods``), so a batch of short reviews does not pay for padding to the longest.
 
     Returns:
         method name -> (module, example inputs).
@@ -146,7 +150,12 @@ def method_modules(program: PrgeProgram, methods: tuple[str, ...], eval_batch_si
     for seq_len in length_buckets:
         # Same weights (shared module references), its own rotary tables and mask.
         short = PrgeProgram.like(program, replace(cfg, seq_len=seq_len))
-        modules[bucket_method(seq_len)] = (PrgeStep(short), example_inputs(short.cfg, short.b_size, vocab)["step"])
+        if "step" in methods:
+            modules[bucket_method(seq_len)] = (PrgeStep(short), example_inputs(short.cfg, short.b_size, vocab)["step"])
+        if "eval" in methods:
+            eval_cfg = replace(short.cfg, batch_size=eval_batch_size)
+            modules[bucket_method(seq_len, "eval")] = (PrgeEval(short),
+                                                       example_inputs(eval_cfg, short.b_size, vocab)["eval"])
     return modules
 
 
@@ -289,8 +298,9 @@ def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
         seq_len=cfg.seq_len, labels=list(task.labels), verbalizer_token_ids=list(verbalizer_ids),
         class_bias=program.class_bias.tolist(), loss=cfg.loss,
         prefix_sharing=cfg.prefix_sharing, b_size=adapter.b_size, b_layout=adapter.layout,
-        methods=list(cfg.methods) + [bucket_method(t) for t in _buckets(cfg)],
-        step_buckets={str(t): bucket_method(t) for t in _buckets(cfg)} | {str(cfg.seq_len): "step"},
+        methods=list(cfg.methods) + [bucket_method(t, m) for m in BUCKETED_METHODS if m in cfg.methods
+                                     for t in _buckets(cfg)],
+        step_buckets=_bucket_map(cfg, "step"), eval_buckets=_bucket_map(cfg, "eval"),
         lr=cfg.lr, eps=cfg.eps,
         files={role: path.name for role, path in files.items()},
         sha256={path.name: sha256_file(path) for path in files.values()},
@@ -307,10 +317,17 @@ def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
 
 
 def _buckets(cfg: ExportConfig) -> tuple[int, ...]:
-    """The length buckets that apply: shorter than seq_len, only when there is a step method."""
-    if "step" not in cfg.methods:
+    """The length buckets that apply: shorter than seq_len, only when a method gets variants."""
+    if not set(BUCKETED_METHODS) & set(cfg.methods):
         return ()
     return tuple(sorted({t for t in cfg.length_buckets if 1 <= t < cfg.seq_len}))
+
+
+def _bucket_map(cfg: ExportConfig, method: str) -> dict[str, str]:
+    """Sequence length (a JSON key) -> the ``method`` variant for it; empty without ``method``."""
+    if method not in cfg.methods:
+        return {}
+    return {str(t): bucket_method(t, method) for t in _buckets(cfg)} | {str(cfg.seq_len): method}
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

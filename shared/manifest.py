@@ -14,6 +14,7 @@ Method signatures (all float tensors float32, all index tensors int64):
 * ``step_rng``: as ``step`` without ``z``, drawn in the graph (optional)
 * ``step_t<T>``: as ``step`` at a shorter length T (``step_buckets``): a batch whose
   longest row fits in T tokens runs there with ``input_ids[:, :T]``
+* ``eval_t<T>``: as ``eval`` at a shorter length T (``eval_buckets``), likewise
 """
 from __future__ import annotations
 
@@ -84,8 +85,10 @@ class Manifest:
     export_seconds: float = 0.0
     cache_key: str = ""
     # Frozen decoder linears as stored in the program: "fp32", or "int8" (per-output-channel
-    # weights, activations quantised per token at run time; embedding and head stay fp32).
+    # weights, activations quantised per token at run time; the embedding as int8 rows; the head stays fp32).
     base_weights: str = "fp32"
+    # As step_buckets, for eval; empty in manifests written before eval had buckets: "eval" only.
+    eval_buckets: dict[str, str] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
 
     def to_json(self) -> str:

@@ -113,6 +113,26 @@ def test_class_logits_pad_the_last_batch_and_match_eager(tiny_program, program: 
                                   logits[n - 5:])
 
 
+def test_class_logits_run_short_rows_at_the_short_bucket_in_the_callers_order(tiny_program) -> None:
+    # prepare: short and long rows interleaved, more than one eval batch of each
+    program = Program(tiny_program.pte)
+    validation = program.load_data()["validation"]
+    ebs = program.eval_batch_size
+    short, long = np.flatnonzero(validation.lengths <= 16)[:ebs + 3], np.flatnonzero(validation.lengths > 16)[:ebs + 2]
+    assert len(short) == ebs + 3 and len(long) == ebs + 2
+    rows = np.concatenate([np.ravel(np.column_stack([long, short[:len(long)]])), short[len(long):]])  # long, short, ...
+    b = (np.random.default_rng(6).standard_normal(program.b_size) * 0.05).astype(np.float32)
+    # execute
+    logits = program.class_logits(validation.input_ids[rows], validation.lengths[rows], b)
+    # assert: both buckets ran, and every row's logits are the eager model's at the full length
+    assert set(program.resident_methods) == {"eval_t16", "eval"}
+    with torch.no_grad():
+        reference = eager_program(tiny_program).class_logits(
+            torch.from_numpy(validation.input_ids[rows]), torch.from_numpy(validation.lengths[rows]),
+            torch.from_numpy(b))
+    np.testing.assert_allclose(logits, reference.numpy(), atol=1e-4, rtol=1e-4)
+
+
 def test_a_bounded_program_releases_the_least_recently_used_method_and_computes_the_same(
         tiny_program, program: Program) -> None:
     # prepare: one short-bucket and one full-length batch, and an unbounded program to compare with
@@ -125,7 +145,8 @@ def test_a_bounded_program_releases_the_least_recently_used_method_and_computes_
     calls = [
         ("step_t16", lambda p: p.step(train.input_ids[short], train.lengths[short], train.labels[short], b, z, 0.05, 1e-2)),
         ("step", lambda p: p.step(train.input_ids[long], train.lengths[long], train.labels[long], b, z, 0.05, 1e-2)),
-        ("eval", lambda p: p.class_logits(train.input_ids[:5], train.lengths[:5], b)),
+        ("eval", lambda p: p.class_logits(train.input_ids[long], train.lengths[long], b)),
+        ("eval_t16", lambda p: p.class_logits(train.input_ids[short], train.lengths[short], b)),
         ("step_t16", lambda p: p.step(train.input_ids[short], train.lengths[short], train.labels[short], b, z, 0.05, 1e-2)),
     ]
     for method, call in calls:
@@ -188,7 +209,7 @@ def test_a_method_the_program_lacks_is_an_input_error(tiny_program, tmp_path: Pa
     data["methods"] = ["step"]
     manifest_path.write_text(json.dumps(data))
     program = Program(manifest_path)
-    with pytest.raises(InputError, match="no 'eval' method"):
+    with pytest.raises(InputError, match="no 'eval(_t16)?' method"):
         program.class_logits(np.zeros((1, program.seq_len), np.int64), np.ones(1, np.int64), np.zeros(program.b_size))
 
 

@@ -29,8 +29,9 @@ def other_block(tiny_program, tmp_path_factory):
 def test_manifest_describes_the_program(tiny_program) -> None:
     manifest = Manifest.load(tiny_program.export.manifest_path)
     assert manifest.trainable_layers == [1]
-    assert manifest.methods == ["step", "eval", "step_t16"]
+    assert manifest.methods == ["step", "eval", "step_t16", "eval_t16"]
     assert manifest.step_buckets == {"16": "step_t16", "32": "step"}
+    assert manifest.eval_buckets == {"16": "eval_t16", "32": "eval"}
     assert (manifest.q, manifest.batch_size, manifest.seq_len) == (4, 4, 32)
     assert manifest.labels == ["rotten", "fresh"]
     assert manifest.b_size == sum(slot.size for slot in manifest.b_layout) > 0
