@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
         "eager_mezo_step": lambda: baselines.mezo_step(eager_mezo, t_ids, t_len, t_lab, t_b,
                                                        lambda i: t_z[i], q, lr, eps),
     }
-    if et_fp32 is not None:
+    if int8:
         contenders["et_step_fp32"] = lambda: et_fp32.step(ids, lengths, labels, b, z, lr, eps)
     say(f"Timing {len(contenders)} contenders, {args.timing_rounds} interleaved rounds ...")
     seconds = interleaved_medians(contenders, args.timing_rounds)
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> dict:
         "targets": TARGETS,
         "machine": {"cpus": _cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
     }
-    if et_fp32 is not None:
+    if int8:
         results["int8_speedup_over_fp32"] = seconds["et_step_fp32"] / seconds["et_step"]
         results["rss_bytes"]["et_train_fp32"] = rss_train_fp32
         results["rss_train_over_fo_fp32"] = rss_train_fp32 / rss_fo
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> dict:
         result = run_training(train_cfg, on_event=on_event)
         train_seconds = time.perf_counter() - train_start
         zero_shot = et_top.accuracy(splits["test"], np.zeros(manifest.b_size, dtype=np.float32))
-        if et_fp32 is not None:
+        if int8:
             results["zero_shot_accuracy_fp32"] = et_fp32.accuracy(splits["test"], np.zeros(manifest.b_size, np.float32))
         say(f"Training first-order LoRA (eager) for {args.fo_steps} steps for its curve ...")
         fo = baselines.run_baseline(
