@@ -167,13 +167,17 @@ class Program:
         """Sequence lengths with a step method of their own, ascending; the last is seq_len."""
         return sorted(int(t) for t in self.manifest.step_buckets)
 
-    def bucket_for(self, longest: int) -> int:
+    def bucket_for(self, longest: int, buckets: list[int] | None = None) -> int:
         """The shortest bucket that holds a batch whose longest row has ``longest`` tokens.
 
         Right padding makes the cut exact: positions past every row's length only
         ever hold padding, which no real token attends to.
+
+        Args:
+            longest: tokens in the batch's longest row.
+            buckets: the lengths to choose from, ascending; default the step buckets.
         """
-        for length in self.buckets:
+        for length in self.buckets if buckets is None else buckets:
             if longest <= length:
                 return length
         raise ValueError(f"a row of {longest} tokens is longer than the program's {self.seq_len}")
@@ -336,9 +340,7 @@ class Program:
         logits = np.zeros((n, len(self.manifest.labels)), dtype=np.float32)
         for start in range(0, n, ebs):
             rows = order[start:start + ebs]
-            T = min((t for t in buckets if t >= int(lengths[rows].max())), default=None)
-            if T is None:
-                raise ValueError(f"a row of {int(lengths[rows].max())} tokens is longer than the program's {self.seq_len}")
+            T = self.bucket_for(int(lengths[rows].max()), sorted(buckets))
             ids, lens = input_ids[rows, :T], lengths[rows]
             real = rows.shape[0]
             if real < ebs:  # pad with the first row (any valid row will do): the method's batch is fixed
