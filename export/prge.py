@@ -173,35 +173,20 @@ class PrgeProgram(nn.Module):
 
     def _decoder_layer(self, h: torch.Tensor, index: int, b_copies: torch.Tensor | None) -> torch.Tensor:
         layer = self.layers[index]
-        attn, mlp = layer.self_attn, layer.mlp
         N, T, _ = h.shape
-        hd = self.head_dim
+        hd, nkv = self.head_dim, self.num_kv_heads
+        rep = self.num_heads // nkv
 
         x = self._rms_norm(h, layer.input_layernorm.weight)  # [N, T, H]
-        q = self._linear(x, attn.q_proj, index, "q_proj", b_copies).view(N, T, self.num_heads, hd).transpose(1, 2)
-        k = self._linear(x, attn.k_proj, index, "k_proj", b_copies).view(N, T, self.num_kv_heads, hd).transpose(1, 2)
-        v = self._linear(x, attn.v_proj, index, "v_proj", b_copies).view(N, T, self.num_kv_heads, hd).transpose(1, 2)
-        cos, sin = self.rope_cos, self.rope_sin  # [T, hd]
-        q = q * cos + _rotate_half(q) * sin  # [N, nh, T, hd]
-        k = k * cos + _rotate_half(k) * sin  # [N, nkv, T, hd]
+        q = self._linear(x, layer.self_attn.q_proj, index, "q_proj", b_copies).view(N, T, self.num_heads, hd).transpose(1, 2)
+        q = q * self.rope_cos + _rotate_half(q) * self.rope_sin  # [N, nh, T, hd]
+        k, v = self._keys_values(x, index, b_copies)  # [N·nkv, T, hd] each
         # Grouped-query attention without materialising repeated k/v: the `rep` query
         # heads that share a kv head are stacked along the time axis instead.
-        rep = self.num_heads // self.num_kv_heads
-        nkv = self.num_kv_heads
-        # Explicit 3-D bmm: a 4-D matmul decomposes into expand copies that XNNPACK
-        # does not take.
-        q = q.reshape(N * nkv, rep * T, hd)  # [N·nkv, rep·T, hd]
-        k = k.reshape(N * nkv, T, hd)  # [N·nkv, T, hd]
-        v = v.reshape(N * nkv, T, hd)  # [N·nkv, T, hd]
-        scores = torch.bmm(q, k.transpose(1, 2)) * (hd ** -0.5) + self.causal_mask  # [N·nkv, rep·T, T]
-        attn_out = torch.bmm(torch.softmax(scores, dim=-1), v)  # [N·nkv, rep·T, hd]
+        attn_out = self._attend(q.reshape(N * nkv, rep * T, hd), k, v, self.causal_mask)  # [N·nkv, rep·T, hd]
         attn_out = attn_out.reshape(N, self.num_heads, T, hd).transpose(1, 2).reshape(N, T, self.num_heads * hd)  # [N, T, nh·hd]
-        h = h + self._linear(attn_out, attn.o_proj, index, "o_proj", b_copies)
-
-        x = self._rms_norm(h, layer.post_attention_layernorm.weight)
-        gate = self._linear(x, mlp.gate_proj, index, "gate_proj", b_copies)  # [N, T, I]
-        up = self._linear(x, mlp.up_proj, index, "up_proj", b_copies)  # [N, T, I]
-        return h + self._linear(F.silu(gate) * up, mlp.down_proj, index, "down_proj", b_copies)
+        h = h + self._linear(attn_out, layer.self_attn.o_proj, index, "o_proj", b_copies)
+        return self._mlp_residual(h, index, b_copies)
 
     def _last_layer_at(self, h: torch.Tensor, positions: torch.Tensor, index: int,
                        b_copies: torch.Tensor | None) -> torch.Tensor:
@@ -216,39 +201,53 @@ class PrgeProgram(nn.Module):
             [N, H] the layer's output at ``positions``.
         """
         layer = self.layers[index]
-        attn, mlp = layer.self_attn, layer.mlp
         N, T, H = h.shape
         hd, nkv = self.head_dim, self.num_kv_heads
         rep = self.num_heads // nkv
         flat_index = torch.arange(N, dtype=torch.long) * T + positions  # [N]
 
         x = self._rms_norm(h, layer.input_layernorm.weight)  # [N, T, H]
-        k = self._linear(x, attn.k_proj, index, "k_proj", b_copies).view(N, T, nkv, hd).transpose(1, 2)
-        v = self._linear(x, attn.v_proj, index, "v_proj", b_copies).view(N, T, nkv, hd).transpose(1, 2)
-        k = k * self.rope_cos + _rotate_half(k) * self.rope_sin  # [N, nkv, T, hd]
+        k, v = self._keys_values(x, index, b_copies)  # [N·nkv, T, hd] each: every position is a key
 
         h_at = torch.index_select(h.reshape(N * T, H), 0, flat_index).unsqueeze(1)  # [N, 1, H]
         x_at = torch.index_select(x.reshape(N * T, H), 0, flat_index).unsqueeze(1)  # [N, 1, H]
-        q = self._linear(x_at, attn.q_proj, index, "q_proj", b_copies).view(N, self.num_heads, hd)  # [N, nh, hd]
+        q = self._linear(x_at, layer.self_attn.q_proj, index, "q_proj", b_copies).view(N, self.num_heads, hd)  # [N, nh, hd]
         cos = torch.index_select(self.rope_cos, 0, positions).unsqueeze(1)  # [N, 1, hd]
         sin = torch.index_select(self.rope_sin, 0, positions).unsqueeze(1)  # [N, 1, hd]
         q = q * cos + _rotate_half(q) * sin  # [N, nh, hd]
-        # As in _decoder_layer: the rep query heads sharing a kv head stacked, here T = 1.
-        q = q.reshape(N * nkv, rep, hd)  # [N·nkv, rep, hd]
-        k = k.reshape(N * nkv, T, hd)
-        v = v.reshape(N * nkv, T, hd)
         # Causal at one position: keys after it are masked out.
         after = (torch.arange(T).unsqueeze(0) > positions.unsqueeze(1)).to(h.dtype)  # [N, T]: 1 where masked
         mask = (after * -1e9).repeat_interleave(nkv, dim=0).unsqueeze(1)  # [N·nkv, 1, T]
-        scores = torch.bmm(q, k.transpose(1, 2)) * (hd ** -0.5) + mask  # [N·nkv, rep, T]
-        attn_out = torch.bmm(torch.softmax(scores, dim=-1), v).reshape(N, 1, self.num_heads * hd)  # [N, 1, nh·hd]
-        h_at = h_at + self._linear(attn_out, attn.o_proj, index, "o_proj", b_copies)
+        # As in _decoder_layer, with one query position: the rep heads of a kv head stacked.
+        attn_out = self._attend(q.reshape(N * nkv, rep, hd), k, v, mask).reshape(N, 1, self.num_heads * hd)  # [N, 1, nh·hd]
+        h_at = h_at + self._linear(attn_out, layer.self_attn.o_proj, index, "o_proj", b_copies)
+        return self._mlp_residual(h_at, index, b_copies).squeeze(1)  # [N, H]
 
-        x_at = self._rms_norm(h_at, layer.post_attention_layernorm.weight)
-        gate = self._linear(x_at, mlp.gate_proj, index, "gate_proj", b_copies)  # [N, 1, I]
-        up = self._linear(x_at, mlp.up_proj, index, "up_proj", b_copies)
-        h_at = h_at + self._linear(F.silu(gate) * up, mlp.down_proj, index, "down_proj", b_copies)
-        return h_at.squeeze(1)  # [N, H]
+    def _keys_values(self, x: torch.Tensor, index: int, b_copies: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's rotated keys and its values over all T positions: [N·nkv, T, hd] each."""
+        attn = self.layers[index].self_attn
+        N, T, _ = x.shape
+        hd, nkv = self.head_dim, self.num_kv_heads
+        k = self._linear(x, attn.k_proj, index, "k_proj", b_copies).view(N, T, nkv, hd).transpose(1, 2)
+        v = self._linear(x, attn.v_proj, index, "v_proj", b_copies).view(N, T, nkv, hd).transpose(1, 2)
+        k = k * self.rope_cos + _rotate_half(k) * self.rope_sin  # [N, nkv, T, hd]
+        return k.reshape(N * nkv, T, hd), v.reshape(N * nkv, T, hd)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Softmax attention as explicit 3-D bmm (a 4-D matmul decomposes into expand copies
+        that XNNPACK does not take): q [B, Q, hd], k and v [B, T, hd], mask added to the
+        [B, Q, T] scores -> [B, Q, hd]."""
+        scores = torch.bmm(q, k.transpose(1, 2)) * (self.head_dim ** -0.5) + mask  # [B, Q, T]
+        return torch.bmm(torch.softmax(scores, dim=-1), v)  # [B, Q, hd]
+
+    def _mlp_residual(self, h: torch.Tensor, index: int, b_copies: torch.Tensor | None) -> torch.Tensor:
+        """``h`` plus the layer's MLP of its normed ``h``: [N, T, H] -> [N, T, H]."""
+        layer = self.layers[index]
+        mlp = layer.mlp
+        x = self._rms_norm(h, layer.post_attention_layernorm.weight)
+        gate = self._linear(x, mlp.gate_proj, index, "gate_proj", b_copies)  # [N, T, I]
+        up = self._linear(x, mlp.up_proj, index, "up_proj", b_copies)  # [N, T, I]
+        return h + self._linear(F.silu(gate) * up, mlp.down_proj, index, "down_proj", b_copies)
 
     # -- the forward with copies ------------------------------------------------
 
