@@ -16,6 +16,16 @@ order of training examples from a permutation per epoch seeded by (seed, epoch),
 so the sampler's state is just (epoch, position). A run of N steps and a run
 interrupted at k and resumed to N give bit-identical ``b``.
 
+Tail averaging (``average_from``, Polyak-Ruppert): with a constant learning rate
+the zeroth-order ``b`` keeps jittering around where the loss would take it (the
+estimate's noise is ~100x the drift per step on SmolLM2, docs/accuracy_experiments.md).
+The mean of the iterates after step ``average_from`` cancels much of that jitter.
+When it is on, evaluations, the test and the adapter use the mean; the eval
+events also carry the last iterate's accuracy. The running sum is part of the
+checkpoint, so a resumed run averages exactly as an uninterrupted one. Off by
+default: on SmolLM2 every window tried lowered validation accuracy, because b
+is still drifting usefully at step 2,000 (docs/accuracy_experiments.md, session 5).
+
 Nothing is lost on a fault: the state is committed only after a step has
 completed, and on Ctrl-C or an exception the last committed state is written
 before the exception goes on. Checkpoints are written to a temporary file and
@@ -25,9 +35,10 @@ loader reads); ``checkpoint.json`` is the same state for people to read.
 Events (``on_event`` receives each as a dict; the "step", "eval" and "test"
 events are also the lines of ``<out>/metrics.jsonl``):
 
-* ``{"kind": "start", "step": first step, "steps": total, "resumed": bool, "lr", "eps", "schedule", "train_examples"}``
+* ``{"kind": "start", "step": first step, "steps": total, "resumed": bool, "lr", "eps", "schedule", "average_from", "train_examples"}``
 * ``{"kind": "step", "step", "loss", "g_abs_mean", "seconds", "rss_mb", "lr"}``
-* ``{"kind": "eval", "step", "split": "validation", "accuracy", "examples", "seconds"}``
+* ``{"kind": "eval", "step", "split": "validation", "accuracy", "examples", "seconds"}``, plus
+  ``"averaged_steps"`` and ``"last_iterate_accuracy"`` once tail averaging has begun
 * ``{"kind": "checkpoint", "step", "path"}``
 * ``{"kind": "test", "step", "split": "test", "accuracy", "examples", "seconds"}``
 * ``{"kind": "done", "step", "adapter": path}``
@@ -40,7 +51,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,6 +66,7 @@ from shared.task_data import Split
 SCHEDULES = ("constant", "cosine", "linear")
 CALIBRATION_FILE = "deftly_calibration.json"  # beside the PEFT adapter: labels, verbalizer ids, class bias
 CHECKPOINT_FORMAT = 1
+_ARRAY_FIELDS = ("b", "b_sum")  # TrainState fields stored as arrays in checkpoint.npz, not in its JSON
 Event = dict[str, Any]
 
 
@@ -81,6 +93,9 @@ class TrainConfig:
     # for SmolLM2). 1 keeps a device at one copy for ~2 % more time (a method is loaded
     # again, 0.3-1.1 s, when the length bucket or eval takes over); None: keep all.
     resident_methods: int | None = 1
+    # Tail averaging: from this step on, evaluate and deliver the mean of b over the
+    # steps after it (None: the last b; on resume None keeps the checkpoint's setting).
+    average_from: int | None = None
 
 
 @dataclass
@@ -88,7 +103,7 @@ class TrainResult:
     """What a finished run leaves behind, and its headline numbers."""
 
     step: int  # steps done in total (including those before a resume)
-    b: np.ndarray = field(repr=False)  # [P] the trained B's
+    b: np.ndarray = field(repr=False)  # [P] the trained B's: the tail average when averaging, else the last b
     last_loss: float | None  # loss of the last step run in this call (None if none ran)
     val_accuracy: float | None  # at the last evaluation
     best_val_accuracy: float | None
@@ -116,6 +131,24 @@ class TrainState:
     val_step: int | None = None  # the step val_accuracy was measured at
     val_accuracy: float | None = None
     best_val_accuracy: float | None = None
+    average_from: int | None = None  # tail averaging starts after this step (None: off)
+    averaged_steps: int = 0  # iterates summed into b_sum
+    b_sum: np.ndarray | None = None  # [P] float64 sum of b after each step past average_from
+
+    def delivered_b(self) -> np.ndarray:
+        """[P] the b this run evaluates and writes: the tail mean once it holds an iterate."""
+        if self.averaged_steps == 0 or self.b_sum is None:
+            return self.b
+        return (self.b_sum / self.averaged_steps).astype(np.float32)
+
+    def add_iterate(self) -> None:
+        """Fold the current b into the tail sum if averaging has begun."""
+        if self.average_from is None or self.step <= self.average_from:
+            return
+        if self.b_sum is None:
+            self.b_sum = np.zeros(self.b.shape, dtype=np.float64)
+        self.b_sum += self.b
+        self.averaged_steps += 1
 
 
 # -- pure pieces ------------------------------------------------------------------
@@ -218,10 +251,14 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def save_checkpoint(out: Path, state: TrainState, identity: dict[str, str]) -> Path:
     """Write ``checkpoint.npz`` (authoritative) and ``checkpoint.json`` (readable copy), each atomically."""
-    meta = {"format": CHECKPOINT_FORMAT, **identity, **{k: v for k, v in asdict(state).items() if k != "b"}}
+    arrays = {"b": state.b.astype(np.float32)}
+    if state.b_sum is not None:
+        arrays["b_sum"] = state.b_sum.astype(np.float64)
+    meta = {"format": CHECKPOINT_FORMAT, **identity,
+            **{k: v for k, v in asdict(state).items() if k not in _ARRAY_FIELDS}}
     meta_text = json.dumps(meta, indent=2)
     buffer = io.BytesIO()
-    np.savez(buffer, b=state.b.astype(np.float32), meta=np.array(meta_text))
+    np.savez(buffer, meta=np.array(meta_text), **arrays)
     path = out / "checkpoint.npz"
     _atomic_write_bytes(path, buffer.getvalue())
     _atomic_write_bytes(out / "checkpoint.json", meta_text.encode())
@@ -240,6 +277,7 @@ def load_checkpoint(out: Path, identity: dict[str, str]) -> TrainState:
     try:
         with np.load(path, allow_pickle=False) as data:
             b = data["b"].astype(np.float32)
+            b_sum = data["b_sum"].astype(np.float64) if "b_sum" in data.files else None
             meta = json.loads(str(data["meta"]))
     except (OSError, KeyError, ValueError) as exc:
         raise InputError(f"{path}: not a readable deftly checkpoint ({exc})") from None
@@ -249,11 +287,16 @@ def load_checkpoint(out: Path, identity: dict[str, str]) -> TrainState:
         if meta.get(key) != value:
             raise InputError(f"{path}: written by another program ({key} {str(meta.get(key))[:12]}…, this program "
                              f"has {value[:12]}…); resume with the program it was trained with")
+    # Fields with defaults were added later (tail averaging); older checkpoints lack them.
+    optional = {f.name for f in fields(TrainState) if f.default is not MISSING}
     try:
-        values = {f.name: meta[f.name] for f in fields(TrainState) if f.name != "b"}
+        values = {f.name: meta[f.name] for f in fields(TrainState)
+                  if f.name not in _ARRAY_FIELDS and (f.name in meta or f.name not in optional)}
     except KeyError as exc:
         raise InputError(f"{path}: checkpoint lacks {exc}") from None
-    return TrainState(b=b, **values)
+    if values.get("averaged_steps", 0) and b_sum is None:
+        raise InputError(f"{path}: checkpoint lacks the tail sum b_sum of its {values['averaged_steps']} averaged steps")
+    return TrainState(b=b, b_sum=b_sum, **values)
 
 
 def _append_jsonl(path: Path, record: Event) -> None:
@@ -316,6 +359,8 @@ def run_training(cfg: TrainConfig, on_event: Callable[[Event], None] | None = No
     # 1. parse
     if cfg.steps < 0 or cfg.eval_every < 0:
         raise InputError(f"steps ({cfg.steps}) and eval_every ({cfg.eval_every}) must not be negative")
+    if cfg.average_from is not None and not 0 <= cfg.average_from < max(cfg.steps, 1):
+        raise InputError(f"average_from {cfg.average_from}: must be at least 0 and below steps ({cfg.steps})")
     if cfg.schedule is not None and cfg.schedule not in SCHEDULES:
         raise InputError(f"schedule {cfg.schedule!r}: choose from {', '.join(SCHEDULES)}")
     resolve_manifest_path(cfg.program)  # a clear error before any output directory is made
@@ -338,13 +383,19 @@ def run_training(cfg: TrainConfig, on_event: Callable[[Event], None] | None = No
         state.lr = cfg.lr if cfg.lr is not None else state.lr
         state.eps = cfg.eps if cfg.eps is not None else state.eps
         state.schedule = cfg.schedule or state.schedule
+        if cfg.average_from is not None and cfg.average_from != state.average_from:
+            if state.averaged_steps:
+                raise InputError(f"{checkpoint_path}: this run averages from step {state.average_from} and has "
+                                 f"already summed {state.averaged_steps} steps; resume without --average-from "
+                                 f"or with {state.average_from}")
+            state.average_from = cfg.average_from
         _truncate_metrics(metrics_path, state.step)
     else:
         state = TrainState(step=0, b=np.zeros(manifest.b_size, dtype=np.float32),
                            rng_state=initial_rng_state(cfg.seed), epoch=0, position=0,
                            lr=cfg.lr if cfg.lr is not None else manifest.lr,
                            eps=cfg.eps if cfg.eps is not None else manifest.eps,
-                           schedule=cfg.schedule or "constant", seed=cfg.seed)
+                           schedule=cfg.schedule or "constant", seed=cfg.seed, average_from=cfg.average_from)
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
         metrics_path.unlink(missing_ok=True)  # left by a run killed before its first checkpoint
@@ -352,10 +403,14 @@ def run_training(cfg: TrainConfig, on_event: Callable[[Event], None] | None = No
 
     def evaluate(split: Split, name: str, limit: int | None, kind: str) -> Event:
         start = time.perf_counter()
-        accuracy = program.accuracy(split, state.b, limit)
-        return {"kind": kind, "step": state.step, "split": name, "accuracy": accuracy,
-                "examples": len(split) if limit is None else min(limit, len(split)),
-                "seconds": time.perf_counter() - start}
+        accuracy = program.accuracy(split, state.delivered_b(), limit)
+        event = {"kind": kind, "step": state.step, "split": name, "accuracy": accuracy,
+                 "examples": len(split) if limit is None else min(limit, len(split))}
+        if state.averaged_steps:
+            # Beside the mean, what the last iterate would have given (the case for averaging).
+            event["averaged_steps"] = state.averaged_steps
+            event["last_iterate_accuracy"] = program.accuracy(split, state.b, limit)
+        return {**event, "seconds": time.perf_counter() - start}
 
     def validate() -> None:
         event = evaluate(validation, "validation", cfg.eval_limit, "eval")
@@ -375,7 +430,8 @@ def run_training(cfg: TrainConfig, on_event: Callable[[Event], None] | None = No
 
     # 3. run
     emit({"kind": "start", "step": state.step, "steps": cfg.steps, "resumed": cfg.resume, "lr": state.lr,
-          "eps": state.eps, "schedule": state.schedule, "train_examples": len(train)})
+          "eps": state.eps, "schedule": state.schedule, "average_from": state.average_from,
+          "train_examples": len(train)})
     first_step = state.step
     # Index of the shortest length bucket that holds each training example.
     bucket_ids = np.searchsorted(np.array(program.buckets), train.lengths)  # [n]
@@ -397,6 +453,7 @@ def run_training(cfg: TrainConfig, on_event: Callable[[Event], None] | None = No
             # Commit: from here on this step is part of the state a checkpoint saves.
             state.b, state.rng_state, state.epoch, state.position = b_new, rng_state, epoch, position
             state.step += 1
+            state.add_iterate()
             seconds = time.perf_counter() - start
             step_seconds.append(seconds)
             last_loss = loss
@@ -422,10 +479,11 @@ def run_training(cfg: TrainConfig, on_event: Callable[[Event], None] | None = No
     test_event = evaluate(test, "test", cfg.test_limit, "test")
     _append_jsonl(metrics_path, test_event)
     emit(test_event)
-    write_adapter(program, state.b, adapter_dir)
+    trained_b = state.delivered_b()
+    write_adapter(program, trained_b, adapter_dir)
     emit({"kind": "done", "step": state.step, "adapter": str(adapter_dir)})
     return TrainResult(
-        step=state.step, b=state.b, last_loss=last_loss, val_accuracy=state.val_accuracy,
+        step=state.step, b=trained_b, last_loss=last_loss, val_accuracy=state.val_accuracy,
         best_val_accuracy=state.best_val_accuracy, test_accuracy=test_event["accuracy"],
         seconds_per_step=float(np.mean(step_seconds)) if step_seconds else None, out=out,
         adapter_dir=adapter_dir, metrics_path=metrics_path, checkpoint_path=checkpoint_path)

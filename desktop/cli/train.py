@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the manifest's)")
     parser.add_argument("--eps", type=float, default=None, help="perturbation scale (default: the manifest's)")
     parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="learning-rate schedule (default constant)")
+    parser.add_argument("--average-from", type=int, default=None, metavar="STEP",
+                        help="tail averaging: evaluate and deliver the mean of b over the steps after STEP "
+                             "(default: the last b)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the directions z and the example order")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
     parser.add_argument("--eval-limit", type=int, default=None,
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(program=args.program, out=args.out, steps=args.steps, eval_every=args.eval_every,
                       lr=args.lr, eps=args.eps, schedule=args.schedule, seed=args.seed, resume=args.resume,
                       eval_limit=args.eval_limit, test_limit=args.test_limit,
-                      resident_methods=args.resident_methods or None)
+                      average_from=args.average_from, resident_methods=args.resident_methods or None)
     progress = _Progress(plain=not sys.stderr.isatty() or bool(os.environ.get("CI")))
     try:
         result = run_training(cfg, on_event=progress)
@@ -84,15 +87,21 @@ class _Progress:
             self._step(event)
         elif kind == "eval":
             self.accuracy = event["accuracy"]
-            self._print(f"step {event['step']}: validation accuracy {event['accuracy']:.3f} "
+            averaged = ""
+            if "averaged_steps" in event:
+                averaged = (f" [mean of the last {event['averaged_steps']} b; the last b alone: "
+                            f"{event['last_iterate_accuracy']:.3f}]")
+            self._print(f"step {event['step']}: validation accuracy {event['accuracy']:.3f}{averaged} "
                         f"({event['examples']} examples, {event['seconds']:.1f} s)")
         elif kind == "test":
             self._print(f"step {event['step']}: test accuracy {event['accuracy']:.3f} ({event['examples']} examples)")
 
     def _start(self, event: dict[str, Any]) -> None:
         what = "resuming at" if event["resumed"] else "starting at"
+        averaging = "" if event.get("average_from") is None else f", averaging b after step {event['average_from']}"
         self._print(f"training: {what} step {event['step']} of {event['steps']}, lr {event['lr']:g} "
-                    f"({event['schedule']}), eps {event['eps']:g}, {event['train_examples']} training examples")
+                    f"({event['schedule']}), eps {event['eps']:g}{averaging}, "
+                    f"{event['train_examples']} training examples")
         if not self.plain:
             from tqdm import tqdm
 

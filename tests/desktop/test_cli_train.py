@@ -37,6 +37,16 @@ def test_train_runs_and_resumes(tiny_program, tmp_path: Path, capsys) -> None:
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 14
 
 
+def test_train_with_tail_averaging_says_what_it_averages(tiny_program, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "avg"
+    assert main(train_args(tiny_program.pte, out, "--average-from", "6")) == 0
+    printed = capsys.readouterr().out
+    assert "averaging b after step 6" in printed
+    assert "step 12: validation accuracy" in printed and "[mean of the last 6 b; the last b alone:" in printed
+    assert main(train_args(tiny_program.pte, tmp_path / "late", "--average-from", "12")) == 2
+    assert "average_from 12" in capsys.readouterr().err
+
+
 def test_missing_program_is_an_error(tmp_path: Path, capsys) -> None:
     assert main(["train", "--program", str(tmp_path / "absent.pte"), "--steps", "1", "--out", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'absent.pte'}: no such program")

@@ -190,3 +190,65 @@ def test_batches_group_examples_of_one_length_bucket() -> None:
     homogeneous = np.mean([len(set(bucket_ids[order[i:i + 4]])) == 1 for i in range(0, 1000, 4)])
     homogeneous_plain = np.mean([len(set(bucket_ids[plain[i:i + 4]])) == 1 for i in range(0, 1000, 4)])
     assert homogeneous > 0.95 > 0.5 > homogeneous_plain
+
+
+# -- tail averaging ---------------------------------------------------------------------
+
+
+def test_tail_averaging_delivers_the_mean_of_the_iterates_after_its_start(tiny_program, tmp_path: Path) -> None:
+    # prepare: the last b after each of steps 7..10 of a plain run
+    iterates = [run_training(config(tiny_program, tmp_path / f"plain{n}", steps=n, eval_every=0)).b for n in (7, 8, 9, 10)]
+    events: list[dict] = []
+    # execute: the same run, averaging after step 6
+    averaged = run_training(config(tiny_program, tmp_path / "averaged", average_from=6), on_event=events.append)
+    # assert: the result and the adapter are the mean of those four b's, not the last one
+    np.testing.assert_allclose(averaged.b, np.mean(iterates, axis=0), rtol=0, atol=1e-7)
+    assert not np.allclose(averaged.b, iterates[-1])
+    from shared.safetensors_io import load_file
+
+    tensors = load_file(averaged.adapter_dir / "adapter_model.safetensors")
+    slot = tiny_program.export.manifest.b_layout[0]
+    np.testing.assert_array_equal(tensors[slot.peft_b_key], averaged.b[slot.offset:slot.offset + slot.size].reshape(slot.shape))
+    # evaluations before the tail report one accuracy; after it, the mean's and the last b's
+    evals = {e["step"]: e for e in events if e["kind"] == "eval"}
+    assert "averaged_steps" not in evals[5]
+    assert evals[10]["averaged_steps"] == 4 and 0.0 <= evals[10]["last_iterate_accuracy"] <= 1.0
+
+
+def test_tail_averaging_resumes_exactly_from_an_interrupt(tiny_program, tmp_path: Path) -> None:
+    straight = run_training(config(tiny_program, tmp_path / "straight", average_from=3))
+    out = tmp_path / "interrupted"
+
+    def interrupt_at_step_7(event: dict) -> None:
+        if event["kind"] == "step" and event["step"] == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config(tiny_program, out, average_from=3), on_event=interrupt_at_step_7)
+    saved = json.loads((out / "checkpoint.json").read_text())
+    resumed = run_training(config(tiny_program, out, resume=True))  # the averaging comes from the checkpoint
+    assert saved["average_from"] == 3 and saved["averaged_steps"] == 4
+    assert np.array_equal(resumed.b, straight.b)
+
+
+def test_tail_averaging_refuses_a_bad_start_or_a_change_midway(tiny_program, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="average_from 10"):
+        run_training(config(tiny_program, tmp_path / "late", average_from=10))
+    run_training(config(tiny_program, tmp_path / "run", steps=6, average_from=3))
+    with pytest.raises(InputError, match="averages from step 3"):
+        run_training(config(tiny_program, tmp_path / "run", resume=True, average_from=4))
+
+
+def test_a_checkpoint_without_the_averaging_fields_still_resumes(tiny_program, tmp_path: Path) -> None:
+    # prepare: a checkpoint as the trainer wrote it before tail averaging existed
+    out = tmp_path / "old"
+    run_training(config(tiny_program, out, steps=5))
+    with np.load(out / "checkpoint.npz") as data:
+        b = data["b"]
+        meta = json.loads(str(data["meta"]))
+    for key in ("average_from", "averaged_steps"):
+        del meta[key]
+    np.savez(out / "checkpoint.npz", b=b, meta=np.array(json.dumps(meta)))
+    # execute + assert: it continues to the same b as a straight run
+    resumed = run_training(config(tiny_program, out, resume=True))
+    assert np.array_equal(resumed.b, run_training(config(tiny_program, tmp_path / "straight")).b)
