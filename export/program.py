@@ -43,6 +43,7 @@ from shared.manifest import Manifest
 from shared.task_data import save_splits
 
 PROGRAM_FORMAT = 5  # 5: eval_t<T> methods. 4: last layer at the answer position only. 3: int8 weights moved to the .ptd. Bump when the program layout changes: invalidates cached exports
+CALIBRATION_FORMAT = 1  # bump when median_class_bias changes: invalidates cached calibrations
 WEIGHTS_TAG = "weights"
 # What --weights int8 quantises, in the cache key of int8 programs only: change it when the
 # recipe changes, so int8 programs are lowered again and fp32 ones stay cached.
@@ -256,8 +257,8 @@ def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
     if cfg.calibrate == "median":
         if cfg.loss != "verbalizer":
             raise InputError("--calibrate median needs --loss verbalizer")
-        with _Ticker(progress, f"calibrating the verbalizer on {cfg.calibration_examples} training prompts"):
-            program.class_bias.copy_(median_class_bias(program, splits["train"], limit=cfg.calibration_examples))
+        program.class_bias.copy_(torch.tensor(_cached_class_bias(
+            program, splits["train"], cfg, weights_fingerprint, verbalizer_ids, cache_root, progress)))
         progress(f"  class bias {dict(zip(task.labels, program.class_bias.tolist()))}")
     elif cfg.calibrate != "none":
         raise InputError(f"--calibrate {cfg.calibrate!r}: expected median or none")
@@ -314,6 +315,40 @@ def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
     progress(f"Wrote {manifest_path} ({sizes}) in {seconds:.1f} s")
     return ExportResult(manifest_path=manifest_path, manifest=manifest, from_cache=from_cache,
                         seconds=seconds, files=files)
+
+
+def _cached_class_bias(program: PrgeProgram, train, cfg: ExportConfig, weights_fingerprint: str,
+                       verbalizer_ids: list[int], cache_root: Path, progress: Callable[[str], None]) -> list[float]:
+    """The median calibration bias, measured once per model and prompts (~20-30 s for SmolLM2).
+
+    It is measured at b = 0, where no LoRA term contributes, so it depends on the
+    base weights, the calibration prompts and the answer tokens only: every block set,
+    q and batch size of one model and task shares it. It must be known before the
+    program's cache key (the key holds it), so without this cache an export that finds
+    its program lowered would still run 256 prompts through the model.
+    """
+    n = min(cfg.calibration_examples, len(train.labels))
+    key_parts = hashlib.sha256()
+    for part in (CALIBRATION_FORMAT, weights_fingerprint, cfg.base_weights, INT8_RECIPE, cfg.loss,
+                 json.dumps(verbalizer_ids), str(train.input_ids[:n].shape)):
+        key_parts.update(str(part).encode() + b"\0")
+    key_parts.update(np.ascontiguousarray(train.input_ids[:n]).tobytes())
+    key_parts.update(np.ascontiguousarray(train.lengths[:n]).tobytes())
+    path = cache_root / "calibration" / f"{key_parts.hexdigest()[:24]}.json"
+    try:
+        bias = json.loads(path.read_text())["class_bias"]
+        if isinstance(bias, list) and len(bias) == len(verbalizer_ids):
+            progress(f"  calibration found in the cache ({path.name})")
+            return [float(v) for v in bias]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or unreadable: measure it again
+    with _Ticker(progress, f"calibrating the verbalizer on {n} training prompts"):
+        bias = median_class_bias(program, train, limit=n).tolist()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{time.time_ns()}")
+    tmp.write_text(json.dumps({"class_bias": bias, "examples": n}))
+    tmp.replace(path)
+    return bias
 
 
 def _buckets(cfg: ExportConfig) -> tuple[int, ...]:

@@ -20,10 +20,13 @@ def other_block(tiny_program, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache-other-block")
     config = ExportConfig(model="tiny", layers="0-0", seq_len=32, methods=("step", "eval"))
     first = export_program(config, tmp_path_factory.mktemp("a") / "block0.pte", cache_dir=cache,
-                           progress=lambda _m: None, loaded=tiny_program.loaded)
+                           progress=OTHER_BLOCK_MESSAGES["first"].append, loaded=tiny_program.loaded)
     again = export_program(config, tmp_path_factory.mktemp("b") / "block0.pte", cache_dir=cache,
-                           progress=lambda _m: None, loaded=tiny_program.loaded)
+                           progress=OTHER_BLOCK_MESSAGES["again"].append, loaded=tiny_program.loaded)
     return first, again
+
+
+OTHER_BLOCK_MESSAGES: dict[str, list[str]] = {"first": [], "again": []}  # the progress lines of each export
 
 
 def test_manifest_describes_the_program(tiny_program) -> None:
@@ -72,6 +75,45 @@ def test_the_same_export_is_never_lowered_twice(other_block) -> None:
     assert not first.from_cache and again.from_cache
     assert sha256_file(first.files["program"]) == sha256_file(again.files["program"])
     assert again.seconds < first.seconds
+
+
+def test_the_calibration_is_measured_once_per_model_and_prompts(other_block) -> None:
+    first, again = other_block
+    # The first export measured the bias; the second read the same numbers from the cache.
+    assert any("calibrating the verbalizer" in m for m in OTHER_BLOCK_MESSAGES["first"])
+    assert not any("calibrating the verbalizer" in m for m in OTHER_BLOCK_MESSAGES["again"])
+    assert any("calibration found in the cache" in m for m in OTHER_BLOCK_MESSAGES["again"])
+    assert again.manifest.class_bias == first.manifest.class_bias and any(first.manifest.class_bias)
+
+
+def test_an_unreadable_cached_calibration_is_measured_again(tiny_program, tmp_path) -> None:
+    import torch
+
+    from export.lora import AdapterTensors
+    from export.prge import PrgeProgram
+    from export.program import _cached_class_bias
+
+    # prepare: the eager twin of the tiny program, its training prompts, and an empty cache
+    config, model = tiny_program.config, tiny_program.loaded.model
+    verbalizer = tiny_program.export.manifest.verbalizer_token_ids
+    program = PrgeProgram(model, AdapterTensors.build(model, config.lora(model.config.num_hidden_layers)),
+                          config.prge(), verbalizer)
+    train = load_splits(tiny_program.export.files["data"])["train"]
+    messages: list[str] = []
+
+    def measure() -> list[float]:
+        return _cached_class_bias(program, train, config, "fingerprint", verbalizer, tmp_path, messages.append)
+
+    # execute: measure, spoil the cached file, measure again
+    measured = measure()
+    (cached,) = (tmp_path / "calibration").glob("*.json")
+    cached.write_text("{not json")
+    remeasured = measure()
+    # assert: both were measured (not read), agree, and the cache holds a readable file again
+    assert sum(m.strip().startswith("calibrating the verbalizer") and m.endswith("...") for m in messages) == 2
+    assert remeasured == measured and len(measured) == len(program.class_bias)
+    assert json.loads(cached.read_text())["class_bias"] == measured
+    assert torch.isfinite(torch.tensor(measured)).all()
 
 
 def test_out_must_be_a_pte(tiny_program, tmp_path) -> None:
