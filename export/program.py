@@ -317,6 +317,11 @@ def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
                         seconds=seconds, files=files)
 
 
+def _base_weights_id(cfg: ExportConfig) -> str:
+    """fp32, or int8 with its recipe: an int8 recipe change makes new logits and new programs."""
+    return cfg.base_weights if cfg.base_weights != "int8" else f"int8:{INT8_RECIPE}"
+
+
 def _cached_class_bias(program: PrgeProgram, train, cfg: ExportConfig, weights_fingerprint: str,
                        verbalizer_ids: list[int], cache_root: Path, progress: Callable[[str], None]) -> list[float]:
     """The median calibration bias, measured once per model and prompts (~20-30 s for SmolLM2).
@@ -329,7 +334,7 @@ def _cached_class_bias(program: PrgeProgram, train, cfg: ExportConfig, weights_f
     """
     n = min(cfg.calibration_examples, len(train.labels))
     key_parts = hashlib.sha256()
-    for part in (CALIBRATION_FORMAT, weights_fingerprint, cfg.base_weights, INT8_RECIPE, cfg.loss,
+    for part in (CALIBRATION_FORMAT, weights_fingerprint, _base_weights_id(cfg), cfg.loss,
                  json.dumps(verbalizer_ids), str(train.input_ids[:n].shape)):
         key_parts.update(str(part).encode() + b"\0")
     key_parts.update(np.ascontiguousarray(train.input_ids[:n]).tobytes())
@@ -428,7 +433,7 @@ def cache_key(cfg: ExportConfig, model_id: str, model: torch.nn.Module, weights_
 
     settings = {
         "format": PROGRAM_FORMAT, "model_id": model_id, "weights": weights_fingerprint,
-        "base_weights": cfg.base_weights if cfg.base_weights != "int8" else f"int8:{INT8_RECIPE}",
+        "base_weights": _base_weights_id(cfg),
         "config": model.config.to_json_string(use_diff=False),
         "lora": asdict(lora_cfg), "verbalizer": verbalizer_ids, "class_bias": class_bias,
         "prge": asdict(cfg.prge()), "eval_batch_size": cfg.eval_batch_size, "methods": list(cfg.methods),
