@@ -49,7 +49,6 @@ import functools
 import io
 import json
 import math
-import os
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -60,6 +59,7 @@ import psutil
 
 from device_agent.program import Program, resolve_manifest_path
 from shared.errors import InputError
+from shared.files import write_bytes_atomic
 from shared.safetensors_io import save_file
 from shared.task_data import Split
 
@@ -236,19 +236,6 @@ def draw_z(rng_state: dict, q: int, b_size: int) -> tuple[np.ndarray, dict]:
 # -- files --------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_checkpoint(out: Path, state: TrainState, identity: dict[str, str]) -> Path:
     """Write ``checkpoint.npz`` (authoritative) and ``checkpoint.json`` (readable copy), each atomically."""
     arrays = {"b": state.b.astype(np.float32)}
@@ -260,8 +247,8 @@ def save_checkpoint(out: Path, state: TrainState, identity: dict[str, str]) -> P
     buffer = io.BytesIO()
     np.savez(buffer, meta=np.array(meta_text), **arrays)
     path = out / "checkpoint.npz"
-    _atomic_write_bytes(path, buffer.getvalue())
-    _atomic_write_bytes(out / "checkpoint.json", meta_text.encode())
+    write_bytes_atomic(path, buffer.getvalue())
+    write_bytes_atomic(out / "checkpoint.json", meta_text.encode())
     return path
 
 
@@ -309,7 +296,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    _atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+    write_bytes_atomic(path, "".join(line + "\n" for line in kept).encode())
 
 
 def write_adapter(program: Program, b: np.ndarray, adapter_dir: Path) -> None:
@@ -328,12 +315,12 @@ def write_adapter(program: Program, b: np.ndarray, adapter_dir: Path) -> None:
         tensors[slot.peft_b_key] = b[slot.offset:slot.offset + slot.size].reshape(slot.shape).astype(np.float32)
     adapter_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, adapter_dir / "adapter_model.safetensors", metadata={"format": "pt"})
-    _atomic_write_bytes(adapter_dir / "adapter_config.json", json.dumps(manifest.peft_config, indent=2).encode())
+    write_bytes_atomic(adapter_dir / "adapter_config.json", json.dumps(manifest.peft_config, indent=2).encode())
     # The classifier is argmax(verbalizer logits + class_bias): PEFT has no place for the
     # bias, so it travels beside the adapter.
     calibration = {"labels": manifest.labels, "verbalizer_token_ids": manifest.verbalizer_token_ids,
                    "class_bias": manifest.class_bias}
-    _atomic_write_bytes(adapter_dir / CALIBRATION_FILE, json.dumps(calibration, indent=2).encode())
+    write_bytes_atomic(adapter_dir / CALIBRATION_FILE, json.dumps(calibration, indent=2).encode())
 
 
 # -- the run --------------------------------------------------------------------------

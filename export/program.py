@@ -38,6 +38,7 @@ from export.calibration import median_class_bias
 from export.lora import AdapterTensors, LoraFaConfig, parse_layers, peft_config
 from export.prge import PrgeConfig, PrgeEval, PrgeLoss, PrgeProgram, PrgeStep, PrgeStepInGraphNoise, example_inputs
 from shared.errors import InputError
+from shared.files import write_bytes_atomic
 from shared.hashing import sha256_file
 from shared.manifest import Manifest
 from shared.task_data import save_splits
@@ -350,9 +351,7 @@ def _cached_class_bias(program: PrgeProgram, train, cfg: ExportConfig, weights_f
     with _Ticker(progress, f"calibrating the verbalizer on {n} training prompts"):
         bias = median_class_bias(program, train, limit=n).tolist()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{time.time_ns()}")
-    tmp.write_text(json.dumps({"class_bias": bias, "examples": n}))
-    tmp.replace(path)
+    write_bytes_atomic(path, json.dumps({"class_bias": bias, "examples": n}).encode())
     return bias
 
 

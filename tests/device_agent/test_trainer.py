@@ -96,7 +96,7 @@ def test_a_fault_while_writing_a_checkpoint_keeps_the_previous_one(tiny_program,
         raise OSError(28, "No space left on device")
 
     # execute: the temporary file is written, then the write fails before the rename
-    monkeypatch.setattr("device_agent.trainer.os.fsync", disk_full)
+    monkeypatch.setattr("shared.files.os.fsync", disk_full)
     with pytest.raises(OSError, match="No space"):
         run_training(config(tiny_program, out, resume=True))
     monkeypatch.undo()

@@ -1,0 +1,24 @@
+"""Writing files so that a crash or a full disk never leaves half of one behind."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all.
+
+    The bytes go to a temporary file beside ``path``, are synced, and the file is
+    renamed over ``path``; on any failure the temporary file is removed and the
+    previous ``path``, if any, is untouched.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,30 @@
+"""Atomic file writes: whole or not at all."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.files import write_bytes_atomic
+
+
+def test_write_replaces_the_file_whole(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    write_bytes_atomic(path, b"old")
+    write_bytes_atomic(path, b"new contents")
+    assert path.read_bytes() == b"new contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_a_failed_write_keeps_the_previous_file_and_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "state.json"
+    write_bytes_atomic(path, b"old")
+
+    def disk_full(_fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("shared.files.os.fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_bytes_atomic(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
