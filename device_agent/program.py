@@ -25,7 +25,7 @@ The runtime is reached through its native extension, not `executorch.runtime`:
 that module's import chain runs `executorch.exir`'s package init, which pulls in
 the whole exporter (2,900 modules, torchao among them) and costs a device
 136 MB of resident memory before any program is loaded (measured: 362 MB vs
-226 MB after the import). A device only runs programs; see `_load_et_program`.
+226 MB after the import). A device only runs programs; see `open_et_program`.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().numpy().copy()
 
 
-def _load_et_program(program_path: Path, weights_path: Path | None):
+def open_et_program(program_path: Path, weights_path: Path | None):
     """Open a ``.pte`` (and its ``.ptd``) with ExecuTorch's native extension.
 
     ``executorch.runtime.Runtime.load_program`` makes the same call; importing the
@@ -217,7 +217,7 @@ class Program:
 
     def _open(self):
         try:
-            return _load_et_program(self._program_path, self._weights_path)
+            return open_et_program(self._program_path, self._weights_path)
         except RuntimeError as exc:
             raise InputError(f"{self._program_path}: ExecuTorch could not load the program ({exc})") from None
 

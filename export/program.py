@@ -415,14 +415,23 @@ def quantize_base_weights(model: torch.nn.Module) -> torch.nn.Module:
     """
     import copy
 
+    quantized = copy.deepcopy(model)
+    quantize_linears_int8(quantized, lambda fqn: ".layers." in f".{fqn}")
+    quantized.model.embed_tokens = Int8RowEmbedding(quantized.model.embed_tokens.weight)
+    return quantized
+
+
+def quantize_linears_int8(module: torch.nn.Module, include: Callable[[str], bool] = lambda fqn: True) -> None:
+    """Make ``module``'s linears (those whose name ``include`` accepts) int8, in place.
+
+    Per-output-channel symmetric int8 weights with dynamic per-token int8 activations
+    (torchao), the pattern XNNPACK's partitioner lowers to one quantised GEMM.
+    """
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis
 
-    quantized = copy.deepcopy(model)
-    quantize_(quantized, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
-              filter_fn=lambda module, fqn: isinstance(module, torch.nn.Linear) and ".layers." in f".{fqn}")
-    quantized.model.embed_tokens = Int8RowEmbedding(quantized.model.embed_tokens.weight)
-    return quantized
+    quantize_(module, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+              filter_fn=lambda child, fqn: isinstance(child, torch.nn.Linear) and include(fqn))
 
 
 def cache_key(cfg: ExportConfig, model_id: str, model: torch.nn.Module, weights_fingerprint: str,

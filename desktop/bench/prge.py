@@ -19,6 +19,11 @@ programs (the eager contenders stay fp32, as the baselines are defined) and writ
 `prge_int8.json` / `.png`, adding `int8_speedup_over_fp32` (the fp32 ExecuTorch step
 timed in the same rounds / the int8 one) and `zero_shot_accuracy_fp32`.
 
+Every run also times one GEMM of a decoder MLP's shape three ways (eager fp32, and
+ExecuTorch with fp32 and with int8 weights) and records the CPU's SIMD flags, so the
+step rates can be read against what this CPU's kernels reach: `int8_gemm_over_fp32`
+is the most int8 weights can buy here.
+
 Timings are interleaved: each round times one step of every contender in turn,
 and the ratio of medians is reported, so a busy neighbour slows all of them
 alike.  Peak RSS is measured in fresh processes, one per contender.
@@ -144,13 +149,16 @@ def run(args: argparse.Namespace) -> dict:
     # The work behind the ratios: matmul FLOPs of one step (counted on the eager twins, which
     # compute what the programs compute) and the rate each contender reaches, beside what a
     # plain fp32 GEMM of a decoder layer's shape reaches here.
+    # One decoder MLP's up projection at the 2q·bs·T rows of the trained layers.
+    gemm_shape = (2 * q * bs * manifest.seq_len, loaded.model.config.hidden_size, loaded.model.config.intermediate_size)
     gflop = {"prge_step": matmul_gflop(contenders["eager_prge_step"]),
              "mezo_step": matmul_gflop(contenders["eager_mezo_step"])}
     gflops = {"et_step": gflop["prge_step"] / seconds["et_step"],
               "eager_prge_step": gflop["prge_step"] / seconds["eager_prge_step"],
               "eager_mezo_step": gflop["mezo_step"] / seconds["eager_mezo_step"],
-              "torch_sgemm": sgemm_gflops(2 * q * bs * manifest.seq_len, loaded.model.config.hidden_size,
-                                          loaded.model.config.intermediate_size, args.timing_rounds)}
+              "torch_sgemm": sgemm_gflops(*gemm_shape, args.timing_rounds)}
+    for kind in ("fp32", "int8"):  # the same GEMM in ExecuTorch: what the step's kernels can reach here
+        gflops[f"et_gemm_{kind}"] = et_gemm_gflops(*gemm_shape, kind, args.timing_rounds, runs / "gemm")
     say(f"  GFLOP per step: P-RGE {gflop['prge_step']:.1f}, MeZO {gflop['mezo_step']:.1f}; GFLOP/s "
         + ", ".join(f"{name} {rate:.0f}" for name, rate in gflops.items()))
 
@@ -185,9 +193,11 @@ def run(args: argparse.Namespace) -> dict:
         "gflop_per_step": gflop,
         "flop_ratio_mezo_over_prge": gflop["mezo_step"] / gflop["prge_step"],
         "gflops_per_second": gflops,
+        "int8_gemm_over_fp32": gflops["et_gemm_int8"] / gflops["et_gemm_fp32"],
         "rss_bytes": {"et_train": rss_train, "et_infer": rss_infer, "first_order_eager": rss_fo},
         "targets": TARGETS,
-        "machine": {"cpus": _cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+        "machine": {"cpus": _cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+                    "simd": cpu_simd_flags()},
     }
     if int8:
         results["int8_speedup_over_fp32"] = seconds["et_step_fp32"] / seconds["et_step"]
@@ -269,6 +279,71 @@ def sgemm_gflops(rows: int, inner: int, cols: int, rounds: int) -> float:
         torch.mm(a, b)
         times.append(time.perf_counter() - start)
     return 2 * rows * inner * cols / float(np.median(times)) / 1e9
+
+
+def lower_linear(weight, weights: str, path: Path, rows: int) -> Path:
+    """Write an ExecuTorch program of one linear ``x @ weight.T`` lowered to XNNPACK.
+
+    Args:
+        weight: [cols, inner] float32.
+        weights: "fp32", or "int8" with the recipe `deftly export --weights int8` uses.
+        path: the ``.pte`` to write.
+        rows: rows of the input ``x`` [rows, inner] the program takes.
+    """
+    import torch
+
+    from export.program import build_program, quantize_linears_int8
+
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    if weights == "int8":
+        quantize_linears_int8(linear)
+    elif weights != "fp32":
+        raise ValueError(f"weights {weights!r}: expected fp32 or int8")
+    example = (torch.zeros(rows, weight.shape[1]),)
+    lowered = build_program({"forward": (linear.eval(), example)}, external_weights=False, progress=lambda _: None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(lowered.buffer)
+    return path
+
+
+def et_gemm_gflops(rows: int, inner: int, cols: int, weights: str, rounds: int, workdir: Path) -> float:
+    """GFLOP/s of ExecuTorch's XNNPACK GEMM [rows, inner] @ [inner, cols] with fp32 or int8 weights.
+
+    The ceiling a step built of such GEMMs can reach on this CPU: int8 pays only where
+    the CPU has int8 dot products (AVX-VNNI, ARM dotprod), which this ratio shows.
+    """
+    import torch
+
+    from device_agent.program import open_et_program
+
+    torch.manual_seed(0)
+    path = lower_linear(torch.randn(cols, inner) / inner ** 0.5, weights, workdir / f"gemm_{weights}.pte", rows)
+    method = open_et_program(path, None).load_method("forward")
+    x = [torch.randn(rows, inner)]
+    method(x)  # warm-up: XNNPACK packs the weights on the first call
+    times = []
+    for _ in range(max(rounds, 3)):
+        start = time.perf_counter()
+        method(x)
+        times.append(time.perf_counter() - start)
+    return 2 * rows * inner * cols / float(np.median(times)) / 1e9
+
+
+def cpu_simd_flags() -> list[str]:
+    """The CPU's vector and int8-dot-product features that bound these rates (Linux /proc/cpuinfo)."""
+    wanted = {"avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8",
+              "amx_bf16", "asimd", "asimddp", "i8mm", "sve", "sve2", "bf16"}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return sorted(wanted & set(value.split()))
+    return []
 
 
 def et_training_job(manifest_path: str, steps: int) -> int:

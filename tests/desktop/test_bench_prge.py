@@ -46,3 +46,31 @@ def test_matmul_gflop_counts_two_flops_per_multiply_add() -> None:
     x, y = torch.randn(3, 8, 4), torch.randn(3, 4, 5)
     gflop = matmul_gflop(lambda: (torch.nn.functional.linear(a, b.T), torch.bmm(x, y)))
     assert gflop * 1e9 == 2 * 64 * 32 * 16 + 2 * 3 * 8 * 4 * 5
+
+
+@pytest.mark.parametrize("weights, tolerance", [("fp32", 1e-5), ("int8", 0.05)])
+def test_lowered_linear_computes_the_linear_and_is_timed(tmp_path, weights: str, tolerance: float) -> None:
+    import torch
+
+    from desktop.bench.prge import et_gemm_gflops, lower_linear
+    from device_agent.program import open_et_program
+
+    torch.manual_seed(1)
+    weight, x = torch.randn(24, 32) / 32 ** 0.5, torch.randn(16, 32)
+    path = lower_linear(weight, weights, tmp_path / f"{weights}.pte", rows=16)
+    (y,) = open_et_program(path, None).load_method("forward")([x])
+    expected = x @ weight.T
+    # int8: per-channel weights and per-token activations each round to 1/254 of their range.
+    assert torch.allclose(y, expected, atol=tolerance * expected.abs().max())
+    if weights == "int8":
+        assert not torch.allclose(y, expected, atol=1e-6)  # it really is the quantised kernel
+    assert 0 < et_gemm_gflops(16, 32, 24, weights, rounds=3, workdir=tmp_path / "gemm") < 1e5
+
+
+def test_lower_linear_refuses_unknown_weights(tmp_path) -> None:
+    import torch
+
+    from desktop.bench.prge import lower_linear
+
+    with pytest.raises(ValueError, match="expected fp32 or int8"):
+        lower_linear(torch.zeros(2, 2), "int4", tmp_path / "x.pte", rows=1)
