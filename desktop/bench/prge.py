@@ -149,16 +149,14 @@ def run(args: argparse.Namespace) -> dict:
     # The work behind the ratios: matmul FLOPs of one step (counted on the eager twins, which
     # compute what the programs compute) and the rate each contender reaches, beside what a
     # plain fp32 GEMM of a decoder layer's shape reaches here.
-    # One decoder MLP's up projection at the 2q·bs·T rows of the trained layers.
+    # Decoder-MLP GEMMs at the 2q·bs·T rows of the trained layers.
     gemm_shape = (2 * q * bs * manifest.seq_len, loaded.model.config.hidden_size, loaded.model.config.intermediate_size)
     gflop = {"prge_step": matmul_gflop(contenders["eager_prge_step"]),
              "mezo_step": matmul_gflop(contenders["eager_mezo_step"])}
     gflops = {"et_step": gflop["prge_step"] / seconds["et_step"],
               "eager_prge_step": gflop["prge_step"] / seconds["eager_prge_step"],
               "eager_mezo_step": gflop["mezo_step"] / seconds["eager_mezo_step"],
-              "torch_sgemm": sgemm_gflops(*gemm_shape, args.timing_rounds)}
-    for kind in ("fp32", "int8"):  # the same GEMM in ExecuTorch: what the step's kernels can reach here
-        gflops[f"et_gemm_{kind}"] = et_gemm_gflops(*gemm_shape, kind, args.timing_rounds, runs / "gemm")
+              **gemm_gflops(*gemm_shape, args.timing_rounds, runs / "gemm")}
     say(f"  GFLOP per step: P-RGE {gflop['prge_step']:.1f}, MeZO {gflop['mezo_step']:.1f}; GFLOP/s "
         + ", ".join(f"{name} {rate:.0f}" for name, rate in gflops.items()))
 
@@ -267,68 +265,88 @@ def matmul_gflop(fn: Callable[[], object]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def sgemm_gflops(rows: int, inner: int, cols: int, rounds: int) -> float:
-    """GFLOP/s of eager PyTorch's fp32 GEMM [rows, inner] @ [inner, cols] (median of ``rounds``)."""
-    import torch
+class MlpGemms:
+    """``layers`` decoder-MLP-shaped GEMM pairs, ``x + (x @ up.T) @ down.T`` each, nothing else.
 
-    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
-    torch.mm(a, b)  # warm-up
-    times = []
-    for _ in range(max(rounds, 3)):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * rows * inner * cols / float(np.median(times)) / 1e9
-
-
-def lower_linear(weight, weights: str, path: Path, rows: int) -> Path:
-    """Write an ExecuTorch program of one linear ``x @ weight.T`` lowered to XNNPACK.
-
-    Args:
-        weight: [cols, inner] float32.
-        weights: "fp32", or "int8" with the recipe `deftly export --weights int8` uses.
-        path: the ``.pte`` to write.
-        rows: rows of the input ``x`` [rows, inner] the program takes.
+    The yardstick for the step's rates: the GEMMs that dominate the step, chained so a
+    call's fixed costs (entering the runtime, copying the output) are small beside them.
     """
-    import torch
 
-    from export.program import build_program, quantize_linears_int8
+    def __init__(self, hidden: int, intermediate: int, layers: int = 4) -> None:
+        import torch
 
-    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-    if weights == "int8":
-        quantize_linears_int8(linear)
-    elif weights != "fp32":
-        raise ValueError(f"weights {weights!r}: expected fp32 or int8")
-    example = (torch.zeros(rows, weight.shape[1]),)
-    lowered = build_program({"forward": (linear.eval(), example)}, external_weights=False, progress=lambda _: None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(lowered.buffer)
-    return path
+        generator = torch.Generator().manual_seed(0)
+        self.ups = [torch.randn(intermediate, hidden, generator=generator) / hidden ** 0.5 for _ in range(layers)]
+        self.downs = [torch.randn(hidden, intermediate, generator=generator) / intermediate ** 0.5
+                      for _ in range(layers)]
+
+    def gflop(self, rows: int) -> float:
+        return sum(2 * rows * w.shape[0] * w.shape[1] for w in self.ups + self.downs) / 1e9
+
+    def module(self, weights: str):
+        """A torch module computing the chain, its linears int8 (as `--weights int8`) or fp32."""
+        import torch
+
+        from export.program import quantize_linears_int8
+
+        def linear(weight):
+            layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            with torch.no_grad():
+                layer.weight.copy_(weight)
+            return layer
+
+        class Chain(torch.nn.Module):
+            def __init__(chain) -> None:
+                super().__init__()
+                chain.pairs = torch.nn.ModuleList(torch.nn.Sequential(linear(up), linear(down))
+                                                  for up, down in zip(self.ups, self.downs))
+
+            def forward(chain, x):
+                for pair in chain.pairs:
+                    x = x + pair(x)
+                return x
+
+        chain = Chain().eval()
+        if weights == "int8":
+            quantize_linears_int8(chain)
+        elif weights != "fp32":
+            raise ValueError(f"weights {weights!r}: expected fp32 or int8")
+        return chain
+
+    def lower(self, weights: str, path: Path, rows: int) -> Path:
+        """Write the chain as an ExecuTorch program lowered to XNNPACK, taking x [rows, hidden]."""
+        import torch
+
+        from export.program import build_program
+
+        example = (torch.zeros(rows, self.ups[0].shape[1]),)
+        lowered = build_program({"forward": (self.module(weights), example)}, external_weights=False,
+                                progress=lambda _: None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(lowered.buffer)
+        return path
 
 
-def et_gemm_gflops(rows: int, inner: int, cols: int, weights: str, rounds: int, workdir: Path) -> float:
-    """GFLOP/s of ExecuTorch's XNNPACK GEMM [rows, inner] @ [inner, cols] with fp32 or int8 weights.
+def gemm_gflops(rows: int, hidden: int, intermediate: int, rounds: int, workdir: Path) -> dict[str, float]:
+    """GFLOP/s of decoder-MLP GEMMs at ``rows`` rows: eager fp32, ExecuTorch fp32 and int8 weights.
 
-    The ceiling a step built of such GEMMs can reach on this CPU: int8 pays only where
-    the CPU has int8 dot products (AVX-VNNI, ARM dotprod), which this ratio shows.
+    The ceiling a step built of such GEMMs can reach on this CPU. int8 pays only where
+    the CPU has int8 dot products (AVX-VNNI, ARM dotprod), which the ratio shows.
     """
     import torch
 
     from device_agent.program import open_et_program
 
-    torch.manual_seed(0)
-    path = lower_linear(torch.randn(cols, inner) / inner ** 0.5, weights, workdir / f"gemm_{weights}.pte", rows)
-    method = open_et_program(path, None).load_method("forward")
-    x = [torch.randn(rows, inner)]
-    method(x)  # warm-up: XNNPACK packs the weights on the first call
-    times = []
-    for _ in range(max(rounds, 3)):
-        start = time.perf_counter()
-        method(x)
-        times.append(time.perf_counter() - start)
-    return 2 * rows * inner * cols / float(np.median(times)) / 1e9
+    gemms = MlpGemms(hidden, intermediate)
+    x = torch.randn(rows, hidden)
+    eager = gemms.module("fp32")
+    contenders = {"eager_gemm_fp32": lambda: eager(x)}
+    for kind in ("fp32", "int8"):
+        method = open_et_program(gemms.lower(kind, workdir / f"gemm_{kind}.pte", rows), None).load_method("forward")
+        contenders[f"et_gemm_{kind}"] = lambda method=method: method([x])
+    with torch.no_grad():
+        seconds = interleaved_medians(contenders, max(rounds, 3))
+    return {name: gemms.gflop(rows) / value for name, value in seconds.items()}
 
 
 def cpu_simd_flags() -> list[str]:

@@ -49,28 +49,34 @@ def test_matmul_gflop_counts_two_flops_per_multiply_add() -> None:
 
 
 @pytest.mark.parametrize("weights, tolerance", [("fp32", 1e-5), ("int8", 0.05)])
-def test_lowered_linear_computes_the_linear_and_is_timed(tmp_path, weights: str, tolerance: float) -> None:
+def test_lowered_gemm_chain_computes_the_eager_chain(tmp_path, weights: str, tolerance: float) -> None:
     import torch
 
-    from desktop.bench.prge import et_gemm_gflops, lower_linear
+    from desktop.bench.prge import MlpGemms
     from device_agent.program import open_et_program
 
-    torch.manual_seed(1)
-    weight, x = torch.randn(24, 32) / 32 ** 0.5, torch.randn(16, 32)
-    path = lower_linear(weight, weights, tmp_path / f"{weights}.pte", rows=16)
-    (y,) = open_et_program(path, None).load_method("forward")([x])
-    expected = x @ weight.T
+    gemms = MlpGemms(hidden=32, intermediate=48, layers=2)
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    (y,) = open_et_program(gemms.lower(weights, tmp_path / f"{weights}.pte", rows=16), None).load_method("forward")([x])
+    with torch.no_grad():
+        expected = gemms.module("fp32")(x)
     # int8: per-channel weights and per-token activations each round to 1/254 of their range.
     assert torch.allclose(y, expected, atol=tolerance * expected.abs().max())
     if weights == "int8":
         assert not torch.allclose(y, expected, atol=1e-6)  # it really is the quantised kernel
-    assert 0 < et_gemm_gflops(16, 32, 24, weights, rounds=3, workdir=tmp_path / "gemm") < 1e5
+    assert gemms.gflop(16) * 1e9 == 2 * 2 * (2 * 16 * 32 * 48)
 
 
-def test_lower_linear_refuses_unknown_weights(tmp_path) -> None:
-    import torch
+def test_gemm_rates_cover_eager_and_both_executorch_weights(tmp_path) -> None:
+    from desktop.bench.prge import gemm_gflops
 
-    from desktop.bench.prge import lower_linear
+    rates = gemm_gflops(rows=16, hidden=32, intermediate=48, rounds=3, workdir=tmp_path)
+    assert set(rates) == {"eager_gemm_fp32", "et_gemm_fp32", "et_gemm_int8"}
+    assert all(0 < rate < 1e5 for rate in rates.values())
+
+
+def test_gemm_chain_refuses_unknown_weights() -> None:
+    from desktop.bench.prge import MlpGemms
 
     with pytest.raises(ValueError, match="expected fp32 or int8"):
-        lower_linear(torch.zeros(2, 2), "int4", tmp_path / "x.pte", rows=1)
+        MlpGemms(hidden=4, intermediate=8, layers=1).module("int4")
