@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> dict:
     b_all = np.zeros(et_all.b_size, dtype=np.float32)
     t_ids, t_len, t_lab = (torch.from_numpy(a) for a in (ids, lengths, labels))
     t_b, t_z = torch.from_numpy(b), torch.from_numpy(z)
-    lr, eps = base.lr, base.eps
+    lr, eps = base.lr, base.suggested_eps()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     contenders: dict[str, Callable[[], object]] = {
@@ -199,6 +199,12 @@ def run(args: argparse.Namespace) -> dict:
     }
     if int8:
         results["int8_speedup_over_fp32"] = seconds["et_step_fp32"] / seconds["et_step"]
+        # Whether the int8 program's gradient estimate is the fp32 one's, at fp32's eps and at its own.
+        say("Comparing the int8 program's gradient estimates with the fp32 program's ...")
+        results["int8_g_correlation"] = {
+            f"{e:g}": g_correlation(et_top, et_fp32, train, e, reference_eps=ExportConfig().suggested_eps())
+            for e in sorted({ExportConfig().suggested_eps(), eps})}
+        say("  " + ", ".join(f"eps {e}: {c:.3f}" for e, c in results["int8_g_correlation"].items()))
         results["rss_bytes"]["et_train_fp32"] = rss_train_fp32
         results["rss_train_over_fo_fp32"] = rss_train_fp32 / rss_fo
 
@@ -241,6 +247,24 @@ def run(args: argparse.Namespace) -> dict:
     plot(results, args.out_dir / f"{stem}.png")
     say(f"Wrote {args.out_dir / f'{stem}.json'} and {stem}.png")
     return {k: v for k, v in results.items() if k not in ("prge_curve", "first_order_curve")}
+
+
+def g_correlation(program, reference, split, eps: float, reference_eps: float, batches: int = 12) -> float:
+    """Correlation of ``program``'s g with ``reference``'s on the same batches and directions.
+
+    g is each direction's (L+ - L-) / (2 eps); ``reference`` (the fp32 program) runs at
+    ``reference_eps``. 1 means the same gradient estimate; near 0, ``program``'s is noise.
+    """
+    rng = np.random.default_rng(0)
+    b = np.zeros(program.b_size, dtype=np.float32)
+    ours, theirs = [], []
+    for _ in range(batches):
+        rows = rng.choice(len(split.labels), program.batch_size, replace=False)
+        z = rng.standard_normal((program.q, program.b_size), dtype=np.float32)
+        batch = (split.input_ids[rows], split.lengths[rows], split.labels[rows], b, z)
+        ours.append(program.step(*batch, 0.0, eps)[2])
+        theirs.append(reference.step(*batch, 0.0, reference_eps)[2])
+    return float(np.corrcoef(np.concatenate(ours), np.concatenate(theirs))[0, 1])
 
 
 def interleaved_medians(contenders: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:

@@ -26,6 +26,8 @@ def test_bench_prge_writes_every_key_and_a_picture(tmp_path, smollm2_conversion,
     if weights == "int8":
         assert results["int8_speedup_over_fp32"] > 0 and 0.0 <= results["zero_shot_accuracy_fp32"] <= 1.0
         assert results["rss_bytes"]["et_train_fp32"] > 0 and results["rss_train_over_fo_fp32"] > 0
+        assert set(results["int8_g_correlation"]) == {"0.01", "0.3"}
+        assert all(-1.0 <= c <= 1.0 for c in results["int8_g_correlation"].values())
     for key in KEYS:
         assert key in results, key
     assert all(results[key] > 0 for key in KEYS if key != "steps")
@@ -80,3 +82,15 @@ def test_gemm_chain_refuses_unknown_weights() -> None:
 
     with pytest.raises(ValueError, match="expected fp32 or int8"):
         MlpGemms(hidden=4, intermediate=8, layers=1).module("int4")
+
+
+def test_g_correlation_pairs_the_same_batches_and_directions(tiny_program) -> None:
+    from desktop.bench.prge import g_correlation
+    from device_agent.program import Program
+
+    program = Program(tiny_program.export.manifest_path)
+    train = program.load_data()["train"]
+    # The same program at the same eps: the same estimates, batch for batch.
+    assert g_correlation(program, program, train, 1e-2, reference_eps=1e-2, batches=3) == pytest.approx(1.0)
+    # fp32 is smooth: a 3x larger eps estimates nearly the same directional derivatives.
+    assert g_correlation(program, program, train, 3e-2, reference_eps=1e-2, batches=3) > 0.99

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from export.program import ExportConfig, export_program
+from export.program import DEFAULT_EPS, ExportConfig, export_program
 from shared.hashing import sha256_file
 from shared.errors import InputError
 from shared.manifest import Manifest
@@ -168,6 +168,8 @@ def test_int8_base_weights_run_in_executorch_as_in_eager_and_close_to_fp32(tiny_
     # assert: recorded, keyed apart from fp32, the same numbers as eager int8, near fp32;
     # the caller's model stays fp32
     assert result.manifest.base_weights == "int8" and tiny_program.export.manifest.base_weights == "fp32"
+    # int8 programs suggest their own perturbation scale (their activations round under ±eps)
+    assert result.manifest.eps == DEFAULT_EPS["int8"] and tiny_program.export.manifest.eps == DEFAULT_EPS["fp32"]
     assert result.manifest.cache_key != tiny_program.export.manifest.cache_key
     assert loss_et == pytest.approx(loss_int8.item(), rel=3e-4)
     # Not fp32's 1e-4 on the loss and 1e-5 on b: XNNPACK and torchao round the per-token
@@ -205,3 +207,9 @@ def test_unknown_base_weights_are_refused(tiny_program, tmp_path) -> None:
     with pytest.raises(InputError, match="expected fp32 or int8"):
         export_program(ExportConfig(model="tiny", layers="1-1", base_weights="int4"), tmp_path / "x.pte", loaded=tiny_program.loaded,
                        progress=lambda _m: None)
+
+
+def test_an_explicit_eps_overrides_the_weights_default() -> None:
+    assert ExportConfig(base_weights="int8").suggested_eps() == DEFAULT_EPS["int8"] > DEFAULT_EPS["fp32"]
+    assert ExportConfig(base_weights="int8", eps=0.05).suggested_eps() == 0.05
+    assert ExportConfig().suggested_eps() == DEFAULT_EPS["fp32"]
