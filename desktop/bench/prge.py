@@ -17,7 +17,8 @@
 `--weights int8` runs the same comparison with int8 frozen linears in the ExecuTorch
 programs (the eager contenders stay fp32, as the baselines are defined) and writes
 `prge_int8.json` / `.png`, adding `int8_speedup_over_fp32` (the fp32 ExecuTorch step
-timed in the same rounds / the int8 one) and `zero_shot_accuracy_fp32`.
+timed in the same rounds / the int8 one), `zero_shot_accuracy_fp32` and
+`int8_g_correlation` (the int8 program's g against the fp32 program's, per eps).
 
 Every run also times one GEMM of a decoder MLP's shape three ways (eager fp32, and
 ExecuTorch with fp32 and with int8 weights) and records the CPU's SIMD flags, so the
