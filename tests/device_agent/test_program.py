@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 from pathlib import Path
 
@@ -235,3 +236,28 @@ print(accuracy, ",".join(heavy) or "none")
     accuracy, heavy = done.stdout.split()[-2:]
     assert 0.0 <= float(accuracy) <= 1.0
     assert heavy == "none"
+
+
+def _rss_anon_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(not (Path("/proc/self/status").exists() and platform.libc_ver()[0] == "glibc"),
+                    reason="glibc on Linux: elsewhere return_freed_memory does nothing")
+def test_freed_heap_goes_back_to_the_os_between_methods() -> None:
+    from device_agent.program import return_freed_memory
+
+    # 64 MiB in heap-sized pieces (below glibc's mmap threshold), all freed but the last,
+    # which pins the heap's top so glibc cannot shrink it by itself: a released method's
+    # packed weights leave the heap in this state.
+    pieces = [bytearray(b"x" * (64 * 1024)) for _ in range(1024)]
+    pinned = pieces[-1]
+    del pieces
+    before = _rss_anon_kib()
+    return_freed_memory()
+    after = _rss_anon_kib()
+    assert before - after > 32 * 1024, (before, after)
+    assert pinned[0] == ord("x")
