@@ -20,7 +20,7 @@ programs (the eager contenders stay fp32, as the baselines are defined) and writ
 timed in the same rounds / the int8 one), `zero_shot_accuracy_fp32` and
 `int8_g_correlation` (the int8 program's g against the fp32 program's, per eps).
 
-Every run also times one GEMM of a decoder MLP's shape three ways (eager fp32, and
+Every run also times a chain of decoder-MLP-shaped GEMMs three ways (eager fp32, and
 ExecuTorch with fp32 and with int8 weights) and records the CPU's SIMD flags, so the
 step rates can be read against what this CPU's kernels reach: `int8_gemm_over_fp32`
 is the most int8 weights can buy here.
@@ -148,9 +148,8 @@ def run(args: argparse.Namespace) -> dict:
     for name, value in seconds.items():
         say(f"  {name:22s} {value:.3f} s")
     # The work behind the ratios: matmul FLOPs of one step (counted on the eager twins, which
-    # compute what the programs compute) and the rate each contender reaches, beside what a
-    # plain fp32 GEMM of a decoder layer's shape reaches here.
-    # Decoder-MLP GEMMs at the 2q·bs·T rows of the trained layers.
+    # compute what the programs compute) and the rate each contender reaches, beside what
+    # decoder-MLP GEMMs alone reach here at the 2q·bs·T rows of the trained layers.
     gemm_shape = (2 * q * bs * manifest.seq_len, loaded.model.config.hidden_size, loaded.model.config.intermediate_size)
     gflop = {"prge_step": matmul_gflop(contenders["eager_prge_step"]),
              "mezo_step": matmul_gflop(contenders["eager_mezo_step"])}
@@ -320,14 +319,15 @@ class MlpGemms:
                 layer.weight.copy_(weight)
             return layer
 
-        class Chain(torch.nn.Module):
-            def __init__(chain) -> None:
-                super().__init__()
-                chain.pairs = torch.nn.ModuleList(torch.nn.Sequential(linear(up), linear(down))
-                                                  for up, down in zip(self.ups, self.downs))
+        pairs = torch.nn.ModuleList(torch.nn.Sequential(linear(up), linear(down)) for up, down in zip(self.ups, self.downs))
 
-            def forward(chain, x):
-                for pair in chain.pairs:
+        class Chain(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.pairs = pairs
+
+            def forward(self, x):
+                for pair in self.pairs:
                     x = x + pair(x)
                 return x
 
