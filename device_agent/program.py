@@ -29,6 +29,7 @@ the whole exporter (2,900 modules, torchao among them) and costs a device
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from pathlib import Path
 
@@ -121,16 +122,19 @@ def return_freed_memory() -> None:
     and the next method packs into fresh pages beside it, so each swap raised the
     peak (SmolLM2 int8: 486 → 534 MiB over three swaps).
     """
-    import ctypes
-    import ctypes.util
+    malloc_trim = _malloc_trim()
+    if malloc_trim is not None:
+        malloc_trim(0)
 
-    name = ctypes.util.find_library("c")
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+
     try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        libc = None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+        return ctypes.CDLL(None).malloc_trim  # the process's own symbols: libc's, where it is glibc
+    except (AttributeError, OSError):
+        return None
 
 
 class Program:
