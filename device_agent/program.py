@@ -251,9 +251,8 @@ class Program:
         if name not in self.manifest.methods:
             raise InputError(f"{self.manifest_path}: the program has no {name!r} method "
                              f"(it has {self.manifest.methods}); export it with --methods including {name}")
-        if self.max_resident_methods is not None and len(self._methods) >= self.max_resident_methods:
-            while len(self._methods) >= self.max_resident_methods:
-                self._methods.popitem(last=False)  # its program and packed weights go with it
+        while self.max_resident_methods is not None and len(self._methods) >= self.max_resident_methods:
+            self._methods.popitem(last=False)  # its program and packed weights go with it
             return_freed_memory()
         # A program object per method: dropping it is how a method is released.
         et_program = self._open()

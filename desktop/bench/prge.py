@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> dict:
     from export.lora import AdapterTensors
     from export.models import load_model, load_tokenizer, tiny_llama
     from export.prge import PrgeConfig, PrgeProgram
-    from export.program import ExportConfig, export_program
+    from export.program import DEFAULT_EPS, ExportConfig, export_program
 
     started = time.perf_counter()
     say = print
@@ -202,8 +202,8 @@ def run(args: argparse.Namespace) -> dict:
         # Whether the int8 program's gradient estimate is the fp32 one's, at fp32's eps and at its own.
         say("Comparing the int8 program's gradient estimates with the fp32 program's ...")
         results["int8_g_correlation"] = {
-            f"{e:g}": g_correlation(et_top, et_fp32, train, e, reference_eps=ExportConfig().suggested_eps())
-            for e in sorted({ExportConfig().suggested_eps(), eps})}
+            f"{e:g}": g_correlation(et_top, et_fp32, train, e, reference_eps=DEFAULT_EPS["fp32"])
+            for e in sorted({DEFAULT_EPS["fp32"], eps})}
         say("  " + ", ".join(f"eps {e}: {c:.3f}" for e, c in results["int8_g_correlation"].items()))
         results["rss_bytes"]["et_train_fp32"] = rss_train_fp32
         results["rss_train_over_fo_fp32"] = rss_train_fp32 / rss_fo

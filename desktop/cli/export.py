@@ -9,7 +9,7 @@ from shared.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from export.program import ExportConfig
+    from export.program import DEFAULT_EPS, ExportConfig
 
     d = ExportConfig()
     parser = subparsers.add_parser(
@@ -31,8 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-prefix-sharing", action="store_true", help="run every layer on all 2q copies")
     parser.add_argument("--lr", type=float, default=d.lr, help="suggested learning rate (an input of the program)")
     parser.add_argument("--eps", type=float, default=None,
-                        help="suggested perturbation scale (default 1e-2, or 0.3 with --weights int8: "
-                             "int8 activations round differently under a smaller perturbation)")
+                        help=f"suggested perturbation scale (default {DEFAULT_EPS['fp32']:g}, or "
+                             f"{DEFAULT_EPS['int8']:g} with --weights int8: int8 activations round "
+                             "differently under a smaller perturbation)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seeds the LoRA A's")
     parser.add_argument("--methods", default=",".join(d.methods),
                         help="methods to include: step,eval[,loss,step_rng]")
