@@ -41,7 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="per-class bias on the answer logits measured on training prompts (default median)")
     parser.add_argument("--weights", choices=("fp32", "int8"), default=d.base_weights,
                         help="frozen decoder linears as fp32, or int8 (per-channel weights, per-token "
-                             "activations; embedding and head stay fp32)")
+                             "activations, SmoothQuant-smoothed; the embedding as int8 rows; norms, "
+                             "head, A and B stay fp32)")
+    parser.add_argument("--int8-smoothing", type=float, default=d.int8_smoothing, metavar="ALPHA",
+                        help=f"with --weights int8: SmoothQuant strength in [0, 1], how much of the "
+                             f"activations' outlier channels moves into the weights before quantising "
+                             f"(default {d.int8_smoothing:g}; 0 turns it off)")
     parser.add_argument("--embed-weights", action="store_true",
                         help="keep the frozen weights inside the .pte instead of a shared .ptd")
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: $DEFTLY_CACHE or ~/.cache/deftly")
@@ -62,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         prefix_sharing=not args.no_prefix_sharing, lr=args.lr, eps=args.eps, seed=args.seed,
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         external_weights=not args.embed_weights, calibrate=args.calibrate, base_weights=args.weights,
+        int8_smoothing=args.int8_smoothing,
     )
     result = export_program(cfg, args.out, cache_dir=args.cache_dir)
     print(f"manifest: {result.manifest_path}")

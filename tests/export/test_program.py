@@ -141,7 +141,7 @@ def test_int8_base_weights_run_in_executorch_as_in_eager_and_close_to_fp32(tiny_
     from device_agent.program import Program
     from export.lora import AdapterTensors
     from export.prge import PrgeProgram
-    from export.program import quantize_base_weights
+    from export.program import int8_base
 
     config = ExportConfig(model="tiny", layers="1-1", seq_len=32, methods=("step",), length_buckets=(),
                           calibrate="none", base_weights="int8")
@@ -160,9 +160,10 @@ def test_int8_base_weights_run_in_executorch_as_in_eager_and_close_to_fp32(tiny_
     lora = config.lora(fp32_model.config.num_hidden_layers)
     torch_args = [torch.from_numpy(a) for a in args] + [torch.tensor([0.05]), torch.tensor([1e-2])]
     with torch.no_grad():
-        int8_model = quantize_base_weights(fp32_model)
-        b_int8, loss_int8, g_int8 = PrgeProgram(int8_model, AdapterTensors.build(int8_model, lora), config.prge(),
-                                           result.manifest.verbalizer_token_ids).step(*torch_args)
+        # the eager twin of the program: the same smoothed int8 model and scaled A's
+        int8_model, program_adapter = int8_base(fp32_model, AdapterTensors.build(fp32_model, lora), train, config)
+        b_int8, loss_int8, g_int8 = PrgeProgram(int8_model, program_adapter, config.prge(),
+                                                result.manifest.verbalizer_token_ids).step(*torch_args)
         _, loss_fp32, _ = PrgeProgram(fp32_model, AdapterTensors.build(fp32_model, lora), config.prge(),
                                       result.manifest.verbalizer_token_ids).step(*torch_args)
     # assert: recorded, keyed apart from fp32, the same numbers as eager int8, near fp32;
@@ -207,6 +208,12 @@ def test_unknown_base_weights_are_refused(tiny_program, tmp_path) -> None:
     with pytest.raises(InputError, match="expected fp32 or int8"):
         export_program(ExportConfig(model="tiny", layers="1-1", base_weights="int4"), tmp_path / "x.pte", loaded=tiny_program.loaded,
                        progress=lambda _m: None)
+
+
+def test_a_smoothing_strength_outside_0_to_1_is_refused(tiny_program, tmp_path) -> None:
+    with pytest.raises(InputError, match="--int8-smoothing 1.5: expected a value between 0 and 1"):
+        export_program(ExportConfig(model="tiny", layers="1-1", base_weights="int8", int8_smoothing=1.5),
+                       tmp_path / "x.pte", loaded=tiny_program.loaded, progress=lambda _m: None)
 
 
 def test_an_explicit_eps_overrides_the_weights_default() -> None:
