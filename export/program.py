@@ -446,8 +446,10 @@ def int8_base(model: torch.nn.Module, adapter: AdapterTensors, train, cfg: Expor
         The int8 model and the program's adapter.
     """
     ranges = None
-    if cfg.int8_smoothing > 0:
-        n = min(cfg.smoothing_examples, len(train.labels))
+    n = min(cfg.smoothing_examples, len(train.labels))
+    if cfg.int8_smoothing > 0 and n == 0:
+        progress("  no training prompts to measure activation ranges on: int8 without smoothing")
+    elif cfg.int8_smoothing > 0:
         with _Ticker(progress, f"measuring activation ranges on {n} training prompts (SmoothQuant)"):
             ranges = input_ranges(model, train.input_ids[:n], train.lengths[:n])
     with _Ticker(progress, "quantising the frozen decoder linears and the embedding to int8"):
