@@ -455,7 +455,7 @@ def int8_base(model: torch.nn.Module, adapter: AdapterTensors, train, cfg: Expor
     with _Ticker(progress, "quantising the frozen decoder linears and the embedding to int8"):
         quantized, scales = quantize_base_weights(model, ranges, cfg.int8_smoothing,
                                                   trained=frozenset((s.layer, s.module) for s in adapter.layout))
-    return quantized, replace(adapter, a_by_path=scale_lora_a(adapter.a_by_path, adapter.layout, scales))
+    return quantized, scale_lora_a(adapter, scales)
 
 
 def quantize_base_weights(model: torch.nn.Module, ranges: dict | None = None, alpha: float = 0.5,

@@ -35,11 +35,14 @@ B), that pair is left alone.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
+
+from export.lora import AdapterTensors
 
 # (group, the norm or linear whose output is divided by s, the linears that read it)
 GROUPS = (
@@ -132,21 +135,20 @@ def smooth_(model: nn.Module, ranges: dict[tuple[int, str], torch.Tensor], alpha
     return scales
 
 
-def scale_lora_a(a_by_path: dict[str, torch.Tensor], slots, scales: dict[tuple[int, str], torch.Tensor]
-                 ) -> dict[str, torch.Tensor]:
-    """The A's a smoothed program must hold: ``A diag(s)`` for targets whose input was smoothed.
+def scale_lora_a(adapter: AdapterTensors, scales: dict[tuple[int, str], torch.Tensor]) -> AdapterTensors:
+    """The adapter a smoothed program must hold: ``A diag(s)`` for targets whose input was smoothed.
 
     Args:
-        a_by_path: PEFT path -> [r, in] the adapter's A's (left unchanged).
-        slots: the adapter's layout (``shared.manifest.BSlot``: layer, module, path).
+        adapter: the adapter built on the unsmoothed model (left unchanged: its A's are
+            what the PEFT adapter gets).
         scales: from :func:`smooth_`.
 
     Returns:
-        A new dict, PEFT path -> [r, in].
+        A copy of ``adapter`` with the scaled A's.
     """
-    scaled = dict(a_by_path)
-    for slot in slots:
+    a_by_path = dict(adapter.a_by_path)
+    for slot in adapter.layout:
         s = scales.get((slot.layer, GROUP_OF_MODULE.get(slot.module, "")))
         if s is not None:
-            scaled[slot.path] = a_by_path[slot.path] * s.unsqueeze(0)  # [r, in] * [1, in]
-    return scaled
+            a_by_path[slot.path] = adapter.a_by_path[slot.path] * s.unsqueeze(0)  # [r, in] * [1, in]
+    return replace(adapter, a_by_path=a_by_path)

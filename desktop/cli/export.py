@@ -44,8 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "activations, SmoothQuant-smoothed; the embedding as int8 rows; norms, "
                              "head, A and B stay fp32)")
     parser.add_argument("--int8-smoothing", type=float, default=d.int8_smoothing, metavar="ALPHA",
-                        help=f"with --weights int8: SmoothQuant strength in [0, 1], how much of the "
-                             f"activations' outlier channels moves into the weights before quantising "
+                        help="with --weights int8: SmoothQuant strength in [0, 1], how much of the "
+                             "activations' outlier channels moves into the weights before quantising "
                              f"(default {d.int8_smoothing:g}; 0 turns it off)")
     parser.add_argument("--embed-weights", action="store_true",
                         help="keep the frozen weights inside the .pte instead of a shared .ptd")

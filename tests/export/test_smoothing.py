@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -52,7 +51,7 @@ def test_smoothing_with_scaled_a_leaves_the_programs_function_unchanged(tiny_mod
     # execute
     smoothed = copy.deepcopy(model)
     scales = smooth_(smoothed, ranges, alpha=0.5, trained=frozenset((s.layer, s.module) for s in adapter.layout))
-    scaled = replace(adapter, a_by_path=scale_lora_a(adapter.a_by_path, adapter.layout, scales))
+    scaled = scale_lora_a(adapter, scales)
     # assert: the same logits; the weights did change; the caller's A's did not
     expected = _class_logits(model, adapter, b, ids[:4], lengths[:4])
     got = _class_logits(smoothed, scaled, b, ids[:4], lengths[:4])
@@ -91,7 +90,7 @@ def test_smoothing_brings_int8_logits_closer_to_fp32(tiny_model) -> None:
     with torch.no_grad():
         plain, _ = quantize_base_weights(model)
         smoothed, scales = quantize_base_weights(model, ranges, alpha=0.5)
-    smoothed_adapter = replace(adapter, a_by_path=scale_lora_a(adapter.a_by_path, adapter.layout, scales))
+    smoothed_adapter = scale_lora_a(adapter, scales)
     fp32 = _class_logits(model, adapter, b, ids[24:], lengths[24:])
     error_plain = (_class_logits(plain, adapter, b, ids[24:], lengths[24:]) - fp32).abs().mean()
     error_smoothed = (_class_logits(smoothed, smoothed_adapter, b, ids[24:], lengths[24:]) - fp32).abs().mean()
