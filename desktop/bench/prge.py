@@ -17,7 +17,9 @@
 `--weights int8` runs the same comparison with int8 frozen linears in the ExecuTorch
 programs (the eager contenders stay fp32, as the baselines are defined) and writes
 `prge_int8.json` / `.png`, adding `int8_speedup_over_fp32` (the fp32 ExecuTorch step
-timed in the same rounds / the int8 one), `zero_shot_accuracy_fp32` and
+timed in the same rounds / the int8 one), `zero_shot_accuracy_fp32`,
+`accuracy_on_fp32_base` (the adapter trained by the int8 program, evaluated with fp32
+base weights: what `PeftModel.from_pretrained` on the fp32 model predicts) and
 `int8_g_correlation` (the int8 program's g against the fp32 program's, per eps).
 
 Every run also times a chain of decoder-MLP-shaped GEMMs three ways (eager fp32, and
@@ -228,6 +230,12 @@ def run(args: argparse.Namespace) -> dict:
         zero_shot = et_top.accuracy(splits["test"], np.zeros(manifest.b_size, dtype=np.float32))
         if int8:
             results["zero_shot_accuracy_fp32"] = et_fp32.accuracy(splits["test"], np.zeros(manifest.b_size, np.float32))
+            # The same b means the same adapter in both programs (the int8 program's A's carry
+            # the smoothing scales its weights lost), so this is the trained adapter served on
+            # the fp32 model, as the PEFT adapter is loaded: training paid int8's rounding,
+            # this says what serving does not have to.
+            results["accuracy_on_fp32_base"] = et_fp32.accuracy(splits["test"], result.b)
+            say(f"  the trained adapter on fp32 base weights: test accuracy {results['accuracy_on_fp32_base']:.3f}")
         say(f"Training first-order LoRA (eager) for {args.fo_steps} steps for its curve ...")
         fo = baselines.run_baseline(
             "first_order_lora", eager_prge, {k: v for k, v in splits.items()},

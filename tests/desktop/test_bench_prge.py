@@ -25,6 +25,7 @@ def test_bench_prge_writes_every_key_and_a_picture(tmp_path, smollm2_conversion,
     assert results["base_weights"] == weights
     if weights == "int8":
         assert results["int8_speedup_over_fp32"] > 0 and 0.0 <= results["zero_shot_accuracy_fp32"] <= 1.0
+        assert 0.0 <= results["accuracy_on_fp32_base"] <= 1.0
         assert results["rss_bytes"]["et_train_fp32"] > 0 and results["rss_train_over_fo_fp32"] > 0
         assert set(results["int8_g_correlation"]) == {"0.01", "0.3"}
         assert all(-1.0 <= c <= 1.0 for c in results["int8_g_correlation"].values())
