@@ -53,12 +53,6 @@ GROUPS = (
 GROUP_OF_MODULE = {path.split(".")[-1]: group for group, _, readers in GROUPS for path in readers}
 
 
-def _get(layer: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        layer = getattr(layer, part)
-    return layer
-
-
 def input_ranges(model: nn.Module, input_ids: np.ndarray, lengths: np.ndarray,
                  batch_size: int = 16) -> dict[tuple[int, str], torch.Tensor]:
     """Per input channel, the largest |x| each smoothing group's linears read, over real tokens.
@@ -85,7 +79,7 @@ def input_ranges(model: nn.Module, input_ids: np.ndarray, lengths: np.ndarray,
             ranges[key] = torch.maximum(ranges[key], peak) if key in ranges else peak
         return hook
 
-    hooks = [_get(layer, readers[0]).register_forward_pre_hook(hook_for((index, group)))
+    hooks = [layer.get_submodule(readers[0]).register_forward_pre_hook(hook_for((index, group)))
              for index, layer in enumerate(model.model.layers) for group, _, readers in GROUPS]
     try:
         with torch.no_grad():
@@ -120,11 +114,11 @@ def smooth_(model: nn.Module, ranges: dict[tuple[int, str], torch.Tensor], alpha
             for group, producer_path, readers in GROUPS:
                 if group == "down" and (index, "up_proj") in trained:
                     continue
-                linears = [_get(layer, path) for path in readers]
+                linears = [layer.get_submodule(path) for path in readers]
                 weight_peak = torch.cat([linear.weight.abs() for linear in linears]).amax(dim=0)  # [in]
                 a = ranges[(index, group)].clamp_min(1e-5)
                 s = (a ** alpha / weight_peak.clamp_min(1e-5) ** (1 - alpha)).clamp(1e-2, 1e2)  # [in]
-                producer = _get(layer, producer_path)
+                producer = layer.get_submodule(producer_path)
                 if group == "down":
                     producer.weight.div_(s.unsqueeze(1))  # up_proj's output rows: [I, H] / [I, 1]
                 else:
