@@ -18,8 +18,9 @@
 programs (the eager contenders stay fp32, as the baselines are defined) and writes
 `prge_int8.json` / `.png`, adding `int8_speedup_over_fp32` (the fp32 ExecuTorch step
 timed in the same rounds / the int8 one), `zero_shot_accuracy_fp32`,
-`accuracy_on_fp32_base` (the adapter trained by the int8 program, evaluated with fp32
-base weights: what `PeftModel.from_pretrained` on the fp32 model predicts) and
+`accuracy_on_fp32_base` (the adapter trained by the int8 program, evaluated by the fp32
+program: fp32 base weights, as `PeftModel.from_pretrained` on the fp32 model serves it,
+with the fp32 program's own calibration bias, which differs from int8's by ~0.002) and
 `int8_g_correlation` (the int8 program's g against the fp32 program's, per eps).
 
 Every run also times a chain of decoder-MLP-shaped GEMMs three ways (eager fp32, and
