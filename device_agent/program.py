@@ -374,10 +374,21 @@ class Program:
             logits[rows] = _numpy(chunk)[:real]
         return logits
 
-    def accuracy(self, split: Split, b: np.ndarray, limit: int | None = None) -> float:
-        """Fraction of the first ``limit`` rows of ``split`` (all when None) whose argmax is the label."""
+    def accuracy(self, split: Split, b: np.ndarray, limit: int | None = None,
+                 class_bias: np.ndarray | None = None) -> float:
+        """Fraction of the first ``limit`` rows of ``split`` (all when None) whose argmax is the label.
+
+        ``class_bias`` ([C]) replaces the program's own calibration bias, as when an adapter
+        is served with the calibration another program measured (its ``deftly_calibration.json``).
+        """
         n = len(split) if limit is None else min(limit, len(split))
         if n == 0:
             return float("nan")
-        logits = self.class_logits(split.input_ids[:n], split.lengths[:n], b)
+        logits = self.class_logits(split.input_ids[:n], split.lengths[:n], b)  # [n, C], own bias included
+        if class_bias is not None:
+            own = np.asarray(self.manifest.class_bias, dtype=np.float32)
+            served = np.asarray(class_bias, dtype=np.float32)
+            if served.shape != own.shape:
+                raise ValueError(f"class_bias: shape {served.shape}, expected {own.shape} (one per class)")
+            logits = logits - own + served
         return float((logits.argmax(axis=1) == split.labels[:n]).mean())

@@ -261,3 +261,20 @@ def test_freed_heap_goes_back_to_the_os_between_methods() -> None:
     after = _rss_anon_kib()
     assert before - after > 32 * 1024, (before, after)
     assert pinned[0] == ord("x")
+
+
+def test_accuracy_with_another_calibration_bias(tiny_program) -> None:
+    # An adapter served with the calibration another program measured: its bias replaces the program's.
+    program = Program(tiny_program.pte)
+    split = program.load_data()["validation"]
+    n = 2 * program.eval_batch_size
+    b = np.random.default_rng(0).normal(0, 0.1, program.b_size).astype(np.float32)
+    own = np.asarray(program.manifest.class_bias, dtype=np.float32)
+    assert program.accuracy(split, b, limit=n, class_bias=own) == program.accuracy(split, b, limit=n)
+    for favoured in range(len(own)):
+        bias = np.zeros_like(own)
+        bias[favoured] = 1e4  # every row answers this class
+        expected = float((split.labels[:n] == favoured).mean())
+        assert program.accuracy(split, b, limit=n, class_bias=bias) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="class_bias"):
+        program.accuracy(split, b, limit=n, class_bias=np.zeros(len(own) + 1, np.float32))
