@@ -23,6 +23,11 @@ program with the calibration bias the adapter ships with, the int8 program's: wh
 `PeftModel.from_pretrained` on the fp32 model and `deftly_calibration.json` predict) and
 `int8_g_correlation` (the int8 program's g against the fp32 program's, per eps).
 
+`--accuracy-seeds N` trains N times (seeds 0..N-1: other batches and directions, the same
+program) and adds `accuracy_by_seed` and `accuracy_mean` (and, for int8, the same of
+`accuracy_on_fp32_base`); `accuracy_test_stderr` is one run's binomial error on the test
+split. One run's accuracy moves with the seed by about as much as that error.
+
 Every run also times a chain of decoder-MLP-shaped GEMMs three ways (eager fp32, and
 ExecuTorch with fp32 and with int8 weights) and records the CPU's SIMD flags, so the
 step rates can be read against what this CPU's kernels reach: `int8_gemm_over_fp32`
@@ -45,6 +50,8 @@ from typing import Callable
 
 import numpy as np
 
+from shared.errors import InputError
+
 TARGETS = {
     "speedup_vs_mezo": ">= 5", "et_over_eager": ">= 1 (goal 1.5)", "prefix_speedup": ">= 2",
     "rss_train_over_infer": "<= 1.3", "rss_train_over_fo": "<= 0.5", "accuracy": ">= 0.80 within 2000 steps",
@@ -64,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timing-rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--rss-steps", type=int, default=5, help="steps run in each peak-RSS process")
     parser.add_argument("--skip-accuracy", action="store_true", help="timings and memory only")
+    parser.add_argument("--accuracy-seeds", type=int, default=1,
+                        help="training runs for the accuracy, seeds 0..N-1 (other batches and directions); "
+                             "seed 0's is `accuracy`, all of them `accuracy_by_seed` and `accuracy_mean`")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--weights", choices=("fp32", "int8"), default="fp32",
                         help="frozen linears of the ExecuTorch programs (int8 writes prge_int8.json)")
@@ -72,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.accuracy_seeds < 1:
+        raise InputError(f"--accuracy-seeds {args.accuracy_seeds}: expected 1 or more")
     import torch
 
     from device_agent.program import Program
@@ -239,6 +251,29 @@ def run(args: argparse.Namespace) -> dict:
             results["accuracy_on_fp32_base"] = et_fp32.accuracy(splits["test"], result.b,
                                                                 class_bias=np.asarray(manifest.class_bias))
             say(f"  the trained adapter on fp32 base weights: test accuracy {results['accuracy_on_fp32_base']:.3f}")
+        # More seeds (other batches and other z, the same program): one run's test accuracy
+        # moves by about a point with the seed, as much as its binomial error on the test split.
+        by_seed = [result.test_accuracy]
+        served_by_seed = [results["accuracy_on_fp32_base"]] if int8 else []
+        for seed in range(1, args.accuracy_seeds):
+            say(f"Training P-RGE in ExecuTorch for {args.steps} steps, seed {seed} of {args.accuracy_seeds - 1} ...")
+            seed_dir = runs / f"train_seed{seed}"
+            shutil.rmtree(seed_dir, ignore_errors=True)
+            seeded = run_training(replace(train_cfg, seed=seed, eval_every=0, eval_at_start=False, out=seed_dir))
+            by_seed.append(seeded.test_accuracy)
+            if int8:
+                served_by_seed.append(et_fp32.accuracy(splits["test"], seeded.b, class_bias=np.asarray(manifest.class_bias)))
+            say(f"  seed {seed}: test accuracy {by_seed[-1]:.3f}"
+                + (f", on fp32 base weights {served_by_seed[-1]:.3f}" if int8 else ""))
+        test_examples = len(splits["test"].labels)
+        results.update({
+            "accuracy_by_seed": by_seed, "accuracy_mean": float(np.mean(by_seed)),
+            # one run's sampling error on the test split: sqrt(p (1 - p) / n)
+            "accuracy_test_stderr": float(np.sqrt(result.test_accuracy * (1 - result.test_accuracy) / test_examples)),
+        })
+        if int8:
+            results.update({"accuracy_on_fp32_base_by_seed": served_by_seed,
+                            "accuracy_on_fp32_base_mean": float(np.mean(served_by_seed))})
         say(f"Training first-order LoRA (eager) for {args.fo_steps} steps for its curve ...")
         fo = baselines.run_baseline(
             "first_order_lora", eager_prge, {k: v for k, v in splits.items()},
@@ -437,7 +472,10 @@ def plot(results: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     if results.get("prge_curve"):
         steps, acc = zip(*results["prge_curve"])
-        left.plot(steps, acc, "o-", label=f"P-RGE in ExecuTorch (test {results['accuracy']:.3f})")
+        seeds = results.get("accuracy_by_seed", [])
+        over_seeds = (f"; seeds {' / '.join(f'{a:.3f}' for a in seeds)}, mean {results['accuracy_mean']:.3f}"
+                      if len(seeds) > 1 else "")
+        left.plot(steps, acc, "o-", label=f"P-RGE in ExecuTorch (test {results['accuracy']:.3f}{over_seeds})")
         fo_steps, fo_acc = zip(*results["first_order_curve"])
         left.plot(fo_steps, fo_acc, "s-", label=f"first-order LoRA, eager (test {results['first_order_test_accuracy']:.3f})")
         left.axhline(results["zero_shot_accuracy"], color="grey", ls="--", label=f"zero-shot, calibrated (test {results['zero_shot_accuracy']:.3f})")

@@ -19,13 +19,15 @@ def test_bench_prge_writes_every_key_and_a_picture(tmp_path, smollm2_conversion,
     code = main(["bench", "prge", "--model", "tiny", "--cache-dir", str(smollm2_conversion.cache_dir),
                  "--layers", "top:1", "--steps", "6", "--eval-every", "3", "--eval-limit", "16", "--fo-steps", "4",
                  "--timing-rounds", "2", "--rss-steps", "2", "--out-dir", str(out), "--weights", weights,
-                 "--runs-dir", str(tmp_path / "runs")])
+                 "--runs-dir", str(tmp_path / "runs"), "--accuracy-seeds", "2"])
     assert code == 0
     results = json.loads((out / f"{name}.json").read_text())
     assert results["base_weights"] == weights
     if weights == "int8":
         assert results["int8_speedup_over_fp32"] > 0 and 0.0 <= results["zero_shot_accuracy_fp32"] <= 1.0
         assert 0.0 <= results["accuracy_on_fp32_base"] <= 1.0
+        assert results["accuracy_on_fp32_base_by_seed"][0] == results["accuracy_on_fp32_base"]
+        assert len(results["accuracy_on_fp32_base_by_seed"]) == 2
         assert results["rss_bytes"]["et_train_fp32"] > 0 and results["rss_train_over_fo_fp32"] > 0
         assert set(results["int8_g_correlation"]) == {"0.01", "0.3"}
         assert all(-1.0 <= c <= 1.0 for c in results["int8_g_correlation"].values())
@@ -33,11 +35,22 @@ def test_bench_prge_writes_every_key_and_a_picture(tmp_path, smollm2_conversion,
         assert key in results, key
     assert all(results[key] > 0 for key in KEYS if key != "steps")
     assert 0.0 <= results["accuracy"] <= 1.0
+    assert len(results["accuracy_by_seed"]) == 2 and results["accuracy_by_seed"][0] == results["accuracy"]
+    assert results["accuracy_mean"] == pytest.approx(sum(results["accuracy_by_seed"]) / 2)
+    assert 0.0 < results["accuracy_test_stderr"] < 0.5
+    assert (tmp_path / "runs" / "train_seed1" / "adapter").is_dir()
     assert results["program_bytes"] < results["weights_bytes"]
     assert (out / f"{name}.png").stat().st_size > 10_000
     # MeZO's 2q one-copy forwards through every layer do more matmul work than one shared-prefix step.
     assert results["gflop_per_step"]["mezo_step"] > results["gflop_per_step"]["prge_step"] > 0
     assert all(rate > 0 for rate in results["gflops_per_second"].values())
+
+
+def test_bench_prge_refuses_fewer_than_one_accuracy_seed(tmp_path, capsys) -> None:
+    code = main(["bench", "prge", "--model", "tiny", "--accuracy-seeds", "0", "--out-dir", str(tmp_path)])
+    assert code != 0
+    assert "--accuracy-seeds 0" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was built or written
 
 
 def test_matmul_gflop_counts_two_flops_per_multiply_add() -> None:
