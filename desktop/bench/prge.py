@@ -248,8 +248,10 @@ def run(args: argparse.Namespace) -> dict:
             # the fp32 model, as the PEFT adapter is loaded, with the calibration bias it ships
             # with (the int8 program's, in deftly_calibration.json): training paid int8's
             # rounding, this says what serving does not have to.
-            results["accuracy_on_fp32_base"] = et_fp32.accuracy(splits["test"], result.b,
-                                                                class_bias=np.asarray(manifest.class_bias))
+            def served_on_fp32(b: np.ndarray) -> float:
+                return et_fp32.accuracy(splits["test"], b, class_bias=np.asarray(manifest.class_bias))
+
+            results["accuracy_on_fp32_base"] = served_on_fp32(result.b)
             say(f"  the trained adapter on fp32 base weights: test accuracy {results['accuracy_on_fp32_base']:.3f}")
         # More seeds (other batches and other z, the same program): one run's test accuracy
         # moves by about a point with the seed, as much as its binomial error on the test split.
@@ -262,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
             seeded = run_training(replace(train_cfg, seed=seed, eval_every=0, eval_at_start=False, out=seed_dir))
             by_seed.append(seeded.test_accuracy)
             if int8:
-                served_by_seed.append(et_fp32.accuracy(splits["test"], seeded.b, class_bias=np.asarray(manifest.class_bias)))
+                served_by_seed.append(served_on_fp32(seeded.b))
             say(f"  seed {seed}: test accuracy {by_seed[-1]:.3f}"
                 + (f", on fp32 base weights {served_by_seed[-1]:.3f}" if int8 else ""))
         test_examples = len(splits["test"].labels)
