@@ -41,7 +41,7 @@ from export.smoothing import input_ranges, scale_lora_a, smooth_
 from shared.errors import InputError
 from shared.files import write_bytes_atomic
 from shared.hashing import sha256_file
-from shared.manifest import Manifest
+from shared.manifest import BATCH_ORDERS, Manifest
 from shared.task_data import save_splits
 
 PROGRAM_FORMAT = 5  # 5: eval_t<T> methods. 4: last layer at the answer position only. 3: int8 weights moved to the .ptd. Bump when the program layout changes: invalidates cached exports
@@ -53,6 +53,13 @@ WEIGHTS_TAG = "weights"
 # was -0.08, and training drifted down); 0.3 brings it to 0.98 while fp32's own g at 0.3
 # stays within 0.997 of its g at 1e-2 (docs/accuracy_experiments.md, session 6).
 DEFAULT_EPS = {"fp32": 1e-2, "int8": 3e-1}
+# The learning rate and batch order each kind of frozen weights suggests, chosen on the
+# whole validation split. fp32: lr 1e-1 with shuffled batches (session 5). int8: batches
+# at the training split's class shares take ~40 % of the noise out of each step's
+# estimate, and that lets lr 2e-1 pay; shuffled batches at 2e-1 were worse than at 1e-1
+# (docs/accuracy_experiments.md, sessions 7 and 12).
+DEFAULT_LR = {"fp32": 1e-1, "int8": 2e-1}
+DEFAULT_BATCHES = {"fp32": "shuffled", "int8": "stratified"}
 
 # What --weights int8 quantises, in the cache key of int8 programs only: change it when the
 # recipe changes, so int8 programs are lowered again and fp32 ones stay cached.
@@ -76,8 +83,9 @@ class ExportConfig:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     loss: str = "verbalizer"  # "verbalizer" or "vocab"
     prefix_sharing: bool = True
-    lr: float = 1e-1  # suggested to the trainer (program input); chosen on validation, docs/accuracy_experiments.md session 5
+    lr: float | None = None  # suggested to the trainer (a program input); None: DEFAULT_LR of base_weights
     eps: float | None = None  # suggested to the trainer; None: DEFAULT_EPS of base_weights (suggested_eps)
+    batches: str | None = None  # batch order suggested to the trainer (BATCH_ORDERS); None: DEFAULT_BATCHES
     seed: int = 0  # seeds the A's
     methods: tuple[str, ...] = ("step", "eval")
     # Shorter step and eval variants; the trainer batches reviews of similar length together
@@ -106,6 +114,14 @@ class ExportConfig:
     def suggested_eps(self) -> float:
         """The perturbation scale the program suggests: ``eps``, else its weights' default."""
         return self.eps if self.eps is not None else DEFAULT_EPS[self.base_weights]
+
+    def suggested_lr(self) -> float:
+        """The learning rate the program suggests: ``lr``, else its weights' default."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.base_weights]
+
+    def suggested_batches(self) -> str:
+        """The batch order the program suggests: ``batches``, else its weights' default."""
+        return self.batches if self.batches is not None else DEFAULT_BATCHES[self.base_weights]
 
     def prge(self) -> PrgeConfig:
         return PrgeConfig(q=self.q, batch_size=self.batch_size, seq_len=self.seq_len, loss=self.loss,
@@ -263,6 +279,8 @@ def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
     weights_fingerprint = model_fingerprint(model)  # of the fp32 model: the cache key adds base_weights
     if cfg.base_weights not in ("fp32", "int8"):
         raise InputError(f"--weights {cfg.base_weights!r}: expected fp32 or int8")
+    if cfg.batches is not None and cfg.batches not in BATCH_ORDERS:
+        raise InputError(f"--batches {cfg.batches!r}: choose from {', '.join(BATCH_ORDERS)}")
     if not 0 <= cfg.int8_smoothing <= 1:
         raise InputError(f"--int8-smoothing {cfg.int8_smoothing:g}: expected a value between 0 and 1")
 
@@ -324,7 +342,7 @@ def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
         methods=list(cfg.methods) + [bucket_method(t, m) for m in BUCKETED_METHODS if m in cfg.methods
                                      for t in _buckets(cfg)],
         step_buckets=_bucket_map(cfg, "step"), eval_buckets=_bucket_map(cfg, "eval"),
-        lr=cfg.lr, eps=cfg.suggested_eps(),
+        lr=cfg.suggested_lr(), eps=cfg.suggested_eps(), batches=cfg.suggested_batches(),
         files={role: path.name for role, path in files.items()},
         sha256={path.name: sha256_file(path) for path in files.values()},
         peft_config=_peft_config_dict(lora_cfg, loaded.model_id),

@@ -26,6 +26,7 @@ from typing import Any
 from shared.errors import InputError
 
 MANIFEST_VERSION = 1
+BATCH_ORDERS = ("shuffled", "stratified")  # the trainer's batch orders a manifest may suggest
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ class Manifest:
     base_weights: str = "fp32"
     # As step_buckets, for eval; empty in manifests written before eval had buckets: "eval" only.
     eval_buckets: dict[str, str] = field(default_factory=dict)
+    # The batch order suggested to the trainer: "shuffled", or "stratified" (each batch at
+    # the training split's class shares); manifests written before it was suggested: shuffled.
+    batches: str = "shuffled"
     version: int = MANIFEST_VERSION
 
     def to_json(self) -> str:

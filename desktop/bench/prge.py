@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
     b_all = np.zeros(et_all.b_size, dtype=np.float32)
     t_ids, t_len, t_lab = (torch.from_numpy(a) for a in (ids, lengths, labels))
     t_b, t_z = torch.from_numpy(b), torch.from_numpy(z)
-    lr, eps = base.lr, base.suggested_eps()
+    lr, eps = base.suggested_lr(), base.suggested_eps()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     contenders: dict[str, Callable[[], object]] = {
@@ -284,7 +284,7 @@ def run(args: argparse.Namespace) -> dict:
         results.update({
             "accuracy": result.test_accuracy, "zero_shot_accuracy": zero_shot, "steps": args.steps,
             "train_seconds": train_seconds, "et_seconds_per_step_training": result.seconds_per_step,
-            "lr": manifest.lr, "eps": manifest.eps,
+            "lr": manifest.lr, "eps": manifest.eps, "batches": manifest.batches,
             "prge_curve": curve, "first_order_curve": list(zip(fo.eval_steps, fo.eval_accuracy)),
             "first_order_test_accuracy": fo.test_accuracy, "first_order_steps": args.fo_steps,
             "first_order_train_seconds": float(sum(fo.step_seconds)),

@@ -9,7 +9,8 @@ from shared.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from export.program import DEFAULT_EPS, ExportConfig
+    from export.program import DEFAULT_BATCHES, DEFAULT_EPS, DEFAULT_LR, ExportConfig
+    from shared.manifest import BATCH_ORDERS
 
     d = ExportConfig()
     parser = subparsers.add_parser(
@@ -29,11 +30,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="comma-separated target linears, e.g. q_proj,v_proj")
     parser.add_argument("--loss", choices=("verbalizer", "vocab"), default=d.loss)
     parser.add_argument("--no-prefix-sharing", action="store_true", help="run every layer on all 2q copies")
-    parser.add_argument("--lr", type=float, default=d.lr, help="suggested learning rate (an input of the program)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"suggested learning rate, an input of the program (default {DEFAULT_LR['fp32']:g}, "
+                             f"or {DEFAULT_LR['int8']:g} with --weights int8)")
     parser.add_argument("--eps", type=float, default=None,
                         help=f"suggested perturbation scale (default {DEFAULT_EPS['fp32']:g}, or "
                              f"{DEFAULT_EPS['int8']:g} with --weights int8: int8 activations round "
                              "differently under a smaller perturbation)")
+    parser.add_argument("--batches", choices=BATCH_ORDERS, default=None,
+                        help=f"batch order suggested to the trainer (default {DEFAULT_BATCHES['fp32']}, or "
+                             f"{DEFAULT_BATCHES['int8']} with --weights int8: each batch at the training "
+                             "split's class shares)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seeds the LoRA A's")
     parser.add_argument("--methods", default=",".join(d.methods),
                         help="methods to include: step,eval[,loss,step_rng]")
@@ -64,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, task=args.task, layers=args.layers, q=args.q, batch_size=args.bs,
         eval_batch_size=args.eval_bs, seq_len=args.seq, rank=args.rank, alpha=args.alpha,
         target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()), loss=args.loss,
-        prefix_sharing=not args.no_prefix_sharing, lr=args.lr, eps=args.eps, seed=args.seed,
+        prefix_sharing=not args.no_prefix_sharing, lr=args.lr, eps=args.eps, batches=args.batches, seed=args.seed,
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         external_weights=not args.embed_weights, calibrate=args.calibrate, base_weights=args.weights,
         int8_smoothing=args.int8_smoothing,

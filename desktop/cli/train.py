@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.trainer import SCHEDULES, TrainConfig, run_training
+from shared.manifest import BATCH_ORDERS
 from shared.errors import InputError
 
 # Without a terminal (CI, a log file) print one line every this many steps instead of a bar.
@@ -31,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the manifest's)")
     parser.add_argument("--eps", type=float, default=None, help="perturbation scale (default: the manifest's)")
     parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="learning-rate schedule (default constant)")
+    parser.add_argument("--batches", choices=BATCH_ORDERS, default=None,
+                        help="batch order: shuffled, or stratified (each batch at the training split's "
+                             "class shares) (default: the manifest's)")
     parser.add_argument("--average-from", type=int, default=None, metavar="STEP",
                         help="tail averaging: evaluate and deliver the mean of b over the steps after STEP "
                              "(default: the last b)")
@@ -53,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resident_methods < 0:
         raise InputError("--resident-methods must be 0 (keep all) or more")
     cfg = TrainConfig(program=args.program, out=args.out, steps=args.steps, eval_every=args.eval_every,
-                      lr=args.lr, eps=args.eps, schedule=args.schedule, seed=args.seed, resume=args.resume,
+                      lr=args.lr, eps=args.eps, schedule=args.schedule, batches=args.batches, seed=args.seed, resume=args.resume,
                       eval_limit=args.eval_limit, test_limit=args.test_limit,
                       average_from=args.average_from, resident_methods=args.resident_methods or None)
     progress = _Progress(plain=not sys.stderr.isatty() or bool(os.environ.get("CI")))
@@ -100,7 +104,7 @@ class _Progress:
         what = "resuming at" if event["resumed"] else "starting at"
         averaging = "" if event.get("average_from") is None else f", averaging b after step {event['average_from']}"
         self._print(f"training: {what} step {event['step']} of {event['steps']}, lr {event['lr']:g} "
-                    f"({event['schedule']}), eps {event['eps']:g}{averaging}, "
+                    f"({event['schedule']}), eps {event['eps']:g}, {event['batches']} batches{averaging}, "
                     f"{event['train_examples']} training examples")
         if not self.plain:
             from tqdm import tqdm

@@ -71,11 +71,13 @@ def test_progress_bar_shows_step_loss_speed_and_accuracy(capsys) -> None:
 
     progress = _Progress(plain=False)
     progress({"kind": "start", "step": 0, "steps": 2, "resumed": False, "lr": 0.01, "eps": 0.01,
-              "schedule": "constant", "train_examples": 8})
+              "schedule": "constant", "batches": "stratified", "train_examples": 8})
     progress({"kind": "eval", "step": 0, "split": "validation", "accuracy": 0.5, "examples": 4, "seconds": 0.1})
     for step in (1, 2):
         progress({"kind": "step", "step": step, "loss": 0.69, "g_abs_mean": 1.0, "seconds": 0.25, "rss_mb": 100.0,
                   "lr": 0.01})
     progress.close()
-    err = capsys.readouterr().err  # tqdm draws on stderr
+    captured = capsys.readouterr()
+    assert "lr 0.01 (constant), eps 0.01, stratified batches" in captured.out
+    err = captured.err  # tqdm draws on stderr
     assert "2/2" in err and "loss 0.6900" in err and "0.250 s/step" in err and "acc 0.500" in err

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from device_agent.program import Program
-from device_agent.trainer import CALIBRATION_FILE, TrainConfig, epoch_order, lr_at, next_batch, run_training, write_adapter
+from device_agent.trainer import (CALIBRATION_FILE, TrainConfig, class_interleaved, epoch_order, lr_at, next_batch,
+                                  run_training, write_adapter)
 from shared.errors import InputError
 
 # Small evaluations keep each run well under a second on the tiny program.
@@ -192,6 +193,59 @@ def test_batches_group_examples_of_one_length_bucket() -> None:
     assert homogeneous > 0.95 > 0.5 > homogeneous_plain
 
 
+def test_class_interleaving_keeps_every_prefix_at_the_class_shares() -> None:
+    # prepare: 10 examples, 6 of class 1 and 4 of class 0, each class in a known order
+    examples = np.arange(10)
+    labels = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0])
+    # execute
+    order = class_interleaved(examples, labels)
+    # assert: a permutation, each class in its own order, every prefix within one of its share
+    assert sorted(order.tolist()) == examples.tolist()
+    assert [e for e in order if labels[e] == 1] == [0, 1, 2, 3, 4, 5]
+    assert [e for e in order if labels[e] == 0] == [6, 7, 8, 9]
+    ones = np.cumsum(labels[order])  # class-1 count in each prefix
+    assert np.all(np.abs(ones - 0.6 * np.arange(1, 11)) < 1)
+
+
+def test_stratified_batches_hold_each_class_at_its_share_and_stay_grouped_by_length() -> None:
+    # prepare: 1,000 examples, 58 % of class 1 and 70 % short, independently, shuffled
+    rng = np.random.default_rng(1)
+    labels = (rng.random(1000) < 0.58).astype(np.int64)
+    bucket_ids = (rng.random(1000) > 0.7).astype(np.int64)
+    # execute
+    order = epoch_order(5, 0, 1000, bucket_ids, batch_size=4, labels=labels)
+    plain = epoch_order(5, 0, 1000, bucket_ids, batch_size=4)
+    # assert: the same examples; class 1 counts of 2 or 3 in every batch (a plain order
+    # also has 0, 1 and 4); still mostly one length bucket per batch
+    assert sorted(order.tolist()) == list(range(1000))
+    counts = labels[order].reshape(-1, 4).sum(axis=1)  # [250]
+    plain_counts = labels[plain].reshape(-1, 4).sum(axis=1)
+    assert set(counts.tolist()) == {2, 3} and set(plain_counts.tolist()) >= {0, 1, 2, 3, 4}
+    homogeneous = np.mean([len(set(bucket_ids[order[i:i + 4]])) == 1 for i in range(0, 1000, 4)])
+    assert homogeneous > 0.9
+    # three classes in equal shares over one window of 64 batches of 6: two of each per batch
+    three = np.arange(384) % 3
+    order3 = epoch_order(2, 0, 384, batch_size=6, labels=three)
+    assert all(np.bincount(three[order3[i:i + 6]], minlength=3).tolist() == [2, 2, 2] for i in range(0, 384, 6))
+
+
+def test_stratified_runs_record_their_order_and_resume_exactly(tiny_program, tmp_path: Path) -> None:
+    # prepare
+    events: list[dict] = []
+    straight = run_training(config(tiny_program, tmp_path / "straight", batches="stratified"), on_event=events.append)
+    shuffled = run_training(config(tiny_program, tmp_path / "shuffled", batches="shuffled"))
+    # execute: 5 stratified steps, then a resume that names no order (the checkpoint's holds)
+    run_training(config(tiny_program, tmp_path / "split", steps=5, batches="stratified"))
+    saved = json.loads((tmp_path / "split" / "checkpoint.json").read_text())
+    resumed = run_training(config(tiny_program, tmp_path / "split", resume=True))
+    # assert
+    assert events[0]["kind"] == "start" and events[0]["batches"] == "stratified"
+    assert saved["batches"] == "stratified"
+    assert np.array_equal(resumed.b, straight.b) and not np.array_equal(straight.b, shuffled.b)
+    with pytest.raises(InputError, match="batches 'sorted': choose from shuffled, stratified"):
+        run_training(config(tiny_program, tmp_path / "bad", batches="sorted"))
+
+
 # -- tail averaging ---------------------------------------------------------------------
 
 
@@ -239,14 +293,14 @@ def test_tail_averaging_refuses_a_bad_start_or_a_change_midway(tiny_program, tmp
         run_training(config(tiny_program, tmp_path / "run", resume=True, average_from=4))
 
 
-def test_a_checkpoint_without_the_averaging_fields_still_resumes(tiny_program, tmp_path: Path) -> None:
+def test_a_checkpoint_without_the_averaging_or_batch_order_fields_still_resumes(tiny_program, tmp_path: Path) -> None:
     # prepare: a checkpoint as the trainer wrote it before tail averaging existed
     out = tmp_path / "old"
     run_training(config(tiny_program, out, steps=5))
     with np.load(out / "checkpoint.npz") as data:
         b = data["b"]
         meta = json.loads(str(data["meta"]))
-    for key in ("average_from", "averaged_steps"):
+    for key in ("average_from", "averaged_steps", "batches"):
         del meta[key]
     np.savez(out / "checkpoint.npz", b=b, meta=np.array(json.dumps(meta)))
     # execute + assert: it continues to the same b as a straight run

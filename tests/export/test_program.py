@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from export.program import DEFAULT_EPS, ExportConfig, export_program
+from export.program import DEFAULT_BATCHES, DEFAULT_EPS, DEFAULT_LR, ExportConfig, export_program
 from shared.hashing import sha256_file
 from shared.errors import InputError
 from shared.manifest import Manifest
@@ -43,6 +43,12 @@ def test_manifest_describes_the_program(tiny_program) -> None:
         assert manifest.sha256[name] == sha256_file(path), role
     assert manifest.peft_config["r"] == manifest.rank
     assert manifest.peft_config["layers_to_transform"] == [1]
+
+
+def test_a_manifest_written_before_batch_orders_reads_as_shuffled(tiny_program) -> None:
+    data = json.loads(tiny_program.export.manifest_path.read_text())
+    del data["batches"]
+    assert Manifest.from_json(json.dumps(data)).batches == "shuffled"
 
 
 def test_task_data_is_tokenised_for_the_device(tiny_program) -> None:
@@ -171,6 +177,9 @@ def test_int8_base_weights_run_in_executorch_as_in_eager_and_close_to_fp32(tiny_
     assert result.manifest.base_weights == "int8" and tiny_program.export.manifest.base_weights == "fp32"
     # int8 programs suggest their own perturbation scale (their activations round under ±eps)
     assert result.manifest.eps == DEFAULT_EPS["int8"] and tiny_program.export.manifest.eps == DEFAULT_EPS["fp32"]
+    # ... and their own learning rate and batch order (chosen on validation, session 12)
+    assert (result.manifest.lr, result.manifest.batches) == (DEFAULT_LR["int8"], DEFAULT_BATCHES["int8"])
+    assert (tiny_program.export.manifest.lr, tiny_program.export.manifest.batches) == (DEFAULT_LR["fp32"], "shuffled")
     assert result.manifest.cache_key != tiny_program.export.manifest.cache_key
     assert loss_et == pytest.approx(loss_int8.item(), rel=3e-4)
     # Not fp32's 1e-4 on the loss and 1e-5 on b: XNNPACK and torchao round the per-token
@@ -216,7 +225,18 @@ def test_a_smoothing_strength_outside_0_to_1_is_refused(tiny_program, tmp_path) 
                        tmp_path / "x.pte", loaded=tiny_program.loaded, progress=lambda _m: None)
 
 
-def test_an_explicit_eps_overrides_the_weights_default() -> None:
+def test_explicit_eps_lr_and_batches_override_the_weights_defaults() -> None:
     assert ExportConfig(base_weights="int8").suggested_eps() == DEFAULT_EPS["int8"] > DEFAULT_EPS["fp32"]
     assert ExportConfig(base_weights="int8", eps=0.05).suggested_eps() == 0.05
     assert ExportConfig().suggested_eps() == DEFAULT_EPS["fp32"]
+    assert ExportConfig(base_weights="int8").suggested_lr() == DEFAULT_LR["int8"]
+    assert ExportConfig(base_weights="int8", lr=0.05).suggested_lr() == 0.05
+    assert ExportConfig().suggested_lr() == DEFAULT_LR["fp32"]
+    assert ExportConfig(base_weights="int8", batches="shuffled").suggested_batches() == "shuffled"
+    assert ExportConfig(batches="stratified").suggested_batches() == "stratified"
+
+
+def test_an_unknown_batch_order_is_refused(tiny_program, tmp_path) -> None:
+    with pytest.raises(InputError, match="--batches 'sorted': choose from shuffled, stratified"):
+        export_program(ExportConfig(model="tiny", layers="1-1", batches="sorted"), tmp_path / "x.pte",
+                       loaded=tiny_program.loaded, progress=lambda _m: None)
