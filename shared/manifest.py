@@ -109,6 +109,8 @@ class Manifest:
             raise InputError(f"{source}: expected a JSON object")
         if data.get("version") != MANIFEST_VERSION:
             raise InputError(f"{source}: manifest version {data.get('version')!r}, this deftly reads {MANIFEST_VERSION}")
+        if data.get("batches", "shuffled") not in BATCH_ORDERS:
+            raise InputError(f"{source}: batches {data['batches']!r}, expected one of {', '.join(BATCH_ORDERS)}")
         try:
             data["b_layout"] = [BSlot(**{**slot, "shape": tuple(slot["shape"])}) for slot in data["b_layout"]]
             return cls(**data)

@@ -45,8 +45,11 @@ def test_manifest_describes_the_program(tiny_program) -> None:
     assert manifest.peft_config["layers_to_transform"] == [1]
 
 
-def test_a_manifest_written_before_batch_orders_reads_as_shuffled(tiny_program) -> None:
+def test_a_manifests_batch_order_is_checked_and_defaults_to_shuffled(tiny_program) -> None:
     data = json.loads(tiny_program.export.manifest_path.read_text())
+    assert Manifest.from_json(json.dumps({**data, "batches": "stratified"})).batches == "stratified"
+    with pytest.raises(InputError, match="batches 'sorted', expected one of shuffled, stratified"):
+        Manifest.from_json(json.dumps({**data, "batches": "sorted"}))
     del data["batches"]
     assert Manifest.from_json(json.dumps(data)).batches == "shuffled"
 
