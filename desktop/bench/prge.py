@@ -483,8 +483,8 @@ def plot(results: dict, path: Path) -> None:
     if results.get("prge_curve"):
         steps, acc = zip(*results["prge_curve"])
         seeds = results.get("accuracy_by_seed", [])
-        test = (f"test mean of {len(seeds)} seeds {results['accuracy']:.3f}: {' / '.join(f'{a:.3f}' for a in seeds)}; "
-                "curve: seed 0" if len(seeds) > 1 else f"test {results['accuracy']:.3f}")
+        test = (f"seed 0's curve;\ntest: mean of {len(seeds)} seeds {results['accuracy']:.3f} "
+                f"({' / '.join(f'{a:.3f}' for a in seeds)})" if len(seeds) > 1 else f"test {results['accuracy']:.3f}")
         left.plot(steps, acc, "o-", label=f"P-RGE in ExecuTorch ({test})")
         fo_steps, fo_acc = zip(*results["first_order_curve"])
         left.plot(fo_steps, fo_acc, "s-", label=f"first-order LoRA, eager (test {results['first_order_test_accuracy']:.3f})")
