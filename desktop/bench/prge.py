@@ -272,6 +272,7 @@ def run(args: argparse.Namespace) -> dict:
             say(f"  seed {seed}: test accuracy {by_seed[-1]:.3f}"
                 + (f", on fp32 base weights {served_by_seed[-1]:.3f}" if int8 else ""))
         test_examples = len(splits["test"].labels)
+        accuracy = float(np.mean(by_seed))
         results.update({
             "accuracy_by_seed": by_seed,
             # one run's sampling error on the test split: sqrt(p (1 - p) / n)
@@ -279,7 +280,7 @@ def run(args: argparse.Namespace) -> dict:
         })
         if len(by_seed) > 1:
             results["accuracy_seed_stderr"] = float(np.std(by_seed, ddof=1) / np.sqrt(len(by_seed)))
-            say(f"  test accuracy over {len(by_seed)} seeds: mean {np.mean(by_seed):.3f} "
+            say(f"  test accuracy over {len(by_seed)} seeds: mean {accuracy:.3f} "
                 f"(standard error {results['accuracy_seed_stderr']:.3f})")
         if int8:
             results.update({"accuracy_on_fp32_base_by_seed": served_by_seed,
@@ -290,7 +291,7 @@ def run(args: argparse.Namespace) -> dict:
             baselines.BaselineConfig(steps=args.fo_steps, eval_every=max(1, args.fo_steps // 5),
                                      eval_limit=args.eval_limit))
         results.update({
-            "accuracy": float(np.mean(by_seed)), "zero_shot_accuracy": zero_shot, "steps": args.steps,
+            "accuracy": accuracy, "zero_shot_accuracy": zero_shot, "steps": args.steps,
             "train_seconds": train_seconds, "et_seconds_per_step_training": result.seconds_per_step,
             "lr": manifest.lr, "eps": manifest.eps, "batches": manifest.batches,
             "prge_curve": curve, "first_order_curve": list(zip(fo.eval_steps, fo.eval_accuracy)),
