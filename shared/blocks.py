@@ -24,7 +24,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from shared.errors import InputError
-from shared.manifest import BSlot
+from shared.manifest import BSlot, Manifest
 
 
 @dataclass(frozen=True)
@@ -201,6 +201,18 @@ def merge_b(base: np.ndarray, layout: Sequence[BSlot], updates: Mapping[BlockSpa
             owner[layer] = span
         merged[span.offset:span.stop] = values
     return merged
+
+
+def program_block(manifest: Manifest) -> BlockSpan:
+    """The block a program trains: its manifest's ``block``, or every trainable layer."""
+    if manifest.block is None:
+        return whole_span(manifest.b_layout)
+    span = BlockSpan.from_dict(manifest.block, where="manifest block")
+    expected = block_span(manifest.b_layout, span.first_layer, span.last_layer)
+    if expected != span:
+        raise InputError(f"manifest block {span.name}: offset {span.offset} and size {span.size} do not match "
+                         f"the manifest's layout (expected {expected.offset} and {expected.size})")
+    return span
 
 
 def _ranges(layers: Sequence[int]) -> str:

@@ -93,6 +93,9 @@ class Manifest:
     # The batch order suggested to the trainer: "shuffled", or "stratified" (each batch at
     # the training split's class shares); manifests written before it was suggested: shuffled.
     batches: str = "shuffled"
+    # The block this program trains (``shared.blocks.BlockSpan.to_dict``): a contiguous range of
+    # the job's trainable layers and its slice of ``b``; None: every trainable layer.
+    block: dict[str, int] | None = None
     version: int = MANIFEST_VERSION
 
     def to_json(self) -> str:

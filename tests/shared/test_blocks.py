@@ -76,3 +76,23 @@ def test_span_round_trips_through_a_dict() -> None:
     assert BlockSpan.from_dict(span.to_dict()) == span
     with pytest.raises(InputError, match="lacks field 'size'"):
         BlockSpan.from_dict({"first_layer": 3, "last_layer": 4, "offset": 16})
+
+
+def test_a_manifest_without_a_block_trains_every_layer_and_a_wrong_block_is_refused() -> None:
+    from dataclasses import replace
+
+    from shared.blocks import program_block
+    from shared.manifest import Manifest
+
+    layout = _layout()
+    manifest = Manifest(model_id="m", task="t", num_layers=6, trainable_layers=[2, 3, 4, 5],
+                        target_modules=["q_proj", "v_proj"], rank=2, alpha=4.0, q=2, batch_size=2,
+                        eval_batch_size=4, seq_len=8, labels=["a", "b"], verbalizer_token_ids=[1, 2],
+                        class_bias=[0.0, 0.0], loss="verbalizer", prefix_sharing=True, b_size=64,
+                        b_layout=layout, methods=["step"], step_buckets={"8": "step"}, lr=0.1, eps=0.01)
+    assert program_block(manifest) == BlockSpan(2, 5, 0, 64)
+    assert program_block(replace(manifest, block=BlockSpan(4, 5, 32, 32).to_dict())) == BlockSpan(4, 5, 32, 32)
+    with pytest.raises(InputError, match="do not match"):
+        program_block(replace(manifest, block=BlockSpan(4, 5, 30, 32).to_dict()))
+    assert Manifest.from_json(replace(manifest, block=BlockSpan(4, 5, 32, 32).to_dict()).to_json()).block \
+        == {"first_layer": 4, "last_layer": 5, "offset": 32, "size": 32}
