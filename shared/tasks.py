@@ -8,6 +8,12 @@ verbalizer) at the last prompt position. For the default task:
 "<review> It was" -> " terrible" / " great", scores 0.68 zero-shot on SmolLM2
 against 0.80 for this one: docs/accuracy_experiments.md.)
 
+Pure (stdlib and numpy): the exporter tokenises with a Hugging Face tokenizer,
+and a device agent tokenises its own private file with the same functions
+through ``device_agent.tokenizer``, which gives the `tokenizers` package's
+tokenizer the few methods used here (``__call__``, ``encode``, ``decode``,
+``convert_ids_to_tokens``, ``pad_token_id``, ``eos_token_id``, ``is_fast``).
+
 Data flows in three steps: `load_task_spec` (a TOML file, or the embedded name)
 -> `load_examples` (rows read, checked, de-duplicated, split deterministically)
 -> `encode_split` (token ids right-padded to a fixed length: a
