@@ -141,11 +141,13 @@ _TOML_KEYS = {
 }  # fmt: skip
 
 
-def load_task_spec(spec: str = EMBEDDED_RT) -> TaskSpec:
+def load_task_spec(spec: str = EMBEDDED_RT, data_path: Path | None = None) -> TaskSpec:
     """Loads a task: the embedded name "rotten_tomatoes" or a path to a TOML task file.
 
     Args:
         spec: "rotten_tomatoes" or a `.toml` path (format in this module's docstring).
+        data_path: read this file instead of the one the task names (a device's own
+            file, read with the task's columns, template and verbalizer).
 
     Returns:
         The validated task spec; its data path is absolute.
@@ -179,6 +181,8 @@ def load_task_spec(spec: str = EMBEDDED_RT) -> TaskSpec:
         return value
 
     data = typed("data", str)
+    if data_path is not None:
+        data = str(Path(data_path).resolve())
     if data.startswith(EMBEDDED_PREFIX):
         if data != EMBEDDED_PREFIX + EMBEDDED_RT:
             raise InputError(f"{path}: unknown embedded data {data!r}; available: {EMBEDDED_PREFIX}{EMBEDDED_RT}")
