@@ -58,12 +58,12 @@ from typing import Any, Callable
 
 import numpy as np
 import psutil
+from safetensors.numpy import save as safetensors_bytes
 
 from device_agent.program import Program, resolve_manifest_path
 from shared.errors import InputError
 from shared.files import write_bytes_atomic
 from shared.manifest import BATCH_ORDERS
-from shared.safetensors_io import save_file
 from shared.task_data import Split
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -358,10 +358,11 @@ def write_adapter(program: Program, b: np.ndarray, adapter_dir: Path) -> None:
     for slot in manifest.b_layout:
         if slot.path not in a_by_path:
             raise InputError(f"{program.manifest_path}: the A file lacks {slot.path}")
-        tensors[slot.peft_a_key] = a_by_path[slot.path]
+        tensors[slot.peft_a_key] = np.ascontiguousarray(a_by_path[slot.path])
         tensors[slot.peft_b_key] = b[slot.offset:slot.offset + slot.size].reshape(slot.shape).astype(np.float32)
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, adapter_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    # safetensors' own writer, to bytes, so the file is written atomically and synced like every other.
+    write_bytes_atomic(adapter_dir / "adapter_model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}))
     write_bytes_atomic(adapter_dir / "adapter_config.json", json.dumps(manifest.peft_config, indent=2).encode())
     # The classifier is argmax(verbalizer logits + class_bias): PEFT has no place for the
     # bias, so it travels beside the adapter.

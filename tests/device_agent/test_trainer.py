@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
 
 from device_agent.program import Program
 from device_agent.trainer import (CALIBRATION_FILE, TrainConfig, class_interleaved, epoch_order, lr_at, next_batch,
@@ -148,8 +149,6 @@ def test_adapter_loads_in_peft_and_gives_the_programs_logits(tiny_program, tmp_p
 
 
 def test_the_run_writes_its_trained_b_as_the_adapter(tiny_program, tmp_path: Path) -> None:
-    from shared.safetensors_io import load_file
-
     result = run_training(config(tiny_program, tmp_path / "run", steps=3, eval_every=0))
     tensors = load_file(result.adapter_dir / "adapter_model.safetensors")
     manifest = tiny_program.export.manifest
@@ -258,8 +257,6 @@ def test_tail_averaging_delivers_the_mean_of_the_iterates_after_its_start(tiny_p
     # assert: the result and the adapter are the mean of those four b's, not the last one
     np.testing.assert_allclose(averaged.b, np.mean(iterates, axis=0), rtol=0, atol=1e-7)
     assert not np.allclose(averaged.b, iterates[-1])
-    from shared.safetensors_io import load_file
-
     tensors = load_file(averaged.adapter_dir / "adapter_model.safetensors")
     slot = tiny_program.export.manifest.b_layout[0]
     np.testing.assert_array_equal(tensors[slot.peft_b_key], averaged.b[slot.offset:slot.offset + slot.size].reshape(slot.shape))
