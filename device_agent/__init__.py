@@ -1,7 +1,11 @@
 """The headless agent that runs P-RGE programs on a device.
 
 Imports shared, ExecuTorch's native runtime extension (with torch as its tensor type),
-websockets, zeroconf, psutil and numpy only:
-never Qt, transformers, peft or the exporter.  Public entry points for other
-packages: `device_agent.trainer` (the local training loop).
+websockets, zeroconf, psutil, numpy and safetensors, and `tokenizers` when it tokenises
+a private text file: never Qt, transformers, peft or the exporter. Public entry points
+for other packages: `device_agent.trainer` (the step-by-step trainer and `deftly train`'s
+loop) and `device_agent.program`. The agent program itself is `deftly-agent`
+(`device_agent.cli`); its parts: `server` (the WebSocket endpoint and rounds), `store`
+(files by sha256), `outbox` (metrics until acknowledged), `rounds` (the trainer a round
+at a time, checkpointed), `programs`, `data`, `tokenizer`, `advert`, `simulate`, `identity`.
 """
