@@ -64,8 +64,8 @@ def test_qt_only_in_view_package() -> None:
 
 
 def test_desktop_uses_only_the_public_device_agent_modules() -> None:
-    # desktop may use device_agent's public trainer, never its server internals.
-    allowed = {"device_agent", "device_agent.trainer", "device_agent.program"}
+    # desktop may use device_agent's public trainer, program and profile modules, never its server internals.
+    allowed = {"device_agent", "device_agent.trainer", "device_agent.program", "device_agent.profile"}
     offences = []
     for path in package_files("desktop"):
         tree = ast.parse(path.read_text())
