@@ -12,7 +12,9 @@ Before a program is trusted, :func:`load_program` checks that the ``.pte``'s
 ``step`` method takes the shapes its manifest claims (batch, length, b, z): a
 manifest written for another model or block would otherwise fail deep inside
 the runtime, or train the wrong slice. This module imports the runtime (and
-with it torch) only inside :func:`load_program`, so an idle agent never loads it.
+with it torch) only inside :func:`load_program` and :func:`measure_device`, so an
+idle agent never loads it. A probe program (``device_agent.profile``) gets the same
+directory view.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Any
 from shared.blocks import program_block
 from shared.errors import InputError
 from shared.manifest import Manifest
+from shared.probe import PROBE_SUFFIX, ProbeManifest
 from shared.protocol import ProtocolError
 from device_agent.store import FileStore
 
@@ -32,15 +35,15 @@ REQUIRED_ROLES = ("program", "weights")  # what a device needs to train; data, l
 MANIFEST_NAME = "program.manifest.json"
 
 
-def read_manifest(store: FileStore, manifest_sha: str) -> Manifest:
-    """The stored manifest with this sha256.
+def read_manifest(store: FileStore, manifest_sha: str, reader=Manifest.from_json):
+    """The stored manifest (a program's ``Manifest``, or with ``reader`` a probe's) with this sha256.
 
     Raises:
         ProtocolError: unknown_file (not stored), not_a_program (not a manifest).
     """
     path = store.path(manifest_sha)
     try:
-        return Manifest.from_json(path.read_text(), source=f"manifest {manifest_sha[:12]}…")
+        return reader(path.read_text(), source=f"manifest {manifest_sha[:12]}…")
     except UnicodeDecodeError:
         raise ProtocolError(f"manifest {manifest_sha[:12]}…: not text", code="not_a_program") from None
     except InputError as exc:
@@ -48,7 +51,7 @@ def read_manifest(store: FileStore, manifest_sha: str) -> Manifest:
 
 
 def program_view(store: FileStore, root: Path, manifest_sha: str) -> tuple[Path, Manifest]:
-    """``root/<manifest_sha>/`` holding the manifest and its stored files under their names.
+    """``root/<manifest_sha>/`` holding the program's manifest and its stored files under their names.
 
     Returns:
         (the manifest's path in the view, the manifest).
@@ -58,14 +61,25 @@ def program_view(store: FileStore, root: Path, manifest_sha: str) -> tuple[Path,
             (a file it needs is not stored: the error names each one).
     """
     manifest = read_manifest(store, manifest_sha)
+    return _view(store, root, manifest_sha, MANIFEST_NAME, manifest.files, manifest.sha256), manifest
+
+
+def probe_view(store: FileStore, root: Path, manifest_sha: str) -> Path:
+    """As :func:`program_view`, for a probe program (``shared.probe.ProbeManifest``); returns its manifest's path."""
+    probe = read_manifest(store, manifest_sha, reader=ProbeManifest.from_json)
+    return _view(store, root, manifest_sha, f"probe{PROBE_SUFFIX}", probe.files, probe.sha256)
+
+
+def _view(store: FileStore, root: Path, manifest_sha: str, manifest_name: str, files: dict[str, str],
+          sha256: dict[str, str]) -> Path:
     missing = []
     for role in REQUIRED_ROLES:
-        name = manifest.files.get(role)
+        name = files.get(role)
         if name is None:
             if role == "program":
                 raise ProtocolError(f"manifest {manifest_sha[:12]}…: names no program (.pte) file", code="not_a_program")
             continue
-        sha = manifest.sha256.get(name)
+        sha = sha256.get(name)
         if sha is None:
             raise ProtocolError(f"manifest {manifest_sha[:12]}…: the {role} file {name} has no sha256",
                                 code="not_a_program")
@@ -76,11 +90,11 @@ def program_view(store: FileStore, root: Path, manifest_sha: str) -> tuple[Path,
                             f"send {'it' if len(missing) == 1 else 'them'} first", code="unknown_file")
     view = root / manifest_sha
     view.mkdir(parents=True, exist_ok=True)
-    _link(store.path(manifest_sha), view / MANIFEST_NAME)
-    for name, sha in manifest.sha256.items():
+    _link(store.path(manifest_sha), view / manifest_name)
+    for name, sha in sha256.items():
         if store.has(sha):
             _link(store.path(sha), view / name)
-    return view / MANIFEST_NAME, manifest
+    return view / manifest_name
 
 
 def _link(source: Path, target: Path) -> None:
@@ -97,6 +111,30 @@ def files_bytes(view_manifest: Path, manifest: Manifest) -> tuple[int, int]:
     pte = manifest.file("program", view_manifest).stat().st_size
     weights = manifest.file("weights", view_manifest).stat().st_size if "weights" in manifest.files else 0
     return pte, weights
+
+
+def use_one_compute_thread() -> None:
+    """Run ExecuTorch's kernels on the calling thread alone (ExecuTorch 1.5.1's pybindings; see simulate.py)."""
+    import torch  # noqa: F401  the extension links against libtorch: torch loads first
+    import executorch.extension.pybindings._C as native
+
+    native._unsafe_reset_threadpool(1)
+
+
+def measure_device(probe_manifest: Path, name: str, link_bytes_per_s: float, clock, one_thread: bool):
+    """``device_agent.profile.measure_profile`` on the calling thread (the compute thread).
+
+    Raises:
+        ProtocolError (not_a_program): a probe the runtime cannot run, or altered files.
+    """
+    from device_agent.profile import measure_profile  # imports torch and the runtime
+
+    if one_thread:
+        use_one_compute_thread()
+    try:
+        return measure_profile(probe_manifest, name, link_bytes_per_s, clock=clock)
+    except InputError as exc:
+        raise ProtocolError(str(exc), code="not_a_program") from None
 
 
 def load_program(view_manifest: Path, manifest: Manifest, one_thread: bool) -> Any:
@@ -116,9 +154,7 @@ def load_program(view_manifest: Path, manifest: Manifest, one_thread: bool) -> A
     from device_agent.program import Program, open_et_program  # imports torch and the runtime
 
     if one_thread:
-        import executorch.extension.pybindings._C as native
-
-        native._unsafe_reset_threadpool(1)
+        use_one_compute_thread()
     weights = manifest.file("weights", view_manifest) if "weights" in manifest.files else None
     try:
         native_program = open_et_program(manifest.file("program", view_manifest), weights)

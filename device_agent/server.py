@@ -52,7 +52,7 @@ from websockets.http11 import Request, Response
 from device_agent import identity
 from device_agent.data import PrivateData, TrainData, fit_to_program, load_shard
 from device_agent.outbox import Outbox
-from device_agent.programs import files_bytes, load_program, program_view
+from device_agent.programs import files_bytes, load_program, measure_device, probe_view, program_view
 from device_agent.rounds import RoundRunner, RoundState, load_round, request_key, settle_finished_round
 from device_agent.simulate import DeviceClass, LinkShaper, Pacer, SimulatedClock, estimated_need_bytes
 from device_agent.store import FileStore
@@ -61,10 +61,11 @@ from shared.events import Step
 from shared.files import write_bytes_atomic
 from shared.manifest import Manifest
 from shared.protocol import (FATAL_CODES, PROTOCOL_VERSION, Ack, AgentState, ChunkAck, DataReady, DataShard, Error,
-                             Hello, Offer, OfferReply, Pause, ProfileRequest, ProtocolError, Resume, RoundDone,
+                             Hello, Offer, OfferReply, Pause, ProfileRequest, ProfileResponse, ProtocolError, Resume,
+                             RoundDone,
                              StartRound, Status, Stop, Welcome, decode, decode_chunk, encode, encode_f32)
 from shared.protocol_limits import (CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TIMEOUT_S, DESKTOP_HEADER,
-                                    MAX_FRAME_BYTES, OPEN_TIMEOUT_S, PING_INTERVAL_S, PING_TIMEOUT_S,
+                                    LINK_SAMPLE_BYTES, MAX_FRAME_BYTES, OPEN_TIMEOUT_S, PING_INTERVAL_S, PING_TIMEOUT_S,
                                     PROTOCOL_HEADER, TOKEN_HEADER, WS_PATH)
 
 log = logging.getLogger("deftly.agent")
@@ -128,6 +129,8 @@ class Agent:
         self._private_error: str | None = None
         self._shard: TrainData | None = None
         self._offers: dict[str, int] = {}  # sha256 -> id of the offer its chunks answer
+        self._arrivals: dict[str, tuple[float, int]] = {}  # sha256 -> (first chunk's arrival, bytes held then)
+        self._link_bytes_per_s: float | None = None  # measured on the last long enough transfer
         self._round_task: asyncio.Task | None = None
         self._round: RoundState | None = None
         self._control = _RoundControl()
@@ -354,7 +357,7 @@ class Agent:
         elif isinstance(message, (Pause, Resume, Stop)):
             await self._on_control(ws, message)
         elif isinstance(message, ProfileRequest):
-            raise ProtocolError("profiling is not available in this build", code="unavailable")
+            await self._on_profile(ws, message)
         elif isinstance(message, Hello):
             raise ProtocolError("hello twice on one connection", code="bad_request")
         else:
@@ -362,15 +365,23 @@ class Agent:
 
     def _on_chunk(self, frame: bytes, acks: asyncio.Queue) -> None:
         chunk = decode_chunk(frame)
+        arrived = time.monotonic()
         if self.shaper is not None:
-            self.shaper.reserve(len(frame))  # its ack waits behind these bytes in _send
+            arrived = self.shaper.reserve(len(frame))  # its ack waits behind these bytes in _send
         try:
             have, complete = self.store.write(chunk)
         except ProtocolError as exc:
             exc.reply_to = self._offers.get(chunk.sha256)  # the error answers the file's offer
+            self._arrivals.pop(chunk.sha256, None)
             raise
+        first = self._arrivals.setdefault(chunk.sha256, (arrived, have))
         if complete:
             self._offers.pop(chunk.sha256, None)
+            del self._arrivals[chunk.sha256]
+            carried, seconds = have - first[1], arrived - first[0]  # after the first chunk: its bytes set the start
+            if carried >= LINK_SAMPLE_BYTES and seconds > 0:
+                self._link_bytes_per_s = carried / seconds
+                log.info("link measured on %d bytes: %.1f Mbit/s", carried, self._link_bytes_per_s * 8e-6)
         acks.put_nowait(ChunkAck(sha256=chunk.sha256, have=have, complete=complete))
 
     async def _on_data_shard(self, ws: ServerConnection, message: DataShard) -> None:
@@ -381,6 +392,23 @@ class Agent:
         write_bytes_atomic(self.state_dir / "data.json", json.dumps({"shard": message.sha256}).encode())
         log.info("training data: shard %s… (%d examples)", message.sha256[:12], shard.summary.examples)
         await self._send(ws, DataReady(reply_to=message.id, data=shard.summary))
+
+    async def _on_profile(self, ws: ServerConnection, request: ProfileRequest) -> None:
+        if await self._busy():
+            raise ProtocolError("a round is running: the probe would time the round, not the device", code="busy")
+        probe = probe_view(self.store, self.state_dir / "programs", request.probe)
+        simulated = self.config.simulate
+        link = simulated.link_bytes_per_s if simulated else (request.link_bytes_per_s or self._link_bytes_per_s)
+        if link is None:
+            raise ProtocolError(f"the agent has not measured its link yet (it does on a transfer of at least "
+                                f"{LINK_SAMPLE_BYTES >> 20} MiB): send one first, or give link_bytes_per_s",
+                                code="bad_request")
+        log.info("profiling with probe %s…", request.probe[:12])
+        profile = await self._in_worker(measure_device, probe, self.info.name, link, self.clock, bool(simulated))
+        if self.memory_cap is not None:  # what the simulated device has left, not what the host has
+            held = self._process.memory_info().rss
+            profile = dataclasses.replace(profile, memory_bytes=float(max(self.memory_cap - held, 0)))
+        await self._send(ws, ProfileResponse(reply_to=request.id, profile=profile, simulated=self.info.simulated))
 
     async def _busy(self) -> bool:
         """A round is running (one whose result is already out is waited for: it is finishing)."""

@@ -241,11 +241,19 @@ class Welcome:
 
 @dataclass(frozen=True)
 class ProfileRequest:
-    """D→A: measure this device with a probe program (``device_agent.profile``)."""
+    """D→A: measure this device with a stored probe program (``device_agent.profile``)."""
 
     type: ClassVar[str] = "profile_request"
     id: int
-    probe: str | None = None  # sha256 of the probe program's manifest, if the desktop sent one
+    probe: str  # sha256 of the probe's manifest (``shared.probe.ProbeManifest``); it and its files stored
+    # The device's link rate as the desktop measured it; None: the agent's own measurement on the
+    # transfers it received (or, simulated, its class's rate).
+    link_bytes_per_s: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_sha256(self.probe, "ProfileRequest.probe")
+        if self.link_bytes_per_s is not None:
+            _check_finite(self.link_bytes_per_s, "ProfileRequest.link_bytes_per_s", positive=True)
 
 
 @dataclass(frozen=True)

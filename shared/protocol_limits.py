@@ -17,6 +17,7 @@ MAX_FRAME_BYTES = 4 * MIB  # the WebSocket's max_size: a larger frame is refused
 CHUNK_WINDOW = 8  # chunks the client keeps in flight before waiting for an ack (4 MiB at 512 KiB)
 METRICS_PER_FRAME = 256  # most step metrics coalesced into one frame when the link is slow
 HASH_READ_BYTES = 1 * MIB  # read size when hashing a stored or partial file
+LINK_SAMPLE_BYTES = 4 * MIB  # a transfer at least this long measures the agent's link (shorter: the window's burst)
 
 # -- timings (seconds) -----------------------------------------------------------------
 
@@ -25,7 +26,7 @@ PING_TIMEOUT_S = 15.0  # a connection whose pong is this late is dead (a cut Wi-
 OPEN_TIMEOUT_S = 10.0  # the opening handshake must finish within this
 CLOSE_TIMEOUT_S = 2.0  # wait this long for the peer's close frame before dropping the TCP connection
 REQUEST_TIMEOUT_S = 30.0  # a request (hello, offer, data, start round, pause...) unanswered this long failed
-PROGRAM_LOAD_TIMEOUT_S = 300.0  # loading a program (a Pi packs 500 MB of weights) may take this long
+PROGRAM_LOAD_TIMEOUT_S = 300.0  # loading a program, or measuring with the probe (a Pi packs 500 MB of weights)
 RECONNECT_FIRST_S = 0.2  # first wait before reconnecting after a lost connection
 RECONNECT_CAP_S = 10.0  # the backoff doubles up to this wait
 RECONNECT_JITTER = 0.5  # each wait is scaled by a uniform factor in [1 - jitter, 1]

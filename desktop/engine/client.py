@@ -43,12 +43,14 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from shared.errors import InputError
 from shared.hashing import sha256_file
 from shared.manifest import Manifest
+from shared.probe import ProbeManifest
 from shared.protocol import (PROTOCOL_VERSION, Ack, Chunk, ChunkAck, DataReady, DataShard, DataSummary, Error, Hello,
                              Metric, Offer, OfferReply, Pause, ProfileRequest, ProfileResponse, ProtocolError, Resume,
                              RoundDone, StartRound, Status, StepMetrics, Stop, Welcome, decode, encode, encode_chunk,
                              encode_f32)
 from shared.protocol_limits import (CHUNK_BYTES, CHUNK_WINDOW, CLOSE_TIMEOUT_S, DESKTOP_HEADER, MAX_FRAME_BYTES,
-                                    OPEN_TIMEOUT_S, PING_INTERVAL_S, PING_TIMEOUT_S, PROTOCOL_HEADER,
+                                    OPEN_TIMEOUT_S, PING_INTERVAL_S, PING_TIMEOUT_S, PROGRAM_LOAD_TIMEOUT_S,
+                                    PROTOCOL_HEADER,
                                     RECONNECT_CAP_S, RECONNECT_FIRST_S, RECONNECT_JITTER, REQUEST_TIMEOUT_S,
                                     TOKEN_HEADER, WS_PATH)
 
@@ -505,12 +507,25 @@ class AgentClient:
         Returns:
             The manifest's sha256 (what StartRound names).
         """
-        manifest_path = Path(manifest_path)
-        manifest = Manifest.load(manifest_path)
-        for role in ("program", "weights", "tokenizer"):
-            if role in manifest.files:
-                name = manifest.files[role]
-                await self.send_file(manifest.file(role, manifest_path), name=name, sha256=manifest.sha256.get(name),
+        manifest = Manifest.load(Path(manifest_path))
+        return await self._send_bundle(Path(manifest_path), manifest.files, manifest.sha256,
+                                       ("program", "weights", "tokenizer"), on_progress)
+
+    async def send_probe(self, manifest_path: Path) -> str:
+        """Ship a probe program (``shared.probe.ProbeManifest``: its ``.pte`` and weights, then the manifest).
+
+        Returns:
+            The probe manifest's sha256 (what :meth:`profile` names).
+        """
+        probe = ProbeManifest.load(Path(manifest_path))
+        return await self._send_bundle(Path(manifest_path), probe.files, probe.sha256, ("program", "weights"), None)
+
+    async def _send_bundle(self, manifest_path: Path, files: dict[str, str], sha256: dict[str, str],
+                           roles: tuple[str, ...], on_progress: Callable[[str, int, int], None] | None) -> str:
+        for role in roles:
+            if role in files:
+                name = files[role]
+                await self.send_file(manifest_path.parent / name, name=name, sha256=sha256.get(name),
                                      on_progress=(lambda have, size, name=name: on_progress(name, have, size))
                                      if on_progress else None)
         transfer = await self.send_file(manifest_path, name=manifest_path.name)
@@ -585,9 +600,17 @@ class AgentClient:
         """End the running round at its next step boundary (its RoundDone says ``stopped``)."""
         return await self._request(Stop(id=self._take_id()), Status)
 
-    async def profile(self, probe: str | None = None) -> ProfileResponse:
-        return await self._request(ProfileRequest(id=self._take_id(), probe=probe), ProfileResponse,
-                                   timeout_s=REQUEST_TIMEOUT_S * 10)
+    async def profile(self, probe: str, link_bytes_per_s: float | None = None) -> ProfileResponse:
+        """Measure the device with a probe sent by :meth:`send_probe` (a real device: minutes at most).
+
+        Args:
+            probe: the probe manifest's sha256.
+            link_bytes_per_s: the device's link rate as measured here; None: the agent's own
+                measurement on the transfers it received.
+        """
+        return await self._request(ProfileRequest(id=self._take_id(), probe=probe,
+                                                  link_bytes_per_s=link_bytes_per_s), ProfileResponse,
+                                   timeout_s=PROGRAM_LOAD_TIMEOUT_S)
 
 
 def _refusal(uri: str, exc: InvalidStatus) -> AgentError:

@@ -276,9 +276,6 @@ def test_a_start_round_with_the_wrong_size_of_b_or_no_data_is_refused(agents, ag
             with pytest.raises(RequestFailed, match="b has 700 values, the program's adapter .* has 768") as caught:
                 await desk.start_round(0, program, np.zeros(700, np.float32), k=2, lr=LR, eps=EPS)
             assert caught.value.code == "bad_request"
-            with pytest.raises(RequestFailed, match="profiling is not available in this build") as caught:
-                await desk.profile()
-            assert caught.value.code == "unavailable"
             with pytest.raises(RequestFailed, match="holds no file") as caught:
                 await desk.start_round(0, "f" * 64, np.zeros(B_SIZE, np.float32), k=2, lr=LR, eps=EPS)
             assert caught.value.code == "unknown_file"
@@ -494,3 +491,31 @@ def test_a_simulated_device_refuses_a_program_over_its_memory_and_its_link_holds
 
     run(go())
     assert "round 0 failed: memory" in agent.log()
+
+
+def test_a_profile_request_measures_the_device_with_the_probe_and_its_own_link(agents, tiny_probe, tmp_path) -> None:
+    phone = tmp_path / "phone.toml"
+    phone.write_text('[[class]]\nname = "phone"\ndescription = "a phone"\ncompute_factor = 1.5\nmemory_gib = 2\n'
+                     'link_mbit_s = 100\ncores = 8\n')
+    real, simulated = agents(name="desk-pc"), agents("--simulate", f"{phone}:phone", name="sim-phone")
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(np.random.default_rng(4).bytes(6 * 2**20))
+
+    async def go() -> None:
+        async with client(real) as desk:
+            probe = await desk.send_probe(tiny_probe.manifest_path)
+            with pytest.raises(RequestFailed, match="has not measured its link yet") as caught:
+                await desk.profile(probe)
+            assert caught.value.code == "bad_request"
+            await desk.send_file(blob)  # long enough to measure the link on
+            measured = (await desk.profile(probe)).profile
+            assert measured.name == "desk-pc" and measured.measured and measured.link_bytes_per_s > 0
+            assert set(measured.measurement.method_s) == set(tiny_probe.manifest.methods)
+        async with client(simulated) as desk:
+            reply = await desk.profile(await desk.send_probe(tiny_probe.manifest_path))
+            assert reply.simulated == "phone" and reply.profile.link_bytes_per_s == 100e6 / 8
+            assert 0 < reply.profile.memory_bytes < 2 * 2**30  # what the phone has left, not the host
+            assert all(t > 0 for t in reply.profile.measurement.method_s.values())
+
+    run(go())
+    assert "link measured on" in real.log() and "profiling with probe" in simulated.log()

@@ -39,7 +39,7 @@ def every_message() -> list:
     return [
         Hello(id=1, desktop="lab desktop", acked=4),
         Welcome(reply_to=1, agent=info, state=state),
-        ProfileRequest(id=2, probe=SHA),
+        ProfileRequest(id=2, probe=SHA, link_bytes_per_s=7.5e6),
         ProfileResponse(reply_to=2, profile=profile, simulated="pi4-4gb"),
         Offer(id=3, sha256=SHA, size=1 << 30, name="weights-abc.ptd"),
         OfferReply(reply_to=3, sha256=SHA, have=524288),
