@@ -1,4 +1,4 @@
-"""Who may import whom (DESIGN.md, "Who may import whom"), checked on the source.
+"""Who may import whom (docs/design.md, "Packages"), checked on the source.
 
 Static: every `import` / `from ... import` in a package's files is read with `ast`,
 so the check holds for code paths a test never runs.
