@@ -60,6 +60,7 @@ import numpy as np
 import psutil
 
 from device_agent.program import Program, resolve_manifest_path
+from shared.calibration import CALIBRATION_FILE  # beside the PEFT adapter: labels, verbalizer ids, class bias
 from shared.errors import InputError
 from shared.files import write_bytes_atomic
 from shared.manifest import BATCH_ORDERS
@@ -67,7 +68,6 @@ from shared.safetensors_io import save_file
 from shared.task_data import Split
 
 SCHEDULES = ("constant", "cosine", "linear")
-CALIBRATION_FILE = "deftly_calibration.json"  # beside the PEFT adapter: labels, verbalizer ids, class bias
 CHECKPOINT_FORMAT = 1
 _ARRAY_FIELDS = ("b", "b_sum")  # TrainState fields stored as arrays in checkpoint.npz, not in its JSON
 Event = dict[str, Any]
