@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from device_agent.program import Program
     from device_agent.trainer import TrainConfig, run_training
-    from export import baselines
+    from desktop.bench import baselines
     from export.lora import AdapterTensors
     from export.models import load_model, load_tokenizer, tiny_llama
     from export.prge import PrgeConfig, PrgeProgram
