@@ -1,4 +1,8 @@
-"""Writing files so that a crash or a full disk never leaves half of one behind."""
+"""Writing files so that a crash or a full disk never leaves half of one behind.
+
+Hand-written: the standard library has no atomic write, the package that had one
+(``atomicwrites``) is archived, and ``shared/`` takes no dependency beyond numpy.
+"""
 from __future__ import annotations
 
 import os
@@ -11,9 +15,6 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     The bytes go to a temporary file beside ``path``, are synced, and the file is
     renamed over ``path``; on any failure the temporary file is removed and the
     previous ``path``, if any, is untouched.
-
-    Hand-written: the standard library has no atomic write, and the package that had
-    one (``atomicwrites``) is archived; ``shared/`` takes no dependency beyond numpy.
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
