@@ -6,6 +6,7 @@ import json
 import pytest
 
 from desktop.cli import main
+from shared.events import Step, read_events
 
 
 @pytest.mark.slow
@@ -16,8 +17,8 @@ def test_demo_plans_exports_trains_and_draws(tmp_path, capsys) -> None:
     assert "1/4 plan" in printed and "round latency" in printed and "4/4 report" in printed
     run = out / "train"
     first = (run / "metrics.jsonl").read_text()
-    events = [json.loads(line) for line in first.splitlines()]
-    assert [e["step"] for e in events if e["kind"] == "step"] == [1, 2, 3]
+    events = read_events(run / "metrics.jsonl")
+    assert [e.step for e in events if isinstance(e, Step)] == [1, 2, 3]
     assert json.loads((run / "checkpoint.json").read_text())["step"] == 3
     assert (run / "adapter" / "adapter_model.safetensors").exists()
     assert (run / "curves.png").stat().st_size > 10_000
