@@ -86,9 +86,15 @@ def test_in_graph_noise_step_is_the_step_with_a_fresh_standard_normal_z(q1_progr
     b = (np.random.default_rng(5).standard_normal(q1_program.b_size) * 0.05).astype(np.float32)
     lr, eps = 0.5, 1e-2
     # execute
-    b1, loss1, g1 = q1_program.step_in_graph_noise(ids, lengths, labels, b, lr, eps)
+    # z is read back as (b - b1) / (lr g), which needs |g| well above rounding; g is the slope
+    # along a fresh random z, so now and then it is near 0 (a run failed here on |g| = 6.8e-4):
+    # take the first of a few fresh draws whose g is readable.
+    for _ in range(20):
+        b1, loss1, g1 = q1_program.step_in_graph_noise(ids, lengths, labels, b, lr, eps)
+        if abs(g1[0]) > 1e-3:
+            break
+    assert abs(g1[0]) > 1e-3, "20 fresh directions all had |g| < 1e-3"
     b2, _, _ = q1_program.step_in_graph_noise(ids, lengths, labels, b, lr, eps)
-    assert abs(g1[0]) > 1e-3  # else z cannot be read back
     z = (b - b1) / (lr * g1[0])  # [P]
     b_ref, loss_ref, g_ref = q1_program.step(ids, lengths, labels, b, z[None, :].astype(np.float32), lr, eps)
     # assert: z is N(0, 1), fresh on every call, and the step with it is the same step
