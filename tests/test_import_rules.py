@@ -37,7 +37,8 @@ ALLOWED: dict[str, set[str]] = {
                "safetensors", "tqdm", "matplotlib"},
     "device_agent": {"device_agent", "shared"} | AGENT_EXTRA,
     "desktop": {"desktop", "shared", "export", "device_agent", "numpy", "tqdm", "matplotlib", "websockets",
-                "zeroconf", "torch", "PySide6", "pyqtgraph"},
+                "zeroconf", "torch", "PySide6", "pyqtgraph",
+                "psutil"},  # bench agent reads an agent process's memory and CPU time
 }
 
 # pyproject's distribution names that import under another name.
