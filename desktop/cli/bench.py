@@ -11,6 +11,7 @@ from pathlib import Path
 BENCHMARKS = {
     "plan": ("desktop.bench.plan", "planner exactness, dual-ascent gap, speed, gain over baselines"),
     "prge": ("desktop.bench.prge", "P-RGE in ExecuTorch vs MeZO, eager P-RGE and first-order LoRA"),
+    "lowering": ("desktop.bench.lowering", "a plan's programs from a cold and a warm cache, and where lowering time goes"),
 }
 
 
