@@ -9,10 +9,11 @@ layer in a program is what the probe measured, and the probe is one layer's
 weights, not the model's (SmolLM2 fp32: ~14 MB; int8: ~4 MB).
 
 Stages, as in `export.program`: 1 wrap (`probe_modules`: one module per method
-over a one-layer stand-in of the model) → 2-5 export, tag, lower, emit
-(`export.program.build_program`, the programs' own pipeline: the layer's
-weights go to the `.ptd` once, whatever the number of methods) → cached under
-``probes/<key>/`` like programs.  `export_probe` writes beside each other:
+over a one-layer stand-in of the model) → 2-4 export and tag, lower, emit
+(`export.lowering.lower_unit`, the programs' own pipeline, all methods in one
+unit: the layer's weights go to the `.ptd` once, whatever the number of methods)
+→ cached like a program's unit (`export.cache.ProgramCache`, under the probe's
+own key).  `export_probe` writes beside each other:
 
     probe.pte, weights-<sha12>.ptd   the methods and the layer's weights
     probe.probe.json                 the manifest (`shared.probe.ProbeManifest`)
@@ -24,22 +25,21 @@ scales: those change the values the GEMMs read, not their cost.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export.cache import ProgramCache, digest, model_fingerprint, place_file, toolchain
+from export.int8 import quantize_linears_int8
 from export.lora import AdapterTensors, LoraFaConfig
-from export.prge import PrgeProgram
-from export.program import (ExportConfig, _Ticker, _write_cache_entry, build_program, model_fingerprint,
-                            quantize_linears_int8)
+from export.lowering import lower_unit
+from export.prge import PrgeProgram, _LayerB
+from export.program import ExportConfig
+from export.progress import Callback, ProgressTracker
 from shared.errors import InputError
 from shared.hashing import sha256_file
 from shared.probe import PROBE_FORMAT, PROBE_SUFFIX, ProbeManifest
@@ -77,7 +77,7 @@ class _Layer(nn.Module):
         self.program = program
 
     def forward(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.program._decoder_layer(h, PROBED, b)  # [n, T, H]
+        return self.program._decoder_layer(h, PROBED, _LayerB(b, 0))  # [n, T, H]
 
 
 class _FrozenLayer(nn.Module):
@@ -102,7 +102,7 @@ class _LastLayer(nn.Module):
         self.program, self.lora = program, lora
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.program._last_layer_at(h, positions, PROBED, b if self.lora else None)
+        return self.program._last_layer_at(h, positions, PROBED, _LayerB(b, 0) if self.lora else None)
 
 
 class _Head(nn.Module):
@@ -204,16 +204,15 @@ class ProbeResult:
 
 
 def export_probe(cfg: ExportConfig, out_dir: Path, cache_dir: Path | None = None,
-                 progress: Callable[[str], None] = print, loaded=None) -> ProbeResult:
+                 on_progress: Callback | None = None, loaded=None) -> ProbeResult:
     """Export the probe for a job's model and shapes into ``out_dir``.
 
     Args:
         cfg: the job's export settings (the probe takes its model, layers, targets,
             rank, q, bs, T and base weights; nothing else).
         out_dir: where ``probe.pte``, the weights and ``probe.probe.json`` go.
-        cache_dir: cache root (default ``export.models.default_cache_dir()``); lowered
-            probes are cached under ``probes/<key>/``.
-        progress: receives one-line progress messages.
+        cache_dir: cache root (default ``export.models.default_cache_dir()``).
+        on_progress: receives ``export.progress.ExportProgress`` events.
         loaded: an already loaded ``export.models.LoadedModel``.
 
     Returns:
@@ -222,45 +221,52 @@ def export_probe(cfg: ExportConfig, out_dir: Path, cache_dir: Path | None = None
     from export.models import default_cache_dir, load_model
     from shared.tasks import load_task_spec, verbalizer_token_ids
 
-    start = time.perf_counter()
-    cache_root = cache_dir or default_cache_dir()
-    loaded = loaded or load_model(cfg.model, cache_dir=cache_dir, progress=progress)
+    tracker = ProgressTracker(on_progress)
+    cache = ProgramCache(cache_dir or default_cache_dir())
+    if loaded is None:
+        tracker.begin("load", f"loading model {cfg.model}")
+        loaded = load_model(cfg.model, cache_dir=cache_dir, progress=lambda line: tracker.note("load", line))
+        tracker.end("load", f"loaded {loaded.model_id}")
     verbalizer_ids = verbalizer_token_ids(load_task_spec(cfg.task), loaded.tokenizer)
     modules, shapes = probe_modules(loaded.model, cfg, verbalizer_ids)
-    fingerprint = model_fingerprint(loaded.model)
-    shapes = replace(shapes, model_id=loaded.model_id, model_fingerprint=fingerprint)
+    shapes = replace(shapes, model_id=loaded.model_id, model_fingerprint=model_fingerprint(loaded.model))
     key = probe_cache_key(shapes, loaded.model)
-    cached = cache_root / "probes" / key
-    from_cache = (cached / "program.pte").exists() and (cached / "weights.ptd").exists()
+    unit = cache.find(key)
+    from_cache = unit is not None
     lower_seconds = 0.0
-    if from_cache:
-        progress(f"Probe found in the cache ({cached}); not lowering again")
-    else:
-        with _Ticker(progress, f"lowering the probe ({len(modules)} methods, {cfg.base_weights})"):
-            lower_start = time.perf_counter()
-            _write_cache_entry(build_program(modules, True, lambda _m: None), cached, True)
-            lower_seconds = time.perf_counter() - lower_start
+    if unit is None:
+        tracker.plan_methods(len(modules))
+        stages: dict[str, float] = {}
+
+        def on_stage(stage: str, method: str, state: str, seconds: float | None) -> None:
+            message = f"{stage} probe method {method}"
+            if state == "start":
+                tracker.begin(stage, message, "probe", method)
+            else:
+                tracker.end(stage, message, "probe", method, seconds)
+                stages[stage] = stages.get(stage, 0.0) + (seconds or 0.0)
+
+        start = time.perf_counter()
+        unit = cache.store(key, lower_unit(modules, True, on_stage), tuple(modules), True, stages)
+        lower_seconds = time.perf_counter() - start
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     program = out_dir / "probe.pte"
-    shutil.copyfile(cached / "program.pte", program)
-    weights = out_dir / f"weights-{(cached / 'weights.sha256').read_text().strip()[:12]}.ptd"
+    shutil.copyfile(unit.program, program)
+    weights = out_dir / f"weights-{unit.weights_sha256[:12]}.ptd"
     if not weights.exists():
-        shutil.copyfile(cached / "weights.ptd", weights)
-    files = {"program": program.name, "weights": weights.name}
-    manifest = replace(shapes, files=files, sha256={p.name: sha256_file(p) for p in (program, weights)},
+        place_file(unit.weights, weights)
+    manifest = replace(shapes, files={"program": program.name, "weights": weights.name},
+                       sha256={program.name: sha256_file(program), weights.name: unit.weights_sha256},
                        lower_seconds=round(lower_seconds, 2), cache_key=key)
     manifest_path = out_dir / f"probe{PROBE_SUFFIX}"
     manifest.save(manifest_path)
-    return ProbeResult(manifest_path, manifest, from_cache, time.perf_counter() - start)
+    tracker.finish(f"Wrote {manifest_path}" + (" (probe found in the cache)" if from_cache else ""))
+    return ProbeResult(manifest_path, manifest, from_cache, tracker.clock() - tracker.start)
 
 
 def probe_cache_key(shapes: ProbeManifest, model: nn.Module) -> str:
     """Key of a lowered probe: its format, the model's content and config, the shapes, the toolchain."""
-    from importlib.metadata import version
-
-    settings = {"format": PROBE_FORMAT, "shapes": asdict(replace(shapes, files={}, sha256={})),
-                "config": model.config.to_json_string(use_diff=False),
-                "torch": torch.__version__, "executorch": version("executorch")}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return digest({"probe": PROBE_FORMAT, "shapes": asdict(replace(shapes, files={}, sha256={})),
+                   "config": model.config.to_json_string(use_diff=False), **toolchain()})

@@ -45,7 +45,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from shared.blocks import check_cover, layout_layers, program_block
+from shared.blocks import check_cover, layout_layers, program_block, whole_span
 from shared.errors import InputError
 from shared.manifest import Manifest
 from shared.probe import ProbeManifest, check_probe_matches
@@ -138,10 +138,17 @@ def memory_model(probe: ProbeManifest, measurement: Measurement, weights_file_by
         layers=probe.num_layers, resident_methods=resident_methods)
 
 
+def _is_step(method: str) -> bool:
+    """``step``, a length bucket of it (``step_t32``) or ``step_rng``: what a device trains with."""
+    return method in ("step", "step_rng") or (method.startswith("step_t") and method[len("step_t"):].isdigit())
+
+
 def _same_job(manifests: Sequence[Manifest], sources: Sequence[str]) -> None:
     """Every manifest must be a program of one job: same model, adapter layout and shapes."""
     first = manifests[0]
     for manifest, source in zip(manifests[1:], sources[1:]):
+        if manifest.job_key and first.job_key:
+            manifest.check_job(first.job_key, where=source)
         for name in ("model_id", "num_layers", "q", "batch_size", "seq_len", "base_weights", "b_layout",
                      "target_modules", "rank"):
             if getattr(manifest, name) != getattr(first, name):
@@ -153,9 +160,10 @@ def job_from_manifests(manifests: Sequence[Manifest], memory: MemoryModel, local
                        probe: ProbeManifest | None = None, sources: Sequence[str] = ()) -> Job:
     """The planner's job for exported programs.
 
-    One manifest without a block (today's programs, or the job's layout alone): the
-    planner chooses the blocks.  Block programs (each manifest's ``block``): their
-    blocks, checked to cover the job's layers exactly once.
+    One whole-job program (its block is every trainable layer): the planner chooses
+    the blocks.  Block programs (each manifest's ``block``): their blocks, checked to
+    cover the job's layers exactly once.  Programs without a step method (the job's
+    eval program) are passed over.
 
     Args:
         manifests: the job's program manifests.
@@ -187,11 +195,14 @@ def job_from_manifests(manifests: Sequence[Manifest], memory: MemoryModel, local
     if memory.layers != first.num_layers:
         raise InputError(f"the memory model is of a {memory.layers}-layer model, {sources[0]} has {first.num_layers}")
     blocks: tuple[Block, ...] = ()
-    with_block = [m for m in manifests if m.block is not None]
-    if with_block:
-        if len(with_block) != len(manifests):
+    whole = whole_span(first.b_layout)
+    spans = [program_block(m) for m in manifests if any(_is_step(method) for method in m.methods)]
+    if not spans:
+        raise InputError(f"{', '.join(sources)}: no step method; give the job's step programs, not only its eval")
+    if not (len(spans) == 1 and spans[0] == whole):  # one whole-job program: the planner chooses the blocks
+        if whole in spans:
             raise InputError("mix of block programs and whole-job programs: give the job's block programs only")
-        spans = sorted((program_block(m) for m in manifests), key=lambda s: s.first_layer)
+        spans.sort(key=lambda span: span.first_layer)
         check_cover(first.b_layout, spans)
         blocks = tuple(Block(span.name, span.first_layer, span.last_layer, float(BYTES_PER_B * span.size))
                        for span in spans)

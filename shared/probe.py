@@ -65,6 +65,11 @@ class ProbeManifest:
     format: int = PROBE_FORMAT
 
     @property
+    def method_files(self) -> dict[str, str]:
+        """Method -> its own ``.pte``, as programs have: none, every method is in the one ``program`` file."""
+        return {}
+
+    @property
     def wide_rows(self) -> int:
         """2q·bs, the rows of a widened layer."""
         return 2 * self.q * self.batch_size

@@ -10,8 +10,10 @@ from pathlib import Path
 # Modules are imported only for the benchmark chosen: `bench plan` must not pay for torch.
 BENCHMARKS = {
     "plan": ("desktop.bench.plan", "planner exactness, dual-ascent gap, speed, gain over baselines"),
+    "profile": ("desktop.bench.profile", "the cost model from the probe against block programs: step time, peak RSS"),
     "prge": ("desktop.bench.prge", "P-RGE in ExecuTorch vs MeZO, eager P-RGE and first-order LoRA"),
     "agent": ("desktop.bench.agent", "the device agent: transfers, resume, metric latency, memory, fuzz, faults"),
+    "lowering": ("desktop.bench.lowering", "a plan's programs from a cold and a warm cache, and where lowering time goes"),
 }
 
 

@@ -38,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from desktop.cli.export import ProgressLine
     from desktop.measured import measure_in_fresh_process
     from export.probe import export_probe
     from export.program import ExportConfig
@@ -48,7 +49,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = ExportConfig(model=args.model, task=args.task, layers=args.layers, q=args.q, batch_size=args.bs,
                        seq_len=args.seq, rank=args.rank, base_weights=args.weights,
                        target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()))
-    probe = export_probe(cfg, args.out, cache_dir=args.cache_dir)
+    line = ProgressLine()
+    try:
+        probe = export_probe(cfg, args.out, cache_dir=args.cache_dir, on_progress=line)
+    finally:
+        line.close()
     print(f"probe: {probe.manifest_path} ({'from the cache' if probe.from_cache else f'lowered in {probe.manifest.lower_seconds:.1f} s'})")
     profile = measure_in_fresh_process(probe.manifest_path, args.name, args.link_mbit_s, args.out / "profile.json",
                                        repeats=args.repeats)

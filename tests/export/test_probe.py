@@ -51,7 +51,7 @@ def test_probe_for_another_model_or_shape_is_refused_by_name(tiny_probe) -> None
 def test_each_layer_method_is_the_program_layer_it_stands_for(tiny_probe, tiny_program) -> None:
     # The runtime's answer equals the eager PrgeProgram's own layer code on the probed layer.
     from export.lora import AdapterTensors, LoraFaConfig
-    from export.prge import PrgeProgram
+    from export.prge import PrgeProgram, _LayerB
     from export.probe import PROBED, _OneLayerModel
 
     probe = tiny_probe.manifest
@@ -66,12 +66,12 @@ def test_each_layer_method_is_the_program_layer_it_stands_for(tiny_probe, tiny_p
     h, b = probe_inputs(probe, "layer_wide")
     (got,) = program.load_method("layer_wide")([h, b])
     with torch.no_grad():
-        expected = eager._decoder_layer(h, PROBED, b)
+        expected = eager._decoder_layer(h, PROBED, _LayerB(b, 0))
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_a_second_export_comes_from_the_cache(tiny_probe, tiny_program, tmp_path: Path) -> None:
-    again = export_probe(tiny_program.config, tmp_path, cache_dir=tiny_probe.cache_dir, progress=lambda _m: None,
+    again = export_probe(tiny_program.config, tmp_path, cache_dir=tiny_probe.cache_dir,
                          loaded=tiny_program.loaded)
     assert not tiny_probe.export.from_cache and tiny_probe.manifest.lower_seconds > 0
     assert again.from_cache and again.manifest.lower_seconds == 0
@@ -89,7 +89,7 @@ def test_an_int8_probe_quantises_its_layer_like_int8_programs(tiny_program, tmp_
     from device_agent.profile import measure_profile
 
     config = replace(tiny_program.config, base_weights="int8")
-    result = export_probe(config, tmp_path / "probe", cache_dir=tmp_path / "cache", progress=lambda _m: None,
+    result = export_probe(config, tmp_path / "probe", cache_dir=tmp_path / "cache",
                           loaded=tiny_program.loaded)
     assert result.manifest.base_weights == "int8"
     weights = (tmp_path / "probe" / result.manifest.files["weights"]).stat().st_size

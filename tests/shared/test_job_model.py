@@ -81,7 +81,9 @@ def test_job_from_one_manifest_lets_the_planner_choose_blocks() -> None:
 
 def test_block_manifests_give_the_blocks() -> None:
     model = memory_model(PROBE, MEASUREMENT, WEIGHTS, PROBE_WEIGHTS)
-    parts = [_manifest(block=(22, 25)), _manifest(block=(26, 28)), _manifest(block=(29, 29))]
+    parts = [_manifest(block=(22, 25)), _manifest(block=(26, 28)), _manifest(block=(29, 29)),
+             _manifest(block=(22, 29), methods=["eval"])]  # the job's eval program is passed over
+    assert job_from_manifests([_manifest(block=(22, 29))], model, local_steps=5).blocks == ()
     job = job_from_manifests(parts[::-1], model, local_steps=5)
     assert [(b.first_layer, b.last_layer, b.payload_bytes) for b in job.blocks] == [
         (22, 25, 4 * 4 * 6144), (26, 28, 3 * 4 * 6144), (29, 29, 4 * 6144)]
@@ -91,7 +93,8 @@ def test_block_manifests_give_the_blocks() -> None:
     ([_manifest(block=(22, 25)), _manifest(block=(25, 29))], "overlap at layer 25"),
     ([_manifest(block=(22, 25)), _manifest(block=(27, 29))], "no block holds trainable layers 26"),
     ([_manifest(block=(22, 25)), _manifest(block=(26, 29), model_id="other")], "manifest\\[1\\]: a program of another job"),
-    ([_manifest(block=(22, 25)), _manifest()], "mix of block programs"),
+    ([_manifest(block=(22, 25)), _manifest(block=(22, 29))], "mix of block programs"),
+    ([_manifest(methods=["eval"])], "no step method"),
     ([_manifest(layers=[22, 24])], "not contiguous"),
     ([], "no program manifests"),
 ])

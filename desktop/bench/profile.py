@@ -1,0 +1,223 @@
+"""profile: the cost model, fed by the probe, against block programs run in the runtime.
+
+Measures, in one run (`deftly bench profile` → `bench/results/profile.json` + PNG),
+for fp32 and int8 programs of the default job (the top 8 layers of SmolLM2):
+
+* the probe, lowered into an empty cache (`probe_lower_s`), and this machine
+  measured with it in a fresh process (`device_agent.profile`);
+* for every block start s of the job, the block program of layers s..last (1 to 8
+  layers; ``step`` at the full sequence length), each run in a fresh process:
+  its median step time beside the cost model's t_step(s) from the probe's times
+  (`shared.costmodel.step_times`), and its peak resident memory above the idle
+  process (VmHWM) beside the memory model's M(s) + 2q·S_b
+  (`shared.job_model.MemoryModel`);
+* `worst_step_prediction_error` and `worst_memory_prediction_error`: the largest
+  |measured − predicted| / measured over the table (targets 0.10 and 0.15);
+* `plan_programs_cold_s` / `plan_programs_warm_s`: `export.program.export_plan`
+  for the default 3-device plan's blocks from an empty cache, then again (target
+  cold ≤ 600 s);
+* the machine's load average before and after: a shared machine inflates times,
+  and a load that changes between the probe and a program moves the step ratios.
+
+`python -m desktop.bench.profile MANIFEST STEPS` is the fresh process that runs one
+program: it prints the idle RSS, the peak (VmHWM) and the median step time as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import InputError
+
+TARGETS = {"worst_step_prediction_error": 0.10, "worst_memory_prediction_error": 0.15, "plan_programs_cold_s": 600.0}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="model spec (default: embedded SmolLM2; 'tiny' for a smoke run)")
+    parser.add_argument("--layers", default="top:8", help="the job's trainable layers (default top:8)")
+    parser.add_argument("--weights", default="fp32,int8", help="comma-separated: fp32, int8 (default both)")
+    parser.add_argument("--plan-blocks", default="22-24,25-27,28-29",
+                        help="the 3-device plan whose programs are lowered cold and warm ('' to skip)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per block program (default 5)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per probe method (default 20)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where the model is cached (default: deftly's)")
+    parser.add_argument("--work-dir", type=Path, default=None, help="programs and the fresh caches (default: a temp dir)")
+
+
+def _vm_hwm() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def run_program(manifest: Path, steps: int) -> dict:
+    """In this process: load a block program, run ``steps`` + 1 steps at the full length; RSS and times."""
+    import psutil
+
+    from device_agent.program import Program
+
+    idle = psutil.Process().memory_info().rss
+    program = Program(manifest, max_resident_methods=1)
+    bs, T, q = program.batch_size, program.seq_len, program.q
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 1000, (bs, T))
+    lengths, labels = np.full(bs, T), rng.integers(0, 2, bs)
+    b = np.zeros(program.b_size, np.float32)
+    z = rng.standard_normal((q, program.block_size)).astype(np.float32)
+    times = []
+    for i in range(steps + 1):  # the first loads the method and sizes the workspace: not timed
+        start = time.perf_counter()
+        program.step(ids, lengths, labels, b, z, 1e-3, 1e-2)
+        if i:
+            times.append(time.perf_counter() - start)
+    return {"idle_bytes": idle, "peak_bytes": _vm_hwm(), "step_s": float(np.median(times)),
+            "step_spread": float((np.percentile(times, 90) - np.percentile(times, 10)) / np.median(times))}
+
+
+def _measure_program(manifest: Path, steps: int) -> dict:
+    done = subprocess.run([sys.executable, "-m", "desktop.bench.profile", str(manifest), str(steps)],
+                          capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"running {manifest} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _job(args: argparse.Namespace, weights: str):
+    from export.models import load_model, load_tokenizer, tiny_llama
+    from export.program import ExportConfig
+
+    if args.model == "tiny":  # the smoke test's model: a 4-layer random Llama with SmolLM2's tokenizer
+        loaded = tiny_llama(num_layers=4, hidden_size=64, tokenizer=load_tokenizer("smollm2", args.cache_dir, print))
+        return loaded, ExportConfig(model="tiny", layers=args.layers, seq_len=32, methods=("step",),
+                                    length_buckets=(), calibrate="none", base_weights=weights)
+    loaded = load_model(args.model, cache_dir=args.cache_dir, progress=print)
+    return loaded, ExportConfig(model=args.model, layers=args.layers, methods=("step",), length_buckets=(),
+                                base_weights=weights)
+
+
+def measure_weights(args: argparse.Namespace, weights: str, work: Path) -> dict:
+    """Probe, profile and every block program of one kind of weights."""
+    from desktop.measured import measure_in_fresh_process
+    from export.lora import parse_layers
+    from export.probe import export_probe
+    from export.program import export_program
+    from shared.costmodel import step_times
+    from shared.job_model import memory_model
+    from shared.manifest import Manifest
+    from shared.profiles import Fleet, Job
+
+    loaded, cfg = _job(args, weights)
+    layers = parse_layers(cfg.layers, loaded.model.config.num_hidden_layers)
+    probe = export_probe(cfg, work / f"probe-{weights}", cache_dir=work / f"probe-cache-{weights}", loaded=loaded)
+    profile = measure_in_fresh_process(probe.manifest_path, "this-machine", 100.0,
+                                       work / f"probe-{weights}" / "profile.json", repeats=args.repeats)
+    probe_weights = (probe.manifest_path.parent / probe.manifest.files["weights"]).stat().st_size
+    num_layers = probe.manifest.num_layers
+    steps = step_times(Fleet("here", (profile,)), Job("probe", num_layers, layers[0], layers[-1], 1.0, cfg.q,
+                                                      cfg.batch_size, 1, 0.0, 0.0))[0]
+    rows = []
+    for first in layers:
+        block = (first, layers[-1])
+        result = export_program(replace(cfg, block=block),
+                                work / weights / f"block-{first}" / "step.pte", cache_dir=work / "cache", loaded=loaded)
+        manifest = Manifest.load(result.manifest_path)
+        weights_bytes = manifest.file("weights", result.manifest_path).stat().st_size
+        model = memory_model(probe.manifest, profile.measurement, weights_bytes, probe_weights)
+        predicted_bytes = model.program_bytes(first) + 2 * cfg.q * 4 * manifest.block["size"]
+        measured = _measure_program(result.manifest_path, args.steps)
+        measured_bytes = measured["peak_bytes"] - measured["idle_bytes"]
+        rows.append({"weights": weights, "first_layer": first, "last_layer": layers[-1],
+                     "predicted_step_s": float(steps[first]), "measured_step_s": measured["step_s"],
+                     "measured_step_spread": measured["step_spread"],
+                     "step_error": abs(measured["step_s"] - steps[first]) / measured["step_s"],
+                     "predicted_peak_bytes": predicted_bytes, "measured_peak_bytes": measured_bytes,
+                     "memory_error": abs(measured_bytes - predicted_bytes) / measured_bytes})
+        print(f"{weights} block {first}-{layers[-1]}: step {1e3 * steps[first]:.1f} ms predicted, "
+              f"{1e3 * measured['step_s']:.1f} measured; peak {predicted_bytes / 2**20:.0f} MiB predicted, "
+              f"{measured_bytes / 2**20:.0f} measured", flush=True)
+    return {"probe_lower_s": probe.manifest.lower_seconds, "probe_method_s": profile.measurement.method_s,
+            "probe_spread": profile.measurement.spread, "rows": rows}
+
+
+def plan_programs(args: argparse.Namespace, work: Path) -> tuple[float | None, float | None]:
+    """export_plan of the default plan's blocks from an empty cache, then warm."""
+    from export.program import export_plan, parse_blocks
+
+    if not args.plan_blocks:
+        return None, None
+    loaded, cfg = _job(args, "fp32")
+    cfg = replace(cfg, methods=("step", "eval"), length_buckets=() if args.model == "tiny" else (32,))
+    blocks = parse_blocks(args.plan_blocks)
+    start = time.perf_counter()
+    export_plan(cfg, blocks, work / "plan-cold", cache_dir=work / "plan-cache", loaded=loaded)
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    export_plan(cfg, blocks, work / "plan-warm", cache_dir=work / "plan-cache", loaded=loaded)
+    return cold, time.perf_counter() - start
+
+
+def draw(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["table"]
+    kinds = sorted({r["weights"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for kind, marker in zip(kinds, "os"):
+        mine = [r for r in rows if r["weights"] == kind]
+        xs = [r["first_layer"] for r in mine]
+        axes[0].plot(xs, [r["measured_step_s"] for r in mine], marker + "-", label=f"{kind} measured")
+        axes[0].plot(xs, [r["predicted_step_s"] for r in mine], marker + "--", label=f"{kind} predicted")
+        axes[1].plot(xs, [r["measured_peak_bytes"] / 2**20 for r in mine], marker + "-", label=f"{kind} measured")
+        axes[1].plot(xs, [r["predicted_peak_bytes"] / 2**20 for r in mine], marker + "--", label=f"{kind} predicted")
+    axes[0].set(xlabel="block's first layer (block ends at the job's last)", ylabel="step time (s)",
+                title=f"step: worst error {100 * results['worst_step_prediction_error']:.0f} % (target 10 %)")
+    axes[1].set(xlabel="block's first layer", ylabel="peak RSS above idle (MiB)",
+                title=f"memory: worst error {100 * results['worst_memory_prediction_error']:.0f} % (target 15 %)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict:
+    kinds = [w.strip() for w in args.weights.split(",") if w.strip()]
+    if not kinds or set(kinds) - {"fp32", "int8"}:
+        raise InputError(f"--weights {args.weights!r}: expected fp32, int8 or both")
+    if args.steps < 1 or args.repeats < 1:
+        raise InputError("--steps and --repeats must be at least 1")
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="deftly-bench-profile-") as tmp:
+        work = Path(args.work_dir or tmp)
+        per_kind = {kind: measure_weights(args, kind, work) for kind in kinds}
+        cold, warm = plan_programs(args, work)
+    table = [row for kind in kinds for row in per_kind[kind]["rows"]]
+    results = {
+        "worst_step_prediction_error": max(r["step_error"] for r in table),
+        "worst_memory_prediction_error": max(r["memory_error"] for r in table),
+        "plan_programs_cold_s": cold, "plan_programs_warm_s": warm,
+        "probe_lower_s": {kind: per_kind[kind]["probe_lower_s"] for kind in kinds},
+        "probe_method_s": {kind: per_kind[kind]["probe_method_s"] for kind in kinds},
+        "targets": TARGETS, "model": args.model, "layers": args.layers,
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())}, "cores": os.cpu_count(),
+        "table": table,
+    }
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "profile.json").write_text(json.dumps(results, indent=2) + "\n")
+    draw(results, out_dir / "profile.png")
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_program(Path(sys.argv[1]), int(sys.argv[2]))))

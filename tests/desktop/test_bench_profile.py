@@ -1,0 +1,34 @@
+"""`deftly bench profile` on the tiny model: every block start predicted beside measured, the agreed keys."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_profile_writes_the_table_and_the_agreed_keys(tmp_path: Path) -> None:
+    # ~5 min on 2 cores: a probe, three block programs and a two-block plan lowered cold and warm.
+    from desktop.bench import profile as bench
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out-dir", type=Path)
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--out-dir", str(tmp_path), "--model", "tiny", "--layers", "1-3", "--weights", "fp32",
+                              "--plan-blocks", "1-1,2-3", "--steps", "2", "--repeats", "3",
+                              "--work-dir", str(tmp_path / "work")])
+    results = bench.run(args)
+    saved = json.loads((tmp_path / "profile.json").read_text())
+    assert {"worst_step_prediction_error", "worst_memory_prediction_error", "plan_programs_cold_s",
+            "plan_programs_warm_s", "probe_lower_s", "table"} <= set(saved)
+    assert [(r["first_layer"], r["last_layer"]) for r in saved["table"]] == [(1, 3), (2, 3), (3, 3)]
+    for row in saved["table"]:
+        assert row["measured_step_s"] > 0 and row["predicted_step_s"] > 0
+        assert row["measured_peak_bytes"] > 0 and row["predicted_peak_bytes"] > 0
+        assert row["step_error"] == pytest.approx(abs(row["measured_step_s"] - row["predicted_step_s"])
+                                                  / row["measured_step_s"])
+    assert saved["worst_memory_prediction_error"] == max(r["memory_error"] for r in saved["table"])
+    assert saved["plan_programs_warm_s"] < saved["plan_programs_cold_s"] and saved["probe_lower_s"]["fp32"] > 0
+    assert results["table"] == saved["table"] and (tmp_path / "profile.png").stat().st_size > 10_000
