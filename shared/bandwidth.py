@@ -32,8 +32,13 @@ budget with a price λ ≥ 0 on the Lagrangian
 where x_kb ∈ {0, 1} are device-involvement indicators (device k trains block b).
 Each iteration (1) picks x minimising L at the current T, a min-cost assignment
 of the shares; (2) minimises L over T for that x (1 = λ Σ a/(T − c)²); (3) moves
-the price along the subgradient, λ ← λ·exp(η(Σ x w(T) − 1)), raising it while
-the shares overrun the link.  Every x it visits is turned into a feasible plan
+the price along the subgradient, clipped, λ ← λ·exp(η·min(Σ x w(T) − 1, 1)),
+raising it while the shares overrun the link.  The clip bounds one step to a
+factor e^η: when a device on a link 1e5 times slower than another's is picked
+at a T just above its compute, the overrun is ~1e5 and the unclipped step
+overflowed; near the optimum |overrun| ≪ 1 and the clip does nothing.  The
+price is kept as log λ, and a T that is no longer representable ends the
+ascent with the best plan found.  Every x it visits is turned into a feasible plan
 (T*_x and its balanced shares) and the best is kept, so the result is always
 feasible and never below the exact optimum; `gap` is how far above it lies.
 
@@ -44,6 +49,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import numpy as np
 
@@ -134,11 +140,44 @@ def min_cost_assignment(cost: np.ndarray) -> list[int] | None:
     return col_of
 
 
-def matching_round_time(transfer_s: np.ndarray, compute_s: np.ndarray) -> float:
-    """T*_σ: the root of Σ_b a_b / (T − c_b) = 1 for one matching.
+def balanced_shares(transfer_s: np.ndarray, compute_s: np.ndarray) -> tuple[float, np.ndarray]:
+    """T*_σ and its shares: the root of Σ_b a_b / (T − c_b) = 1 for one matching.
 
-    Newton from the left: f is convex and decreasing, so starting at
-    max_b(c_b + a_b) (where f ≥ 1) the iterates climb monotonically to the root.
+    Solved in the gap u = T − max_b c_b rather than in T: with a fast link a_b can
+    lie below the rounding step of c_b (1e-13 s of transfer beside 1e4 s of
+    compute), and T − c_b would then be 0 and every share infinite.  With
+    d_b = max c − c_b ≥ 0 the root is the u > 0 of Σ a_b / (d_b + u) = 1; f is
+    convex and decreasing in u, so Newton from u₀ = max_b(a_b − d_b) (where f ≥ 1)
+    climbs monotonically to it, at least by half of u per step while f ≥ 2.
+
+    Args:
+        transfer_s: (N,) a_b > 0 of the chosen pairs.
+        compute_s: (N,) c_b ≥ 0 of the chosen pairs.
+
+    Returns:
+        (T, shares): the round latency and the (N,) shares a_b / (d_b + u), Σ ≤ 1.
+    """
+    a = np.asarray(transfer_s, dtype=float)
+    c = np.asarray(compute_s, dtype=float)
+    if a.size == 0:
+        return 0.0, np.zeros(0)
+    top = float(np.max(c))
+    d = top - c                   # (N,) ≥ 0, exact where it matters (the largest c gives 0)
+    u = float(np.max(a - d))      # > 0: the largest c's own term has d = 0 and a > 0
+    for _ in range(200):
+        gap = d + u
+        f = float(np.sum(a / gap))
+        slope = float(np.sum(a / gap**2))
+        step = (f - 1.0) / slope
+        if not step > u * 1e-15:  # converged (or a non-finite step: keep the last u)
+            break
+        u += step
+    share = a / (d + u)
+    return top + u, share / max(1.0, float(share.sum()))  # guard the last ulp: never exceed the link
+
+
+def matching_round_time(transfer_s: np.ndarray, compute_s: np.ndarray) -> float:
+    """T*_σ: the root of Σ_b a_b / (T − c_b) = 1 for one matching (see `balanced_shares`).
 
     Args:
         transfer_s: (N,) a_b of the chosen pairs.
@@ -147,20 +186,7 @@ def matching_round_time(transfer_s: np.ndarray, compute_s: np.ndarray) -> float:
     Returns:
         The round latency with balanced shares.
     """
-    a = np.asarray(transfer_s, dtype=float)
-    c = np.asarray(compute_s, dtype=float)
-    if a.size == 0:
-        return 0.0
-    t = float(np.max(c + a))
-    for _ in range(200):
-        gap = t - c
-        f = float(np.sum(a / gap))
-        slope = float(np.sum(a / gap**2))
-        step = (f - 1.0) / slope
-        if step <= t * 1e-15:
-            break
-        t += step
-    return t
+    return balanced_shares(transfer_s, compute_s)[0]
 
 
 def _shares(costs: Costs, t: float) -> np.ndarray:
@@ -171,19 +197,61 @@ def _shares(costs: Costs, t: float) -> np.ndarray:
         return np.where(ok, a / np.where(ok, t - c, 1.0), np.inf)
 
 
-def _start_time(costs: Costs) -> float:
-    """A T at which every memory-feasible matching is affordable (each share ≤ 1/N)."""
-    fits = costs.fits
-    n_blocks = costs.compute_s.shape[1]
-    return float(costs.compute_s[fits].max() + n_blocks * costs.transfer_s[fits].max() + 1e-9)
+def start_time(compute_s: np.ndarray, transfer_s: np.ndarray, n_blocks: int) -> float:
+    """A T at which every pair is affordable with a share of at most 1/N.
+
+    ``max c + N · max a``, with at least a few ulps of ``max c`` above it: a gap
+    below the rounding step of c would leave the slowest pairs no time at all.
+
+    Args:
+        compute_s: c of the pairs that fit (any shape).
+        transfer_s: a of the same pairs.
+        n_blocks: N.
+    """
+    top = float(np.max(compute_s))
+    return top + max(n_blocks * float(np.max(transfer_s)), 4 * math.ulp(top))
+
+
+Config = TypeVar("Config")
+
+
+def fractional_search(t: float, cheapest: Callable[[float], "tuple[float, Config] | None"],
+                      round_time: Callable[[Config], float]) -> tuple[Config | None, float, int]:
+    """The Dinkelbach-type search on T shared by the exact solvers.
+
+    Each candidate x (a matching, or a split with its matching) has required
+    shares f_x(T) = Σ a/(T − c), continuous and strictly decreasing, and round
+    latency T*_x, the root of f_x = 1.  From a T where some x is affordable:
+    x ← the cheapest at T (``cheapest``), T ← T*_x (``round_time``).  T falls
+    strictly until the cheapest total is 1, which happens only at the optimum
+    (module docstring); finitely many x, so it stops.
+
+    Args:
+        t: the start, at which every candidate that fits is affordable.
+        cheapest: T -> (min_x f_x(T), argmin x), or None when no candidate can finish by T.
+        round_time: x -> T*_x.
+
+    Returns:
+        (best x or None, its T*, steps taken).
+    """
+    best, best_t = None, math.inf
+    for step in range(1, 10_000):
+        found = cheapest(t)
+        if found is None:
+            return best, best_t, step
+        total, candidate = found
+        if best is not None and total >= 1.0 - 1e-12:
+            return best, best_t, step  # g(T) = 1: T is the optimum
+        t_new = round_time(candidate)
+        if not t_new < best_t:
+            return best, best_t, step  # no strict progress left (floating point)
+        best, best_t, t = candidate, t_new, t_new
+    return best, best_t, step
 
 
 def _result(costs: Costs, match: list[int], assignments: int) -> JointResult:
     cols = np.arange(len(match))
-    a, c = costs.transfer_s[match, cols], costs.compute_s[match, cols]
-    t = matching_round_time(a, c)
-    share = a / (t - c)
-    share = share / max(1.0, float(share.sum()))  # guard the last ulp: never exceed the link
+    t, share = balanced_shares(costs.transfer_s[match, cols], costs.compute_s[match, cols])
     shares = np.zeros(costs.rate.size)
     shares[match] = share
     return JointResult(tuple(int(k) for k in match), tuple(float(s) for s in shares), t, assignments)
@@ -203,38 +271,46 @@ def joint_exact(costs: Costs) -> JointResult | None:
         return JointResult((), tuple([0.0] * n_dev), 0.0, 0)
     if n_blocks > n_dev or not costs.fits.any():
         return None
-    t = _start_time(costs)
-    best: list[int] | None = None
-    best_t = math.inf
-    for step in range(1, 10_000):
+    cols = np.arange(n_blocks)
+
+    def cheapest(t: float) -> tuple[float, list[int]] | None:
         w = _shares(costs, t)
         match = min_cost_assignment(w.T)
-        if match is None:
-            return None if best is None else _result(costs, best, step)
-        total = float(w[match, np.arange(n_blocks)].sum())
-        if best is not None and total >= 1.0 - 1e-12:
-            break  # g(T) = 1: T is the optimum
-        cols = np.arange(n_blocks)
-        t_new = matching_round_time(costs.transfer_s[match, cols], costs.compute_s[match, cols])
-        if t_new >= best_t:
-            break  # no strict progress left (floating point)
-        best, best_t, t = match, t_new, t_new
-    assert best is not None
-    return _result(costs, best, step)
+        return None if match is None else (float(w[match, cols].sum()), match)
+
+    def round_time(match: list[int]) -> float:
+        return matching_round_time(costs.transfer_s[match, cols], costs.compute_s[match, cols])
+
+    fits = costs.fits
+    best, _, steps = fractional_search(start_time(costs.compute_s[fits], costs.transfer_s[fits], n_blocks),
+                                       cheapest, round_time)
+    return None if best is None else _result(costs, best, steps)
 
 
-def _lagrangian_time(a: np.ndarray, c: np.ndarray, price: float) -> float:
-    """argmin_T T + λ Σ a/(T − c): the root of λ Σ a/(T − c)² = 1 (Newton from the left)."""
-    t = float(np.max(c + np.sqrt(price * a)))
+def _lagrangian_time(a: np.ndarray, c: np.ndarray, price: float) -> tuple[float, float]:
+    """argmin_T T + λ Σ a/(T − c): the root of λ Σ a/(T − c)² = 1.
+
+    In the gap u = T − max c, as in `balanced_shares`: λ Σ a/(d + u)² is convex
+    and decreasing in u, so Newton from u₀ = max(√(λa) − d) climbs to the root.
+
+    Returns:
+        (T, Σ a/(T − c) there); (nan, nan) when the price is so far off that the
+        root is not representable.
+    """
+    top = float(np.max(c))
+    d = top - c
+    u = float(np.max(np.sqrt(price * a) - d))
+    if not (u > 0 and math.isfinite(u)):
+        return math.nan, math.nan
     for _ in range(200):
-        gap = t - c
+        gap = d + u
         g = price * float(np.sum(a / gap**2)) - 1.0
         slope = 2.0 * price * float(np.sum(a / gap**3))
-        step = g / slope
-        if step <= t * 1e-15:
+        step = g / slope if slope > 0 else math.nan
+        if not step > u * 1e-15:
             break
-        t += step
-    return t
+        u += step
+    return top + u, float(np.sum(a / (d + u)))
 
 
 def joint_dual_ascent(costs: Costs, config: DualConfig = DualConfig()) -> JointResult | None:
@@ -253,13 +329,16 @@ def joint_dual_ascent(costs: Costs, config: DualConfig = DualConfig()) -> JointR
     if n_blocks > n_dev or not costs.fits.any():
         return None
     cols = np.arange(n_blocks)
-    match = min_cost_assignment(_shares(costs, _start_time(costs)).T)
+    fits = costs.fits
+    match = min_cost_assignment(_shares(costs, start_time(costs.compute_s[fits], costs.transfer_s[fits],
+                                                          n_blocks)).T)
     if match is None:
         return None
     a, c = costs.transfer_s[match, cols], costs.compute_s[match, cols]
-    t = matching_round_time(a, c)
+    t, share = balanced_shares(a, c)
     best, best_t = match, t
-    price = 1.0 / float(np.sum(a / (t - c) ** 2))  # stationarity of L in T at this plan
+    # Stationarity of L in T at this plan: λ Σ a/(T − c)² = 1, with T − c = a / share.
+    log_price = -math.log(float(np.sum(share**2 / a)))
     assignments = 1
     previous = match
     for _ in range(config.max_iter):
@@ -269,17 +348,19 @@ def joint_dual_ascent(costs: Costs, config: DualConfig = DualConfig()) -> JointR
         assignments += 1
         if x is None:  # T fell below what any matching can reach: back off to the best plan's T
             t = best_t
-            price *= math.exp(config.step)
+            log_price += config.step
             continue
         a, c = costs.transfer_s[x, cols], costs.compute_s[x, cols]
         # primal recovery: this x as a feasible plan
         t_x = matching_round_time(a, c)
         if t_x < best_t:
             best, best_t = x, t_x
-        # (2) minimise the Lagrangian over T for this x; (3) price step on the subgradient
-        t = _lagrangian_time(a, c, price)
-        overrun = float(np.sum(a / (t - c))) - 1.0
-        price *= math.exp(config.step * overrun)
+        # (2) minimise the Lagrangian over T for this x; (3) price step on the clipped subgradient
+        t, used = _lagrangian_time(a, c, math.exp(log_price))
+        if not math.isfinite(t):
+            break  # the price left the range where T is representable: keep the best plan found
+        overrun = used - 1.0
+        log_price += config.step * min(overrun, 1.0)
         if abs(overrun) < config.tol and x == previous:
             break
         previous = x

@@ -31,6 +31,31 @@ from shared.errors import InputError
 
 
 @dataclass(frozen=True)
+class DeviceFacts:
+    """What a device says about itself when it measures its profile."""
+
+    cpu: str                # CPU model name ("" where the system does not say)
+    cores: int              # logical CPUs
+    ram_bytes: float        # physical memory
+    executorch: str         # ExecuTorch version of the runtime that ran the probe
+    simd: tuple[str, ...]   # SIMD flags from /proc/cpuinfo (e.g. avx2, avx512f, asimd, neon); () where absent
+    system: str = ""        # operating system and machine, e.g. "Linux x86_64"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """How a measured profile was measured: when, with which probe, how steady."""
+
+    at: str                 # ISO 8601 UTC time of the measurement
+    probe: str              # fingerprint of the probe program (model and shapes it probes)
+    repeats: int            # timed calls per probe method (after warm-up)
+    layer_s_bs_spread: float    # relative spread of τ(bs): (p90 − p10) / median over the repeats
+    layer_s_wide_spread: float  # the same for τ(2q·bs)
+    head_s_spread: float        # the same for the head
+    facts: DeviceFacts
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     """One device as measured (or, in example fleets, estimated)."""
 
@@ -40,6 +65,16 @@ class DeviceProfile:
     head_s: float                    # LM head at the answer positions, seconds per step
     memory_bytes: float              # M_k: usable memory for the training program
     link_bytes_per_s: float          # R_k: full-band link rate (bytes/s)
+    measurement: Measurement | None = None  # how it was measured; None: estimated (a hand-written fleet)
+
+    @property
+    def measured(self) -> bool:
+        return self.measurement is not None
+
+    @property
+    def source(self) -> str:
+        """"measured YYYY-MM-DD" or "estimated": what the plan says about this profile."""
+        return "estimated" if self.measurement is None else f"measured {self.measurement.at[:10]}"
 
 
 @dataclass(frozen=True)

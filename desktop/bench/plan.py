@@ -7,6 +7,9 @@ Measures, in one run (`deftly bench plan`):
   for ties, tight memory), CRUNCH under a random fixed split against brute
   force, and the exact joint solver against brute force.  A mismatch is an
   instance where either differs (CRUNCH exactly, joint beyond 1e-9 relative).
+* `exactness.boundaries`: on random jobs without blocks (up to 6 devices x 8
+  layers), `plan` against brute force over every contiguous split, and the
+  boundary heuristic (forced) against the same: worst excess, bound violations.
 * `dual_ascent_gap`: the worst relative excess of dual ascent over the exact
   joint optimum on the same instances.
 * `time_s`: wall time of `plan()` (boundary choice, exact and dual solves,
@@ -33,7 +36,7 @@ from shared.costmodel import block_costs, latency
 from shared.crunch import brute_force_minmax, crunch
 from shared.errors import InputError
 from shared.fleet_io import load_fleet, load_job
-from shared.planner import PlannerConfig, plan
+from shared.planner import PlannerConfig, brute_force_round, plan
 from shared.profiles import Block, DeviceProfile, Fleet, Job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,24 +111,34 @@ def write_synthetic(n: int, path: Path, seed: int | None = None) -> None:
     Path(path).write_text("\n".join(lines))
 
 
+def _random_devices(rng: np.random.Generator, n_dev: int) -> tuple[DeviceProfile, ...]:
+    """Heterogeneous devices: per-layer times over two decades, memory 0.4-1.2 GiB, links 0.06-6 MB/s,
+    and (30 % of fleets) half the devices identical to the first, for ties."""
+    speeds = 10 ** rng.uniform(-3, -1, n_dev)
+    if n_dev > 1 and rng.random() < 0.3:
+        speeds[rng.integers(n_dev, size=n_dev // 2)] = speeds[0]
+    return tuple(DeviceProfile(f"d{k}", (float(s),), (float(s * rng.uniform(2, 10)),), float(s * rng.uniform(1, 4)),
+                               float(rng.uniform(0.4, 1.2) * 2**30),
+                               float(rng.uniform(5, 50) * 1e6 / 8 * rng.choice([1e-2, 1.0])))
+                 for k, s in enumerate(speeds))
+
+
+def _random_job(rng: np.random.Generator, layers: int, blocks: tuple[Block, ...] = ()) -> Job:
+    return Job("bench", layers, 0, layers - 1, float(rng.uniform(1e4, 4e5)), 4, 4, int(rng.integers(1, 6)),
+               0.3 * 2**30, float(rng.uniform(0.01, 0.08)) * 2**30, blocks=blocks)
+
+
 def random_instance(rng: np.random.Generator):
-    """A random planning instance through the real cost model: (costs, shares)."""
+    """A random planning instance with fixed blocks, through the real cost model: (costs, shares)."""
     n_dev = int(rng.integers(1, 9))
     n_blocks = int(rng.integers(1, min(n_dev, 8) + 1))
     layers = int(rng.integers(n_blocks, 17))
-    speeds = rng.uniform(0.5, 4.0, n_dev)
-    if n_dev > 1 and rng.random() < 0.3:  # identical devices: ties
-        speeds[rng.integers(n_dev, size=n_dev // 2)] = speeds[0]
-    devices = tuple(DeviceProfile(f"d{k}", (BASE_BS * s,), (BASE_WIDE * s * rng.uniform(0.5, 1.5),),
-                                  BASE_HEAD * s, float(rng.uniform(0.4, 1.2) * 2**30),
-                                  float(rng.uniform(5, 50) * 1e6 / 8 * rng.choice([1e-2, 1.0])))
-                    for k, s in enumerate(speeds))
+    devices = _random_devices(rng, n_dev)
     cuts = np.sort(rng.choice(np.arange(1, layers), n_blocks - 1, replace=False)) if n_blocks > 1 else []
     bounds = [0, *[int(c) for c in cuts], layers]
-    payload = float(rng.uniform(1e4, 4e5))
-    blocks = tuple(Block(f"b{i}", lo, hi - 1, payload * (hi - lo)) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])))
-    job = Job("bench", layers, 0, layers - 1, payload, 4, 4, int(rng.integers(1, 6)),
-              0.3 * 2**30, 0.05 * 2**30)
+    job = _random_job(rng, layers)
+    blocks = tuple(Block(f"b{i}", lo, hi - 1, job.layer_payload_bytes * (hi - lo))
+                   for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])))
     shares = rng.dirichlet(np.ones(n_dev))
     return block_costs(Fleet("bench", devices), job, blocks), shares
 
@@ -142,12 +155,51 @@ def exactness(instances: int, seed: int) -> tuple[dict, float]:
             mismatches += 1
         exact, reference = joint_exact(costs), brute_force_joint(costs)
         got = exact.round_s if exact else math.inf
-        if not (got == reference or abs(got - reference) <= 1e-9 * reference):
+        if not _same(got, reference):
             mismatches += 1
         if exact is not None:
             dual = joint_dual_ascent(costs)
             worst_gap = max(worst_gap, dual.round_s / exact.round_s - 1.0)
     return {"instances": instances, "mismatches": mismatches}, worst_gap
+
+
+def _same(got: float, reference: float) -> bool:
+    return got == reference or abs(got - reference) <= 1e-9 * reference
+
+
+def boundary_exactness(instances: int, seed: int) -> dict:
+    """`plan` on jobs without blocks against brute force over every contiguous split.
+
+    Up to 6 devices and 8 trainable layers (tight memory, so some jobs fit only in
+    uneven splits and some in none).  A mismatch is a plan whose round latency differs
+    from the brute force's beyond 1e-9 relative, or an error where a split fits.  The
+    same jobs are planned again with the heuristic forced (exact limit 0): its worst
+    excess over the optimum, and any instance where its lower bound lies above it.
+    """
+    rng = np.random.default_rng(seed)
+    mismatches, bound_violations, worst_excess = 0, 0, 0.0
+    heuristic = PlannerConfig(baselines=False, exact_max_devices=0)
+    for _ in range(instances):
+        n_dev = int(rng.integers(1, 7))
+        fleet, job = Fleet("bench", _random_devices(rng, n_dev)), _random_job(rng, int(rng.integers(1, 9)))
+        reference = brute_force_round(fleet, job)
+        got = _planned(fleet, job, PlannerConfig(baselines=False))
+        if not _same(got.round_s if got else math.inf, reference):
+            mismatches += 1
+        forced = _planned(fleet, job, heuristic)
+        if forced is not None and math.isfinite(reference):
+            worst_excess = max(worst_excess, forced.round_s / reference - 1.0)
+            if forced.boundary_lower_bound_s is not None and forced.boundary_lower_bound_s > reference * (1 + 1e-9):
+                bound_violations += 1
+    return {"instances": instances, "mismatches": mismatches,
+            "heuristic_worst_excess": worst_excess, "heuristic_bound_violations": bound_violations}
+
+
+def _planned(fleet: Fleet, job: Job, config: PlannerConfig):
+    try:
+        return plan(fleet, job, config)
+    except InputError:
+        return None
 
 
 def planning_times(repeats: int) -> dict[str, float]:
@@ -226,6 +278,7 @@ def draw(results: dict, path: Path) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     exact, gap = exactness(args.instances, args.seed)
+    exact["boundaries"] = boundary_exactness(max(1, args.instances // 4), args.seed)
     times = planning_times(args.repeats)
     table = baselines_table()
     room = table["classroom10"]["smollm2"]

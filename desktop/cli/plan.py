@@ -50,11 +50,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"plan for job {result.job!r} on fleet {result.fleet!r}  ({result.solver} solver)")
     print(_table(summary_rows(result)))
     print(f"\nround latency: {result.round_s:.2f} s")
-    print(f"dual ascent: {result.dual_round_s:.2f} s, gap to exact {100 * result.dual_gap:.2f} %")
+    if result.dual_round_s is not None and result.dual_gap is not None:
+        print(f"dual ascent: {result.dual_round_s:.2f} s, gap to exact {100 * result.dual_gap:.2f} %")
     if result.boundaries_chosen and result.boundary_saving is not None:
-        print(f"chosen block boundaries: {len(result.blocks)} blocks, {_seconds(result.round_s)} vs "
+        how = {"exact": "the fastest contiguous split", "heuristic": "local search"}[result.boundary_method]
+        print(f"block boundaries ({how}): {len(result.blocks)} blocks, {_seconds(result.round_s)} vs "
               f"{_seconds(result.equal_blocks_round_s)} with equal-size blocks "
               f"({100 * result.boundary_saving:.1f} % saved)")
+    for note in result.notes:
+        print(f"note: {note}")
     if result.baselines:
         print("\nbaselines (round latency):")
         print(_table([["baseline", "round", "vs plan"]] + [

@@ -59,7 +59,10 @@ def test_bench_plan_writes_json_with_the_agreed_keys_and_a_png(tmp_path: Path) -
     results = bench.run(parser.parse_args(["--out-dir", str(tmp_path), "--instances", "30", "--repeats", "1"]))
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert set(saved) == {"exactness", "dual_ascent_gap", "time_s", "gain_vs_equal_random", "baselines"}
-    assert saved["exactness"] == {"instances": 30, "mismatches": 0}
+    assert {k: saved["exactness"][k] for k in ("instances", "mismatches")} == {"instances": 30, "mismatches": 0}
+    boundaries = saved["exactness"]["boundaries"]
+    assert boundaries["instances"] == 7 and boundaries["mismatches"] == 0
+    assert boundaries["heuristic_bound_violations"] == 0 and boundaries["heuristic_worst_excess"] >= 0
     assert set(saved["time_s"]) == {"8", "64", "256"}
     assert set(saved["baselines"]) == {"lab3", "classroom10", "synthetic256"}
     assert results["gain_vs_equal_random"] == saved["gain_vs_equal_random"]
