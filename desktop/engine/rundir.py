@@ -71,8 +71,8 @@ class RunSettings:
     job: str  # the job's identity: its name and the eval program's cache key
     rounds: int
     local_steps: int
-    lr: float
-    eps: float
+    lr: float | None  # None until the program's suggestion is read (when the run gives none)
+    eps: float | None
     seed: int
     policy: str
 
@@ -185,6 +185,8 @@ class RunDir:
         """
         saved = record.settings
         for name in ("job", "local_steps", "lr", "eps", "seed", "policy"):
+            if name in ("lr", "eps") and getattr(settings, name) is None:
+                continue  # not given: the run's own value goes on
             if getattr(saved, name) != getattr(settings, name):
                 raise InputError(f"--resume: this run was started with {name} {getattr(saved, name)!r}, not "
                                  f"{getattr(settings, name)!r}; resume it with the same settings")
@@ -286,6 +288,11 @@ class RunDir:
             self._remember(event)
             written += 1
         return written
+
+    def flush_metrics(self) -> None:
+        """Hand written lines to the OS (they survive this process being killed)."""
+        if self._metrics is not None:
+            self._metrics.flush()
 
     def sync_metrics(self) -> None:
         """Make every written line durable (called before metrics are acknowledged)."""
