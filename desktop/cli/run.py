@@ -66,6 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rounds.add_argument("--policy", choices=("planned", "equal_random"), default="planned",
                         help="planned: the planner's blocks and shares (default); equal_random: the baseline, "
                         "equal blocks matched at random with equal shares")
+    rounds.add_argument("--replicas", action="store_true", help="devices beyond the job's blocks train replicas "
+                        "of them on their own data, averaged each round (default: they idle)")
     rounds.add_argument("--eval-limit", type=int, help="validation examples per round (default: all)")
     rounds.add_argument("--test-limit", type=int, help="test examples at the end (default: all)")
     rounds.add_argument("--patience-s", type=float, help="a device whose connection is down this long is lost "
@@ -86,7 +88,7 @@ def config_from(args: argparse.Namespace) -> EngineConfig:
     extra = {"patience_s": args.patience_s} if args.patience_s is not None else {}
     return EngineConfig(job=spec.merged(given), out=out, rounds=args.rounds, local_steps=args.local_steps,
                         agents=tuple(args.agent), discover=args.discover, token=args.token, devices=args.devices,
-                        discover_s=args.discover_s, resume=args.resume, seed=args.seed, policy=args.policy,
+                        discover_s=args.discover_s, resume=args.resume, seed=args.seed, policy=args.policy, replicas=args.replicas,
                         eval_limit=args.eval_limit, test_limit=args.test_limit, reprofile=args.reprofile,
                         cache_dir=args.cache_dir,
                         mdns_interfaces=tuple(args.mdns_interface) if args.mdns_interface else None, **extra)

@@ -103,6 +103,7 @@ class EngineConfig:
     resume: bool = False
     seed: int = 0  # seeds the shards, the directions z and the batch order on every device
     policy: str = "planned"  # "planned" or "equal_random" (the benchmark's baseline)
+    replicas: bool = False  # devices beyond the blocks train replicas of them, averaged (desktop.engine.planning)
     eval_limit: int | None = None  # validation examples per round (default: the whole split)
     test_limit: int | None = None  # test examples at the end (default: all)
     test: bool = True  # evaluate the final adapter on the test split
@@ -656,7 +657,8 @@ class Engine:
             job = self._planner_job()
             plan = make_plan({d.key: d.profile for d in devices}, {d.key: d.label for d in devices}, job,
                              self.manifest.b_layout, policy=self.config.policy,
-                             first_round=self.record.completed_round + 1, reason=reason, seed=self.config.seed)
+                             first_round=self.record.completed_round + 1, reason=reason, seed=self.config.seed,
+                             replicas=self.config.replicas)
             for d in devices:
                 d.back = False
             self._emit(PlanMade(plan))
@@ -799,7 +801,7 @@ class Engine:
                     raise StopRequested(self._stop_reason)
         finally:
             stop_wait.cancel()
-        updates: dict[BlockSpan, np.ndarray] = {}
+        returned: dict[BlockSpan, list[np.ndarray]] = {}
         measured: dict[str, float] = {}
         lost: list[str] = []
         for a, d in active:
@@ -809,9 +811,12 @@ class Engine:
                 lost.append(d.label)
                 self._record_loss(d, r, gone)
                 continue
-            updates[BlockSpan(a.first_layer, a.last_layer, a.offset, a.size)] = block
+            returned.setdefault(BlockSpan(a.first_layer, a.last_layer, a.offset, a.size), []).append(block)
             if seconds is not None:
                 measured[d.label] = seconds
+        # A block's replicas (if any) are averaged; blocks nobody returned keep the last merged values.
+        updates = {span: np.mean(blocks, axis=0, dtype=np.float64).astype(np.float32) if len(blocks) > 1
+                   else blocks[0] for span, blocks in returned.items()}
         merged = merge_b(base, self.manifest.b_layout, updates)
         accuracy, examples = await asyncio.to_thread(self._validate, merged)
         event = Round(r, accuracy, examples, loop.time() - started, measured,

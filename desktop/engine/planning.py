@@ -8,6 +8,14 @@ Two policies, scored with the same cost model (``shared.costmodel``):
   benchmark: equal-size blocks (as many as the plan would use), a random
   memory-feasible matching (seeded), and an equal share of the link each.
 
+With ``replicas``, devices the plan leaves idle (more devices than blocks:
+a job has at most one block per trainable layer) train a *replica* of a block
+on their own data, and the engine averages a block's replicas before it merges
+(data parallelism inside a block, as federated averaging does). Each replica
+goes to the block with the fewest replicas so far among those that fit in its
+memory; the link is then split equally among every device that trains, since
+the planner's joint optimum covers one device per block only.
+
 Either way the result is a :class:`desktop.engine.events.PlanView` whose
 assignments carry each block's slice of the global b (from the job's layout,
 ``shared.blocks.block_span``) and the predicted compute, communication and
@@ -54,7 +62,8 @@ def _renamed(profile: DeviceProfile, name: str) -> DeviceProfile:
 
 def make_plan(profiles: Mapping[str, DeviceProfile], names: Mapping[str, str], job: Job,
               layout: Sequence[BSlot], *, policy: str = "planned", first_round: int = 1, reason: str = "start",
-              seed: int = 0, n_blocks: int | None = None, config: PlannerConfig | None = None) -> PlanView:
+              seed: int = 0, n_blocks: int | None = None, config: PlannerConfig | None = None,
+              replicas: bool = False) -> PlanView:
     """Plan a round for these devices.
 
     Args:
@@ -68,6 +77,7 @@ def make_plan(profiles: Mapping[str, DeviceProfile], names: Mapping[str, str], j
         seed: seeds the random matching of ``equal_random``.
         n_blocks: ``equal_random`` only: how many blocks (default: as many as the planner would use).
         config: planner settings (default ``PlannerConfig()``).
+        replicas: give idle devices a replica of a block (see the module docstring).
 
     Returns:
         The plan, with one assignment per device (``block`` None for idle ones).
@@ -91,9 +101,12 @@ def make_plan(profiles: Mapping[str, DeviceProfile], names: Mapping[str, str], j
             rows.append(_assignment(device, names.get(device, device), row.block, row.first_layer, row.last_layer,
                                     row.share, row.compute_s, row.comm_s, row.memory_bytes,
                                     row.memory_limit_bytes, row.profile, layout))
-        return PlanView(first_round, reason, policy, result.round_s, tuple(rows), baselines, planner_s, job.name)
-    blocks = blocks_from_cuts(job, equal_cuts(job.trainable_layers, n_blocks or len(result.blocks)))
-    rows, round_s = _equal_random(fleet, job, blocks, ids, names, layout, seed)
+        round_s = result.round_s
+    else:
+        blocks = blocks_from_cuts(job, equal_cuts(job.trainable_layers, n_blocks or len(result.blocks)))
+        rows, round_s = _equal_random(fleet, job, blocks, ids, names, layout, seed)
+    if replicas and any(r.block is None for r in rows):
+        rows, round_s = _with_replicas(fleet, job, ids, rows, layout)
     return PlanView(first_round, reason, policy, round_s, tuple(rows), baselines, planner_s, job.name)
 
 
@@ -105,6 +118,39 @@ def _assignment(device: str, name: str, block: str | None, first: int | None, la
     span = block_span(layout, first, last)
     return Assignment(device, name, span.name, first, last, span.offset, span.size, share, compute_s, comm_s,
                       compute_s + comm_s, memory, limit, source)
+
+
+def _with_replicas(fleet: Fleet, job: Job, ids: list[str], rows: list[Assignment],
+                   layout: Sequence[BSlot]) -> tuple[list[Assignment], float]:
+    """Idle devices take replicas of the blocks; every training device gets an equal share of the link."""
+    blocks = sorted({(r.first_layer, r.last_layer, r.block) for r in rows if r.block is not None})
+    planned = [Block(name, first, last, job.layer_payload_bytes * (last - first + 1)) for first, last, name in blocks]
+    costs = block_costs(fleet, job, planned, step_times(fleet, job))
+    owner: dict[int, int] = {}  # device index -> block index
+    for k, row in enumerate(rows):
+        if row.block is not None:
+            owner[k] = next(b for b, blk in enumerate(planned) if blk.first_layer == row.first_layer)
+    count = [sum(1 for b in owner.values() if b == i) for i in range(len(planned))]
+    idle = sorted((k for k, row in enumerate(rows) if row.block is None), key=lambda k: costs.compute_s[k].min())
+    for k in idle:
+        fitting = [b for b in range(len(planned)) if costs.fits[k, b]]
+        if fitting:
+            b = min(fitting, key=lambda b: (count[b], b))
+            owner[k] = b
+            count[b] += 1
+    share = 1.0 / len(owner)
+    out = []
+    for k, row in enumerate(rows):
+        b = owner.get(k)
+        if b is None:
+            out.append(row)
+            continue
+        compute = float(costs.compute_s[k, b])
+        comm = float(costs.transfer_s[k, b] / share)
+        blk = planned[b]
+        out.append(_assignment(ids[k], row.name, blk.name, blk.first_layer, blk.last_layer, share, compute, comm,
+                               float(costs.memory_need[b]), row.memory_limit_bytes, row.profile, layout))
+    return out, max(r.round_s for r in out if r.block is not None)
 
 
 def _equal_random(fleet: Fleet, job: Job, blocks: tuple[Block, ...], ids: list[str], names: Mapping[str, str],

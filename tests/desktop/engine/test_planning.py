@@ -70,3 +70,26 @@ def test_no_device_left_is_a_clear_error(lab) -> None:
     _, _, job = lab
     with pytest.raises(InputError, match="no device to plan for"):
         make_plan({}, {}, job, layout(job.layers))
+
+
+def test_replicas_put_idle_devices_on_blocks_evenly_with_equal_shares() -> None:
+    fleet = load_fleet(ROOT / "assets/fleets/classroom10.toml")
+    job = load_job(ROOT / "assets/jobs/smollm2.toml")
+    from dataclasses import replace
+
+    job = replace(job, n_blocks=3)  # three blocks, ten devices: seven would idle
+    profiles = {f"id{k}": d for k, d in enumerate(fleet.devices)}
+    names = {f"id{k}": d.name for k, d in enumerate(fleet.devices)}
+    slots = layout(job.layers)
+    plain = make_plan(profiles, names, job, slots)
+    replicated = make_plan(profiles, names, job, slots, replicas=True)
+    assert len(plain.active()) == 3
+    trained = replicated.active()
+    assert len(trained) == len(fleet.devices)  # every device fits a block here
+    per_block = {}
+    for a in trained:
+        per_block.setdefault(a.block, []).append(a)
+    assert sorted(len(v) for v in per_block.values()) in ([3, 3, 4], [3, 4, 3], [4, 3, 3])
+    assert {a.block for a in trained} == {a.block for a in plain.active()}
+    assert all(a.share == pytest.approx(1 / len(trained)) for a in trained)
+    assert replicated.round_s == pytest.approx(max(a.round_s for a in trained))
