@@ -98,7 +98,8 @@ class EngineConfig:
     devices: int | None = None  # plan once this many devices are paired (default: the --agent count, or
     #                             every device discovery finds within discover_s)
     discover_s: float = DISCOVER_S
-    wait_s: float = 120.0  # give up waiting for devices after this long
+    wait_s: float = 120.0  # give up waiting for devices after this long (not with hold)
+    hold: bool = False  # pair what is found, then wait for begin() before planning (a dashboard's Start)
     mdns_interfaces: tuple[str, ...] | None = None  # addresses to bind mDNS to (None: every interface)
     resume: bool = False
     seed: int = 0  # seeds the shards, the directions z and the batch order on every device
@@ -213,6 +214,7 @@ class Engine:
         self._stop_reason: str | None = None
         self._stop_event: asyncio.Event | None = None
         self._paused = False
+        self._begun = False
         self._changed: asyncio.Event | None = None  # a device joined, left or came back
         self._pending_calls: list[Callable[[], None]] = []
         self.run_dir = RunDir(Path(config.out))
@@ -220,7 +222,6 @@ class Engine:
         self.b: np.ndarray | None = None
         self.manifest: Manifest | None = None  # the eval program's: the layout and the task's data
         self.eval_manifest_path: Path | None = None
-        self.job: Job | None = None
         self.programs: dict[str, Path] = {}  # block key -> manifest path
         self.probe = None  # the job's probe manifest (shared.probe.ProbeManifest)
         self.probe_path: Path | None = None
@@ -245,6 +246,13 @@ class Engine:
         """Add an agent by ``[TOKEN@]HOST:PORT``; it is paired at once and planned for at the next boundary."""
         host, port, inline = parse_address(address)
         self._call(lambda: self._consider(Advert(None, address, host, port, via="address"), token or inline))
+
+    def begin(self) -> None:
+        """With ``hold``: plan now, with the devices paired so far."""
+        def do() -> None:
+            self._begun = True
+            self._wake()
+        self._call(do)
 
     def stop(self, reason: str = "stopped by the operator") -> None:
         """Stop at the next step boundary; the adapter is written from the last merged b."""
@@ -303,21 +311,30 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         self._changed = asyncio.Event()
-        for fn in self._pending_calls:
-            fn()
-        self._pending_calls.clear()
         stopped = False
+        preparing: asyncio.Task | None = None
         try:
             self._open_run()
+            for fn in self._pending_calls:
+                fn()
+            self._pending_calls.clear()
             self._syncer = asyncio.create_task(self._sync_loop())
+            # The job's eval program and probe do not depend on the devices: export them meanwhile.
+            preparing = asyncio.create_task(self._prepare_job())
             await self._find_devices()
-            await self._prepare_job()
+            await preparing
             await self._profile_devices()
             await self._plan_export_ship(reason="start" if not self.record.completed_round else "resumed")
             await self._train()
         except StopRequested:
             stopped = True
+            if preparing is not None and not preparing.done():
+                preparing.cancel()
+                await asyncio.gather(preparing, return_exceptions=True)
         except BaseException as exc:
+            if preparing is not None and not preparing.done():
+                preparing.cancel()
+                await asyncio.gather(preparing, return_exceptions=True)
             if isinstance(exc, InputError):
                 self._emit(DeviceError(None, str(exc), fatal=True))
             self._phase("failed", str(exc))
@@ -376,6 +393,11 @@ class Engine:
         while True:
             self._check_stop()
             paired = [d for d in self._devices.values() if d.link is not None and d.failed is None]
+            if self.config.hold:
+                if self._begun and paired:
+                    break
+                await self._wait_change(0.5)
+                continue
             if paired and first_at is None:
                 first_at = time.monotonic()
             if wanted is not None and len(paired) >= wanted:
@@ -439,6 +461,7 @@ class Engine:
 
         token = self._token_for(device)
         if token is None:
+            device.connecting = False
             device.failed = "no pairing token"
             self._emit(DeviceError(device.key, f"{device.name} ({device.address}) needs its pairing token",
                                    "give it with --token, or --agent TOKEN@HOST:PORT; the agent prints it when it "
@@ -466,6 +489,7 @@ class Engine:
             if other is not None and other is not device and other.link is None:
                 # A resumed run knew it by id, or discovery and an address both named it: one device.
                 other.host, other.port, other.token, other.via = device.host, device.port, token, device.via
+                other.failed, other.connecting = None, True  # its old address failed; this one answered
                 device = other
             elif other is not None and other is not device:
                 await client.close()  # already paired through another address
@@ -558,11 +582,11 @@ class Engine:
     # -- 2. the job: its eval program (layout, data) -------------------------------------------
 
     async def _prepare_job(self) -> None:
-        self._phase("exporting", "the job's eval program")
+        self._emit(Notice("exporting the job's eval program and probe"))
         result = await self._export(ExportRequest(job=self.config.job, out_dir=str(self.run_dir.programs_dir),
-                                                  cache_dir=_str(self.config.cache_dir), eval=True))
-        assert result.eval is not None
-        self.eval_manifest_path = Path(result.eval)
+                                                  cache_dir=_str(self.config.cache_dir), eval=True, probe=True))
+        assert result.eval is not None and result.probe is not None
+        self.eval_manifest_path, self.probe_path = Path(result.eval), Path(result.probe)
         self.manifest = Manifest.load(self.eval_manifest_path)
         if self.b is None:
             self.b = np.zeros(self.manifest.b_size, dtype=np.float32)
@@ -598,15 +622,11 @@ class Engine:
         self._write_profiles()
 
     async def _probe_id(self) -> str:
-        """The probe program of this job (model and shapes): exported once, its id keys the profile cache."""
-        if self.probe_path is None:
-            result = await self._export(ExportRequest(job=self.config.job, out_dir=str(self.run_dir.programs_dir),
-                                                      cache_dir=_str(self.config.cache_dir), probe=True))
-            assert result.probe is not None
-            self.probe_path = Path(result.probe)
+        """The id of the job's probe (model and shapes): it keys the profile cache."""
         from shared.probe import ProbeManifest
 
-        self.probe = ProbeManifest.load(self.probe_path)
+        if self.probe is None:
+            self.probe = ProbeManifest.load(self.probe_path)
         return self.probe.probe_id
 
     async def _measure(self, device: _Device, probe_id: str) -> None:

@@ -119,7 +119,8 @@ def load_job(path: Path) -> JobSpec:
     values: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
-            raise InputError(f"{path}: {key} = {value!r} is not a {' or '.join(t.__name__ for t in _TYPES[key])}")
+            kinds = {int: "an integer", float: "a number", str: "a string", list: "a list of strings"}
+            raise InputError(f"{path}: {key} = {value!r}: expected {kinds[_TYPES[key][-1]]}")
         if key == "targets":
             if not all(isinstance(t, str) and t for t in value):
                 raise InputError(f"{path}: targets must be a list of module names, got {value!r}")
