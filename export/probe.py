@@ -220,7 +220,7 @@ def export_probe(cfg: ExportConfig, out_dir: Path, cache_dir: Path | None = None
         The manifest's path and content; ``lower_seconds`` is 0 when it came from the cache.
     """
     from export.models import default_cache_dir, load_model
-    from export.tasks import load_task_spec, verbalizer_token_ids
+    from shared.tasks import load_task_spec, verbalizer_token_ids
 
     start = time.perf_counter()
     cache_root = cache_dir or default_cache_dir()
