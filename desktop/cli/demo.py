@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from desktop.cli import plan, train
+    from desktop.cli.export import ProgressLine
     from desktop.report import plot_run
     from export.program import ExportConfig, export_program
 
@@ -41,7 +42,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = ExportConfig()
     if args.layers:
         cfg = replace(cfg, layers=args.layers)
-    exported = export_program(cfg, args.out / "step.pte")
+    line = ProgressLine()
+    try:
+        exported = export_program(cfg, args.out / "step.pte", on_progress=line)
+    finally:
+        line.close()
 
     print("\n== 3/4 train: the program in ExecuTorch, on this machine ==")
     run_dir = args.out / "train"
@@ -54,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
     png = plot_run(run_dir / "metrics.jsonl", run_dir / "curves.png",
                    title=f"P-RGE in ExecuTorch: {exported.manifest.model_id} on {exported.manifest.task}")
     print(f"curves: {png}")
-    print(f"program: {exported.files['program']} ({exported.files['program'].stat().st_size / 1e6:.2f} MB; "
-          f"the shared weights file is {exported.files['weights'].stat().st_size / 1e6:.0f} MB)")
+    program_bytes = sum(path.stat().st_size for path in set(exported.method_files.values()))
+    weights = exported.files.get("weights")
+    shared = "" if weights is None else f"; the shared weights file is {weights.stat().st_size / 1e6:.0f} MB"
+    print(f"program: {exported.manifest_path} ({len(exported.method_files)} methods, {program_bytes / 1e6:.2f} MB{shared})")
     return 0
 
 
