@@ -1,4 +1,4 @@
-"""Programs from the file store: a directory view per manifest, loaded without re-hashing.
+"""Programs (and probes) from the file store: a directory view per manifest, loaded without re-hashing.
 
 A program arrives as separate files (its manifest, the ``.pte``, the shared
 ``.ptd`` weights, optionally a ``tokenizer.json``), each stored by sha256.
@@ -24,6 +24,7 @@ from typing import Any
 from shared.blocks import program_block
 from shared.errors import InputError
 from shared.manifest import Manifest
+from shared.probe import PROBE_SUFFIX, ProbeManifest
 from shared.protocol import ProtocolError
 from device_agent.store import FileStore
 
@@ -81,6 +82,33 @@ def program_view(store: FileStore, root: Path, manifest_sha: str) -> tuple[Path,
         if store.has(sha):
             _link(store.path(sha), view / name)
     return view / MANIFEST_NAME, manifest
+
+
+def probe_view(store: FileStore, root: Path, manifest_sha: str) -> tuple[Path, ProbeManifest]:
+    """``root/<manifest_sha>/`` holding a probe's manifest and its stored files under their names.
+
+    Raises:
+        ProtocolError: not_a_program (not a probe manifest), unknown_file (a file it names is not stored).
+    """
+    if not store.has(manifest_sha):
+        raise ProtocolError(f"probe {manifest_sha[:12]}…: the agent does not hold its manifest; send it first",
+                            code="unknown_file")
+    path = store.path(manifest_sha)
+    try:
+        probe = ProbeManifest.from_json(path.read_text(), source=f"probe manifest {manifest_sha[:12]}…")
+    except (UnicodeDecodeError, InputError) as exc:
+        raise ProtocolError(f"probe {manifest_sha[:12]}…: not a probe manifest ({exc})", code="not_a_program") from None
+    missing = [f"{name} ({sha[:12]}…)" for name, sha in probe.sha256.items() if not store.has(sha)]
+    if missing:
+        raise ProtocolError(f"probe {manifest_sha[:12]}…: the agent does not hold {', '.join(missing)}; send "
+                            f"{'it' if len(missing) == 1 else 'them'} first", code="unknown_file")
+    view = root / manifest_sha
+    view.mkdir(parents=True, exist_ok=True)
+    manifest_path = view / f"probe{PROBE_SUFFIX}"
+    _link(path, manifest_path)
+    for name, sha in probe.sha256.items():
+        _link(store.path(sha), view / name)
+    return manifest_path, probe
 
 
 def _link(source: Path, target: Path) -> None:

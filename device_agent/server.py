@@ -23,6 +23,8 @@ State dir (``--state-dir``)::
     agent.log              what the agent did and refused
     store/                 files by sha256 (device_agent.store)
     programs/<sha>/        a directory view per program manifest (device_agent.programs)
+    probes/<sha>/          the same for a probe program (profile_request: device_agent.profile)
+    link.json              bytes received and the seconds they took: the link rate a profile reports
     outbox.jsonl, .acked   metrics and round results until acknowledged
     round.npz              the round in progress, after its last step (device_agent.rounds)
     sampler.json           where the batch order stands between rounds
@@ -39,7 +41,7 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Callable
@@ -52,7 +54,7 @@ from websockets.http11 import Request, Response
 from device_agent import identity
 from device_agent.data import PrivateData, TrainData, fit_to_program, load_shard
 from device_agent.outbox import Outbox
-from device_agent.programs import files_bytes, load_program, program_view
+from device_agent.programs import files_bytes, load_program, probe_view, program_view
 from device_agent.rounds import RoundRunner, RoundState, load_round, request_key, settle_finished_round
 from device_agent.simulate import DeviceClass, LinkShaper, Pacer, SimulatedClock, estimated_need_bytes
 from device_agent.store import FileStore
@@ -61,8 +63,8 @@ from shared.events import Step
 from shared.files import write_bytes_atomic
 from shared.manifest import Manifest
 from shared.protocol import (FATAL_CODES, PROTOCOL_VERSION, Ack, AgentState, ChunkAck, DataReady, DataShard, Error,
-                             Hello, Offer, OfferReply, Pause, ProfileRequest, ProtocolError, Resume, RoundDone,
-                             StartRound, Status, Stop, Welcome, decode, decode_chunk, encode, encode_f32)
+                             Hello, Offer, OfferReply, Pause, ProfileRequest, ProfileResponse, ProtocolError, Resume,
+                             RoundDone, StartRound, Status, Stop, Welcome, decode, decode_chunk, encode, encode_f32)
 from shared.protocol_limits import (CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TIMEOUT_S, DESKTOP_HEADER,
                                     MAX_FRAME_BYTES, OPEN_TIMEOUT_S, PING_INTERVAL_S, PING_TIMEOUT_S,
                                     PROTOCOL_HEADER, TOKEN_HEADER, WS_PATH)
@@ -128,6 +130,7 @@ class Agent:
         self._private_error: str | None = None
         self._shard: TrainData | None = None
         self._offers: dict[str, int] = {}  # sha256 -> id of the offer its chunks answer
+        self._receiving: dict[str, float] = {}  # sha256 -> monotonic time its first chunk of this transfer came
         self._round_task: asyncio.Task | None = None
         self._round: RoundState | None = None
         self._control = _RoundControl()
@@ -354,7 +357,7 @@ class Agent:
         elif isinstance(message, (Pause, Resume, Stop)):
             await self._on_control(ws, message)
         elif isinstance(message, ProfileRequest):
-            raise ProtocolError("profiling is not available in this build", code="unavailable")
+            await self._on_profile(ws, message)
         elif isinstance(message, Hello):
             raise ProtocolError("hello twice on one connection", code="bad_request")
         else:
@@ -371,7 +374,61 @@ class Agent:
             raise
         if complete:
             self._offers.pop(chunk.sha256, None)
+        self._note_received(chunk.sha256, chunk.total, complete)
         acks.put_nowait(ChunkAck(sha256=chunk.sha256, have=have, complete=complete))
+
+    async def _on_profile(self, ws: ServerConnection, message: ProfileRequest) -> None:
+        """Time the probe program the request names on the compute thread (``device_agent.profile``)."""
+        if message.probe is None:
+            raise ProtocolError("profile_request: name the probe program (its manifest's sha256) and send its "
+                                "files first", code="bad_request")
+        if await self._busy():
+            raise ProtocolError("a round is running: profile between rounds", code="busy")
+        view_manifest, probe = probe_view(self.store, self.state_dir / "probes", message.probe)
+        link = self.shaper.bytes_per_s if self.shaper is not None else self._link_rate()
+        if link is None:
+            raise ProtocolError("no link rate measured yet: send a file first (the probe's own files will do)",
+                                code="bad_request")
+        log.info("profiling with probe %s (model %s)", message.probe[:12], probe.model_id)
+        profile = await self._in_worker(self._measure, view_manifest, link)
+        await self._send(ws, ProfileResponse(reply_to=message.id, profile=profile, simulated=self.info.simulated))
+
+    def _measure(self, view_manifest: Path, link_bytes_per_s: float):
+        """On the compute thread: the probe timed on the agent's clock (a simulated one on a simulated device)."""
+        from device_agent.profile import measure_profile
+
+        if self.config.simulate is not None:
+            import executorch.extension.pybindings._C as native
+
+            native._unsafe_reset_threadpool(1)  # as its programs run: one thread, its CPU time on the clock
+        profile = measure_profile(view_manifest, self.info.name, link_bytes_per_s, clock=self.clock)
+        if self.memory_cap is not None:  # what a program may take under the class's cap
+            profile = replace(profile, memory_bytes=float(max(self.memory_cap - self._process.memory_info().rss, 0)))
+        return profile
+
+    def _link_rate(self) -> float | None:
+        """Bytes per second the files received so far crossed the link at (kept across restarts)."""
+        try:
+            seen = json.loads((self.state_dir / "link.json").read_text())
+            return float(seen["bytes"]) / float(seen["seconds"]) if seen["seconds"] > 0 else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _note_received(self, sha256: str, size: int, complete: bool) -> None:
+        """Time a transfer from its first chunk to its last; add it to the link's record."""
+        now = time.monotonic()
+        started = self._receiving.setdefault(sha256, now)
+        if not complete:
+            return
+        seconds = now - self._receiving.pop(sha256)
+        path = self.state_dir / "link.json"
+        try:
+            seen = json.loads(path.read_text())
+        except (OSError, ValueError):
+            seen = {"bytes": 0, "seconds": 0.0}
+        if seconds > 0:
+            seen = {"bytes": seen.get("bytes", 0) + size, "seconds": seen.get("seconds", 0.0) + seconds}
+            write_bytes_atomic(path, json.dumps(seen).encode(), sync=False)
 
     async def _on_data_shard(self, ws: ServerConnection, message: DataShard) -> None:
         if await self._busy():

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from export.lora import AdapterTensors, LoraFaConfig
-from export.prge import PrgeProgram
+from export.prge import PrgeProgram, _LayerB
 from export.cache import ProgramCache, model_fingerprint
 from export.int8 import quantize_linears_int8
 from export.lowering import lower_unit
@@ -79,7 +79,7 @@ class _Layer(nn.Module):
         self.program = program
 
     def forward(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.program._decoder_layer(h, PROBED, b)  # [n, T, H]
+        return self.program._decoder_layer(h, PROBED, _LayerB(b, 0))  # [n, T, H]
 
 
 class _FrozenLayer(nn.Module):
@@ -104,7 +104,7 @@ class _LastLayer(nn.Module):
         self.program, self.lora = program, lora
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.program._last_layer_at(h, positions, PROBED, b if self.lora else None)
+        return self.program._last_layer_at(h, positions, PROBED, _LayerB(b, 0) if self.lora else None)
 
 
 class _Head(nn.Module):

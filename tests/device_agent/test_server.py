@@ -494,3 +494,41 @@ def test_a_simulated_device_refuses_a_program_over_its_memory_and_its_link_holds
 
     run(go())
     assert "round 0 failed: memory" in agent.log()
+
+
+# -- profiling -----------------------------------------------------------------------------------------
+
+
+def test_a_profile_request_times_the_probe_on_the_simulated_clock_and_caps_memory(agents, tiny_probe) -> None:
+    from shared.probe import ProbeManifest
+
+    pi = agents("--simulate", "pi4-4gb", name="pi")
+    laptop = agents("--simulate", "laptop", name="laptop")
+    probe: ProbeManifest = tiny_probe.manifest
+    folder = tiny_probe.manifest_path.parent
+
+    async def profile_of(agent, check_unknown: bool):
+        async with client(agent) as desk:
+            if check_unknown:
+                with pytest.raises(RequestFailed, match="does not hold its manifest") as caught:
+                    await desk.profile("0" * 64)
+                assert caught.value.code == "unknown_file"
+            for name, sha in probe.sha256.items():
+                await desk.send_file(folder / name, name=name, sha256=sha)
+            sha = (await desk.send_file(tiny_probe.manifest_path)).sha256
+            return await desk.profile(sha)
+
+    on_pi = run(profile_of(pi, True), timeout_s=180)
+    on_laptop = run(profile_of(laptop, False), timeout_s=180)
+    # each profile is the probe's, measured, under its class's memory cap and at its link's rate
+    for response, name, cap_gib, mbit in ((on_pi, "pi", 3.0, 60), (on_laptop, "laptop", 8.0, 300)):
+        profile = response.profile
+        assert (response.simulated, profile.name) == ({"pi": "pi4-4gb", "laptop": "laptop"}[name], name)
+        assert profile.measurement is not None and profile.measurement.probe == probe.probe_id
+        assert len(profile.layer_s_bs) == probe.num_layers and all(t > 0 for t in profile.layer_s_wide)
+        assert 0 < profile.memory_bytes <= cap_gib * 2**30
+        assert profile.link_bytes_per_s == pytest.approx(mbit * 1e6 / 8)
+    # on the simulated clocks: the pi's compute factor (4.0) over the laptop's (0.6) is 6.7
+    ratio = sum(on_pi.profile.layer_s_wide) / sum(on_laptop.profile.layer_s_wide)
+    assert 3.3 < ratio < 13.3
+    assert "profiling with probe" in pi.log()

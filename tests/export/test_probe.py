@@ -51,7 +51,7 @@ def test_probe_for_another_model_or_shape_is_refused_by_name(tiny_probe) -> None
 def test_each_layer_method_is_the_program_layer_it_stands_for(tiny_probe, tiny_program) -> None:
     # The runtime's answer equals the eager PrgeProgram's own layer code on the probed layer.
     from export.lora import AdapterTensors, LoraFaConfig
-    from export.prge import PrgeProgram
+    from export.prge import PrgeProgram, _LayerB
     from export.probe import PROBED, _OneLayerModel
 
     probe = tiny_probe.manifest
@@ -66,7 +66,7 @@ def test_each_layer_method_is_the_program_layer_it_stands_for(tiny_probe, tiny_p
     h, b = probe_inputs(probe, "layer_wide")
     (got,) = program.load_method("layer_wide")([h, b])
     with torch.no_grad():
-        expected = eager._decoder_layer(h, PROBED, b)
+        expected = eager._decoder_layer(h, PROBED, _LayerB(b, 0))
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
 
 
