@@ -509,12 +509,12 @@ class Agent:
             if self.memory_cap is not None:
                 need = estimated_need_bytes(self._process.memory_info().rss, *files_bytes(view_manifest, manifest))
                 if need > self.memory_cap:
-                    raise ProtocolError(f"program {manifest.files['program']} needs about {need / 2**20:.0f} MiB, "
+                    raise ProtocolError(f"program {manifest.method_files['step']} needs about {need / 2**20:.0f} MiB, "
                                         f"the {self.info.simulated} has {self.memory_cap / 2**20:.0f} MiB",
                                         code="memory")
             started = time.perf_counter()
             self._program = (request.program, load_program(view_manifest, manifest, one_thread=self.config.simulate is not None))
-            log.info("loaded program %s (%s) in %.2f s", manifest.files["program"], manifest.model_id,
+            log.info("loaded program %s (%s) in %.2f s", manifest.method_files["step"], manifest.model_id,
                      time.perf_counter() - started)
         data = self._shard or self._private.for_program(manifest, self._tokenizer(view_manifest, manifest))
         runner = self._runner

@@ -499,20 +499,21 @@ class AgentClient:
                            on_progress: Callable[[str, int, int], None] | None = None) -> str:
         """Ship a program: the files its manifest names that a device needs, then the manifest.
 
-        The ``.pte``, the weights (sent once per model: every program of a model names
-        the same ``.ptd``) and a ``tokenizer`` if named; the data and the A's stay here.
+        Each method's ``.pte``, the weights (sent once per model: every program of a
+        model names the same ``.ptd``) and a ``tokenizer`` if named; the data and the
+        A's stay here.
 
         Returns:
             The manifest's sha256 (what StartRound names).
         """
         manifest_path = Path(manifest_path)
         manifest = Manifest.load(manifest_path)
-        for role in ("program", "weights", "tokenizer"):
-            if role in manifest.files:
-                name = manifest.files[role]
-                await self.send_file(manifest.file(role, manifest_path), name=name, sha256=manifest.sha256.get(name),
-                                     on_progress=(lambda have, size, name=name: on_progress(name, have, size))
-                                     if on_progress else None)
+        names = list(dict.fromkeys([*manifest.method_files.values(),
+                                    *(manifest.files[role] for role in ("weights", "tokenizer") if role in manifest.files)]))
+        for name in names:
+            await self.send_file(manifest_path.parent / name, name=name, sha256=manifest.sha256.get(name),
+                                 on_progress=(lambda have, size, name=name: on_progress(name, have, size))
+                                 if on_progress else None)
         transfer = await self.send_file(manifest_path, name=manifest_path.name)
         return transfer.sha256
 
