@@ -20,7 +20,7 @@ FORBIDDEN = {
 }
 # Qt only inside the view package.
 QT_MODULES = {"PySide6", "pyqtgraph"}
-QT_ALLOWED_PREFIX = "desktop/qt/"
+QT_ALLOWED_PREFIX = "desktop/ui/"
 
 
 def imported_roots(path: Path) -> set[str]:
