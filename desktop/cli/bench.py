@@ -13,6 +13,7 @@ BENCHMARKS = {
     "prge": ("desktop.bench.prge", "P-RGE in ExecuTorch vs MeZO, eager P-RGE and first-order LoRA"),
     "e2e": ("desktop.bench.e2e", "a simulated 3-device lab trains SmolLM2 with the engine: prediction error, gain"),
     "scale": ("desktop.bench.scale", "one engine drives 10, 30 and 100 agents: its overhead per round"),
+    "ui": ("desktop.bench.ui", "100 devices streaming into the dashboard: worst frame, dropped points"),
 }
 
 

@@ -13,6 +13,8 @@ streaming steps cost a few label updates a second.
 from __future__ import annotations
 
 import datetime as dt
+import math
+import time
 
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
@@ -24,6 +26,8 @@ from desktop.ui.colours import DEFAULT_STATUS_COLOUR, SIMULATED_BADGE, STATUS_CO
 from desktop.ui.model import Changes, DashboardModel
 
 REFRESH_MS = 250  # cards show step counts; four updates a second is plenty for a number
+BUDGET_MS = 10.0  # a refresh fills cards for about this long, then leaves the rest for the next tick
+CARDS_PER_TICK = 8  # cards created per refresh (creating one costs a few milliseconds)
 UNPAIRED = ("seen", "pairing")
 
 
@@ -173,39 +177,53 @@ class DeviceCard(QFrame):
         self.pair_requested.emit(self.device, token)
 
     def show_view(self, view: DeviceView, local_steps: int, left_s: float | None) -> None:
-        """Fill the card from the device's state."""
+        """Fill the card from the device's state (only what changed is set: a hundred cards refresh often)."""
         bad = view.status in ("lost", "error")
         background, foreground = STATUS_COLOURS.get(view.status, DEFAULT_STATUS_COLOUR)
         border = "#a1120b" if bad else self.colour
-        self.setStyleSheet(f"QFrame#card {{ background:{background}; border:1px solid #dadce0; "
-                           f"border-left:6px solid {border}; border-radius:6px; }}")
-        self.name.setText(f"<span style='color:{self.colour}; font-size:15px'>&#9632;</span> "
-                          f"<b style='font-size:13px'>{view.name}</b>")
-        self.badge.setText(f"SIMULATED · {view.simulated}" if view.simulated else "")
-        self.badge.setVisible(bool(view.simulated))
-        self.status.setText(status_text(view, local_steps, left_s))
-        self.status.setStyleSheet(f"color:{foreground}; font-weight:bold")
+        _style(self, f"QFrame#card {{ background:{background}; border:1px solid #dadce0; "
+                     f"border-left:6px solid {border}; border-radius:6px; }}")
+        _text(self.name, f"<span style='color:{self.colour}; font-size:15px'>&#9632;</span> "
+                         f"<b style='font-size:13px'>{view.name}</b>")
+        _text(self.badge, f"SIMULATED · {view.simulated}" if view.simulated else "")
+        _visible(self.badge, bool(view.simulated))
+        _text(self.status, status_text(view, local_steps, left_s))
+        _style(self.status, f"color:{foreground}; font-weight:bold")
         receiving = view.status == "receiving" and view.fraction is not None
-        self.progress.setVisible(receiving)
+        _visible(self.progress, receiving)
         if receiving:
             self.progress.setValue(round(view.fraction * 1000))
-        self.where.setText(f"{view.address} · {'found by mDNS' if view.via == 'mdns' else 'added by address'}")
-        self.facts.setText(facts_text(view))
+        _text(self.where, f"{view.address} · {'found by mDNS' if view.via == 'mdns' else 'added by address'}")
+        _text(self.facts, facts_text(view))
         line, tip = profile_text(view)
-        self.profile.setText(line)
-        self.profile.setToolTip(tip)
+        _text(self.profile, line)
+        if self.profile.toolTip() != tip:
+            self.profile.setToolTip(tip)
         if view.block:
             share = f" · {view.share:.0%} of the link" if view.share is not None else ""
             predicted = f" · predicted round {view.predicted_round_s:.2f} s" if view.predicted_round_s else ""
-            self.plan.setText(f"trains {view.block}{share}{predicted}")
-        else:
-            self.plan.setText("")
-        self.plan.setVisible(bool(view.block))
+            _text(self.plan, f"trains {view.block}{share}{predicted}")
+        _visible(self.plan, bool(view.block))
         if view.error:
-            self.error.setText(f"{view.error}" + (f" — {view.advice}" if view.advice else ""))
-        self.error.setVisible(bool(view.error) or bool(self.error.text() and view.status in UNPAIRED))
-        self.pair_row.setVisible(view.status in UNPAIRED or (view.status == "error" and view.profile is None))
+            _text(self.error, f"{view.error}" + (f" — {view.advice}" if view.advice else ""))
+        _visible(self.error, bool(view.error) or bool(self.error.text() and view.status in UNPAIRED))
+        _visible(self.pair_row, view.status in UNPAIRED or (view.status == "error" and view.profile is None))
         self.pair_button.setEnabled(view.status != "pairing")
+
+
+def _text(label: QLabel, text: str) -> None:
+    if label.text() != text:
+        label.setText(text)
+
+
+def _style(widget: QWidget, sheet: str) -> None:
+    if widget.styleSheet() != sheet:  # re-styling is the dearest thing a card does
+        widget.setStyleSheet(sheet)
+
+
+def _visible(widget: QWidget, visible: bool) -> None:
+    if widget.isHidden() == visible:
+        widget.setVisible(visible)
 
 
 class DevicesPanel(QWidget):
@@ -263,27 +281,47 @@ class DevicesPanel(QWidget):
         return [d for d, v in self.model.state.devices.items()
                 if not (v.via == "mdns" and not v.seen_by_mdns and v.status in UNPAIRED)]
 
-    def refresh(self) -> None:
-        """Bring the cards in line with the state: add, remove, and fill the ones that changed."""
+    def refresh(self, budget_ms: float = BUDGET_MS) -> None:
+        """Bring the cards in line with the state: add, remove, and fill the ones that changed.
+
+        A tick adds at most :data:`CARDS_PER_TICK` cards and fills cards for about ``budget_ms``;
+        the rest stay marked for the next tick, so a hundred devices appearing at once never
+        freeze the window.
+        """
         if not self._dirty:
             return
+        deadline = time.perf_counter() + budget_ms / 1000.0
         state = self.model.state
         wanted = self.visible_devices()
+        wanted_set = set(wanted)
         for device in list(self.cards):
-            if device not in wanted:
+            if device not in wanted_set:
                 card = self.cards.pop(device)
                 self._list_layout.removeWidget(card)
                 card.deleteLater()
+        added = 0
         for device in wanted:
             if device not in self.cards:
+                if added == CARDS_PER_TICK:
+                    self._dirty.add(device)
+                    continue
                 card = self.cards[device] = DeviceCard(device, self.model.colour(device))
                 card.pair_requested.connect(self.pair_requested)
                 self._list_layout.insertWidget(self._list_layout.count() - 1, card)
                 self._dirty.add(device)
-        for device in self._dirty & set(self.cards):
-            self.cards[device].show_view(state.devices[device], state.local_steps,
-                                         self.model.transfer_left_s(device))
-        self._dirty.clear()
+                added += 1
+        for device in [d for d in self._dirty if d in self.cards]:
+            self._dirty.discard(device)
+            self.cards[device].show_view(state.devices[device], state.local_steps, self.model.transfer_left_s(device))
+            if time.perf_counter() > deadline:
+                break
+        self._dirty &= wanted_set  # a device without a card (gone from mDNS, never paired) waits for none
         self.empty.setVisible(not self.cards)
         paired = sum(v.status not in UNPAIRED for v in state.devices.values())
         self.title.setText(f"<b>Devices</b> ({len(self.cards)} shown, {paired} paired)")
+
+    def refresh_all(self) -> None:
+        """Every card up to date now (a screenshot, a test's end state)."""
+        self._dirty |= set(self.model.state.devices)
+        while self._dirty:
+            self.refresh(budget_ms=math.inf)

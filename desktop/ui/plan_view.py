@@ -24,7 +24,7 @@ from PySide6.QtWidgets import (
 from desktop.engine.events import PlanView
 from desktop.ui.model import Changes, DashboardModel
 
-FROZEN = QColor("#dadce0")
+FROZEN = "#dadce0"  # a frozen layer
 BASELINE_NAMES = {
     "equal_bandwidth": "same blocks, equal link shares",
     "random": "random blocks, equal shares",
@@ -105,7 +105,7 @@ class LayerStack(QWidget):
         gap = 1.0 if h > 4 else 0.0
         for layer, colour in enumerate(colours):
             y = rect.bottom() - (layer + 1) * h
-            fill = QColor(colour) if colour else FROZEN
+            fill = QColor(colour or FROZEN)  # a copy: the faded stack sets its alpha
             if faded:
                 fill.setAlpha(90)
             painter.fillRect(QRectF(rect.left(), y + gap / 2, rect.width(), h - gap), fill)

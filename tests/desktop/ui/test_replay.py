@@ -72,7 +72,7 @@ def test_the_replay_plays_through_the_window_and_ends_where_the_run_did(tmp_path
     for device in LAB:
         qtbot.waitUntil(lambda d=device: len(window.live.plotted(d)[1]) == len(losses[d]))
         assert window.live.plotted(device)[1].tolist() == pytest.approx(losses[device])
-    assert window.live.plotted_accuracy()[0].tolist() == [0, 1, 2, 3]
+    qtbot.waitUntil(lambda: window.live.plotted_accuracy()[0].tolist() == [0, 1, 2, 3])
     assert "Re-planned from round 3" in window.plan.reason.text()
     qtbot.waitUntil(lambda: "LOST" in window.devices.cards["id-phone"].status.text()
                     if "id-phone" in window.devices.cards else False)
@@ -89,7 +89,7 @@ def test_a_local_runs_metrics_play_as_one_device(tmp_path, window, qtbot) -> Non
     window.attach_replay(player)
     player.advance_to(player.replay.duration_s)
     qtbot.waitUntil(lambda: len(window.live.plotted("local")[1]) == 5)
-    assert window.live.plotted_accuracy()[1].tolist() == [0.8]
+    qtbot.waitUntil(lambda: window.live.plotted_accuracy()[1].tolist() == [0.8])
 
 
 def test_a_folder_without_metrics_is_named(tmp_path) -> None:

@@ -29,6 +29,7 @@ def test_a_plan_paints_each_block_in_the_colour_of_the_device_that_trains_it(win
         assert colours[a.first_layer:a.last_layer + 1] == [window.model.colour(a.device)] * (a.last_layer - a.first_layer + 1)
     assert len({colours[a.first_layer] for a in plan.active()}) == len(plan.active())  # one colour per device
     # ... and that is what is painted: sample the middle of each block on the rendered widget.
+    qtbot.waitUntil(lambda: stack.height() > 200)  # laid out
     image = stack.grab().toImage()
 
     def painted(layer: int) -> str:
@@ -62,6 +63,7 @@ def test_steps_reach_the_plots_exactly_as_sent_and_the_cards_say_the_round(windo
         qtbot.waitUntil(lambda d=device: len(window.live.plotted(d)[1]) == 40)
         x, y = window.live.plotted(device)
         assert x.tolist() == list(range(1, 41)) and y.tolist() == sent[device]
+        qtbot.waitUntil(lambda d=device: len(window.live.plotted(d, "step_s")[1]) == 40)
         latency = window.live.plotted(device, "step_s")[1]
         assert np.allclose(latency, [0.2 + 0.01 * n for n in range(1, 41)])
     qtbot.waitUntil(lambda: "id-pi4" in window.devices.cards)
