@@ -1,13 +1,18 @@
 """A run's picture: loss and validation accuracy per step, read back from metrics.jsonl."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from shared.events import Eval, Event, Step, Test, read_events
 
-def read_metrics(path: Path) -> list[dict]:
-    """The events of a run's metrics.jsonl, in order."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+def read_metrics(path: Path) -> list[Event]:
+    """The events of a run's metrics.jsonl, in order.
+
+    Raises:
+        InputError: naming the file and line of the first line that is not an event.
+    """
+    return read_events(path)
 
 
 def plot_run(metrics_path: Path, png_path: Path, title: str = "") -> Path:
@@ -28,10 +33,10 @@ def plot_run(metrics_path: Path, png_path: Path, title: str = "") -> Path:
     import numpy as np
 
     events = read_metrics(metrics_path)
-    steps = [e["step"] for e in events if e["kind"] == "step"]
-    losses = np.array([e["loss"] for e in events if e["kind"] == "step"])
-    evals = [(e["step"], e["accuracy"]) for e in events if e["kind"] == "eval"]
-    tests = [e["accuracy"] for e in events if e["kind"] == "test"]
+    steps = [e.step for e in events if isinstance(e, Step)]
+    losses = np.array([e.loss for e in events if isinstance(e, Step)])
+    evals = [(e.step, e.accuracy) for e in events if isinstance(e, Eval)]
+    tests = [e.accuracy for e in events if isinstance(e, Test)]
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(steps, losses, color="C0", alpha=0.3, lw=0.8, label="loss per step")

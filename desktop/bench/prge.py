@@ -55,6 +55,7 @@ from typing import Callable
 import numpy as np
 
 from shared.errors import InputError
+from shared.events import Eval, Event
 
 TARGETS = {
     "speedup_vs_mezo": ">= 5", "et_over_eager": ">= 1 (goal 1.5)", "prefix_speedup": ">= 2",
@@ -232,10 +233,10 @@ def run(args: argparse.Namespace) -> dict:
         say(f"Training P-RGE in ExecuTorch for {args.steps} steps ...")
         curve: list[tuple[int, float]] = []
 
-        def on_event(event: dict) -> None:
-            if event["kind"] == "eval":
-                curve.append((event["step"], event["accuracy"]))
-                say(f"  step {event['step']}: validation accuracy {event['accuracy']:.3f}")
+        def on_event(event: Event) -> None:
+            if isinstance(event, Eval):
+                curve.append((event.step, event.accuracy))
+                say(f"  step {event.step}: validation accuracy {event.accuracy:.3f}")
 
         run_dir = runs / "train"
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: the trainer refuses to overwrite one

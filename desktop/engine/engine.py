@@ -402,7 +402,7 @@ class Engine:
     # -- 0. the run directory ----------------------------------------------------------------
 
     def _settings(self) -> RunSettings:
-        return RunSettings(job=self.config.job.name, rounds=self.config.rounds, local_steps=self.config.local_steps,
+        return RunSettings(job=self.config.job.identity(), rounds=self.config.rounds, local_steps=self.config.local_steps,
                            lr=self.config.job.lr, eps=self.config.job.eps, seed=self.config.seed,
                            policy=self.config.policy)
 
@@ -931,6 +931,7 @@ class Engine:
         """One device's round: its block and its measured round seconds (None when it came from disk)."""
         kept = self.run_dir.load_block(r, device.key)
         if kept is not None and kept[0] == part.offset and kept[1].shape == (part.size,):
+            device.resumed = False
             self._emit(Notice(f"{device.label}: round {r}'s block was received before the restart"))
             return kept[1], None
         loop = asyncio.get_running_loop()

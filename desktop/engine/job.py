@@ -27,12 +27,15 @@ module imports nothing heavy: the exporter (torch) runs in its own process.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from shared.errors import InputError
+from shared.records import to_plain
 
 WEIGHTS = ("fp32", "int8")
 CALIBRATIONS = ("median", "none")  # export.program.ExportConfig.calibrate
@@ -89,6 +92,11 @@ class JobSpec:
         """This job with every field ``other`` sets taken from ``other`` (command line over file)."""
         return replace(self, **{f.name: getattr(other, f.name) for f in fields(other)
                                 if getattr(other, f.name) is not None})
+
+    def identity(self) -> str:
+        """The name and a hash of every setting: what a resumed run must match."""
+        settings = json.dumps(to_plain(replace(self, lr=None, eps=None)), sort_keys=True)
+        return f"{self.name}@{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
 
     @property
     def name(self) -> str:

@@ -1,11 +1,10 @@
 """`deftly demo` end to end on the real SmolLM2 (slow: the first export lowers for minutes)."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from desktop.cli import main
+from shared.events import Step, read_events
 
 
 @pytest.mark.slow
@@ -15,8 +14,8 @@ def test_demo_plans_exports_trains_and_draws(tmp_path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "1/4 plan" in printed and "round latency" in printed and "4/4 report" in printed
     run = out / "train"
-    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in events if e["kind"] == "step"] == [1, 2, 3]
+    events = read_events(run / "metrics.jsonl")
+    assert [e.step for e in events if isinstance(e, Step)] == [1, 2, 3]
     assert (run / "adapter" / "adapter_model.safetensors").exists()
     assert (run / "curves.png").stat().st_size > 10_000
     # A second run resumes the finished run instead of refusing the directory.

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from desktop.cli import main
+from shared.events import Eval, Start, Step
 
 
 @pytest.fixture(autouse=True)
@@ -70,14 +71,33 @@ def test_progress_bar_shows_step_loss_speed_and_accuracy(capsys) -> None:
     from desktop.cli.train import _Progress
 
     progress = _Progress(plain=False)
-    progress({"kind": "start", "step": 0, "steps": 2, "resumed": False, "lr": 0.01, "eps": 0.01,
-              "schedule": "constant", "batches": "stratified", "train_examples": 8})
-    progress({"kind": "eval", "step": 0, "split": "validation", "accuracy": 0.5, "examples": 4, "seconds": 0.1})
+    progress(Start(step=0, steps=2, resumed=False, lr=0.01, eps=0.01, schedule="constant", batches="stratified",
+                   average_from=None, train_examples=8))
+    progress(Eval(step=0, split="validation", accuracy=0.5, examples=4, seconds=0.1))
     for step in (1, 2):
-        progress({"kind": "step", "step": step, "loss": 0.69, "g_abs_mean": 1.0, "seconds": 0.25, "rss_mb": 100.0,
-                  "lr": 0.01})
+        progress(Step(step=step, loss=0.69, g_abs_mean=1.0, seconds=0.25, seq_len=16, rss_mb=100.0, lr=0.01))
     progress.close()
     captured = capsys.readouterr()
     assert "lr 0.01 (constant), eps 0.01, stratified batches" in captured.out
     err = captured.err  # tqdm draws on stderr
     assert "2/2" in err and "loss 0.6900" in err and "0.250 s/step" in err and "acc 0.500" in err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--eval-limit", "0", "eval_limit 0: must be at least 1"),
+    ("--test-limit", "0", "test_limit 0: must be at least 1"),
+    ("--resident-methods", "-1", "resident_methods -1"),
+])
+def test_the_librarys_checks_reach_the_user_as_errors(tmp_path: Path, capsys, option: str, value: str,
+                                                      message: str) -> None:
+    argv = ["train", "--program", str(tmp_path / "absent.pte"), "--steps", "1", "--out", str(tmp_path / "r"),
+            option, value]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
+def test_train_without_evaluation_says_so(tiny_program, tmp_path: Path, capsys) -> None:
+    assert main(train_args(tiny_program.pte, tmp_path / "run", "--no-eval", "--steps", "2")) == 0
+    printed = capsys.readouterr().out
+    assert "step 2: validation accuracy - (best -), test accuracy -" in printed
+    assert "validation accuracy 0" not in printed
