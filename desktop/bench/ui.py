@@ -39,25 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def demo_time_to_first_plot(run_dir: Path) -> dict:
     """Start the demo in an offscreen window; the seconds from its start to the first loss point drawn."""
     from desktop.demo import DemoSettings, run_demo
+    from desktop.ui.loadtest import watch_first_plot
 
     started = time.perf_counter()
     seen: dict = {}
 
-    def watch(window) -> None:
-        from PySide6.QtCore import QTimer
-
-        timer = QTimer(window)
-
-        def check() -> None:
-            if any(len(window.live.plotted(d)[1]) for d in window.model.state.devices):
-                seen["first_plot_s"] = time.perf_counter() - started
-                timer.stop()
-                window.close()  # stops the run: the agents finish their step, the adapter is written
-
-        timer.timeout.connect(check)
-        timer.start(50)
-
-    code = run_demo(DemoSettings(out=run_dir, headless=False), on_window=watch)
+    code = run_demo(DemoSettings(out=run_dir, headless=False), on_window=lambda w: watch_first_plot(w, started, seen))
     return {"time_to_first_plot_s": seen.get("first_plot_s"), "demo_exit": code}
 
 

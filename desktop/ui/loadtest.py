@@ -160,3 +160,20 @@ def stream_into_window(devices: int = 100, rate_hz: float = 10.0, seconds: float
     app.processEvents()
     return LoadResult(devices, rate_hz, seconds, sent, plotted, dropped, frames[1:], frame_at[1:], batches[0],
                       window.live.redraws, wall, behind, cpu[1:])
+
+
+def watch_first_plot(window: MainWindow, started: float, seen: dict) -> None:
+    """Once the window plots its first loss point: ``seen["first_plot_s"]`` (since ``started``), then close it.
+
+    Closing stops the run the way the operator's close does (the adapter is written).
+    """
+    timer = QTimer(window)
+
+    def check() -> None:
+        if any(len(window.live.plotted(d)[1]) for d in window.model.state.devices):
+            seen["first_plot_s"] = time.perf_counter() - started
+            timer.stop()
+            window.close()
+
+    timer.timeout.connect(check)
+    timer.start(50)
