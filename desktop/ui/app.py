@@ -192,7 +192,8 @@ def render_end_state(run_dir: Path, png: Path, size: tuple[int, int] = (1600, 10
     player.advance_to(replay.duration_s)
     window.devices.refresh_all()
     window.live.redraw()
-    app.processEvents()
+    for _ in range(5):  # the layout reflows the new texts on the next turns of the loop
+        app.processEvents()
     png.parent.mkdir(parents=True, exist_ok=True)
     if not window.grab().save(str(png)):
         raise OSError(f"could not write {png}")

@@ -24,6 +24,7 @@ from PySide6.QtWidgets import (
 from desktop.engine.state import DeviceView
 from desktop.ui.colours import DEFAULT_STATUS_COLOUR, SIMULATED_BADGE, STATUS_COLOURS
 from desktop.ui.model import Changes, DashboardModel
+from shared.protocol_limits import WS_PATH
 
 REFRESH_MS = 250  # cards show step counts; four updates a second is plenty for a number
 BUDGET_MS = 10.0  # a refresh fills cards for about this long, then leaves the rest for the next tick
@@ -61,10 +62,23 @@ def status_text(view: DeviceView, local_steps: int, left_s: float | None = None)
         return "idle: no block in this plan"
     if status == "lost":
         return f"LOST{': ' + view.detail if view.detail else ''}"
+    if status == "error":
+        return "error (below)" if view.error else "error"
     words = {"pairing": "pairing…", "profiling": "profiling…", "paired": "paired", "profiled": "profiled",
-             "ready": "ready", "error": "error", "stopped": "stopped"}
+             "ready": "ready", "stopped": "stopped"}
     text = words.get(status, status)
-    return f"{text}: {view.detail}" if view.detail and status not in ("ready", "paired") else text
+    return f"{text}: {view.detail}" if view.detail and status not in ("ready", "paired", "pairing") else text
+
+
+def error_text(view: DeviceView) -> str:
+    """The device's last error and what to do, without the name and address its card already shows."""
+    message = original = view.error or ""
+    for prefix in (f"{view.name} ({view.address}): ", f"{view.name}: ", f"ws://{view.address}{WS_PATH}: "):
+        if message.startswith(prefix):
+            message = message[len(prefix):]
+    if message != original:
+        message = message[:1].upper() + message[1:]
+    return message + (f". {view.advice[:1].upper() + view.advice[1:]}." if view.advice else "")
 
 
 def facts_text(view: DeviceView) -> str:
@@ -119,7 +133,7 @@ class DeviceCard(QFrame):
         self.colour = colour
         self.setObjectName("card")
         self.setFrameShape(QFrame.Shape.StyledPanel)
-        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)  # wrapped lines get room
         self.name = QLabel()
         self.name.setTextFormat(Qt.TextFormat.RichText)
         self.badge = QLabel()
@@ -205,7 +219,7 @@ class DeviceCard(QFrame):
             _text(self.plan, f"trains {view.block}{share}{predicted}")
         _visible(self.plan, bool(view.block))
         if view.error:
-            _text(self.error, f"{view.error}" + (f" — {view.advice}" if view.advice else ""))
+            _text(self.error, error_text(view))
         _visible(self.error, bool(view.error) or bool(self.error.text() and view.status in UNPAIRED))
         _visible(self.pair_row, view.status in UNPAIRED or (view.status == "error" and view.profile is None))
         self.pair_button.setEnabled(view.status != "pairing")

@@ -64,10 +64,12 @@ def start(dashboard: Dashboard, config: EngineConfig) -> None:
 
 
 def test_an_agent_on_loopback_gets_a_card_and_a_wrong_token_is_said_on_that_card(
-        lab, dashboards, qtbot, tiny_model_dir, tiny_task, export_cache, tmp_path) -> None:
-    # prepare: one agent advertised on 127.0.0.1; the desktop knows no token for it
+        lab, dashboards, qtbot, tmp_path) -> None:
+    # prepare: one agent advertised on 127.0.0.1; the desktop knows no token for it (the job is not run)
     lab.start([("card-pi", "pi4-4gb")])
-    dashboard = dashboards(settings(tiny_model_dir, tiny_task, export_cache, tmp_path / "run"), lobby=True)
+    lobby = EngineConfig(job=JobSpec(), out=tmp_path / "run", discover=True, mdns_interfaces=("127.0.0.1",),
+                         cache_dir=tmp_path / "cache")
+    dashboard = dashboards(lobby, lobby=True)
     cards = dashboard.window.devices.cards
     qtbot.waitUntil(lambda: any(c.name.text().endswith("card-pi</b>") for c in cards.values()), timeout=30_000)
     device, card = next((d, c) for d, c in cards.items() if "card-pi" in c.name.text())
@@ -79,8 +81,8 @@ def test_an_agent_on_loopback_gets_a_card_and_a_wrong_token_is_said_on_that_card
     card.pair_button.click()
     # assert: the refusal is said on this card, with what to do; the right token pairs it
     qtbot.waitUntil(lambda: dashboard.window.model.state.devices[device].status == "error", timeout=30_000)
-    qtbot.waitUntil(lambda: "token" in card.error.text().lower() and "check the token" in card.error.text(),
-                    timeout=10_000)
+    qtbot.waitUntil(lambda: "wrong pairing token" in card.error.text().lower()
+                    and "check the token" in card.error.text().lower(), timeout=10_000)
     assert "#a1120b" in card.styleSheet() and not card.pair_row.isHidden()
     card.token.setText("right-token")
     card.pair_button.click()

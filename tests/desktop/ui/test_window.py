@@ -93,7 +93,7 @@ def test_errors_are_plain_words_on_the_card_and_in_the_status_bar(window, lab_ev
                          DeviceStatus("id-pi4", "error", "does not fit")])
     card = window.devices.cards["id-pi4"]
     qtbot.waitUntil(lambda: "does not fit its memory" in card.error.text())
-    assert "it is left out" in card.error.text()
+    assert card.error.text() == "The program does not fit its memory. It is left out."  # its name is on the card
     assert "does not fit its memory" in window.status_error.text()
     window.call_failed("start the run", "--rounds must be at least 1, got 0", "")
     assert "--rounds must be at least 1" in window.status_error.text()
