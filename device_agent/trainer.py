@@ -81,7 +81,7 @@ from safetensors.numpy import save as safetensors_bytes
 from device_agent.program import Program, resolve_manifest_path
 from shared.blocks import check_global_b, layout_size, merge_b, program_block
 from shared.errors import InputError
-from shared.events import Checkpoint, Done, Eval, Event, Start, Step, Test, append_events, event_from_line, event_to_line
+from shared.events import Checkpoint, Done, Eval, Event, Start, Step, Test, append_events, event_from_line
 from shared.files import write_bytes_atomic
 from shared.manifest import BATCH_ORDERS
 from shared.task_data import Split
@@ -695,15 +695,17 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    events: list[Event] = []
+    kept: list[str] = []  # as written, byte for byte
     for number, line in enumerate(lines, start=1):
         try:
-            events.append(event_from_line(line, where=f"{path}:{number}"))
+            event = event_from_line(line, where=f"{path}:{number}")
         except InputError:
             if number < len(lines):
                 raise
-    kept = [event for event in events if event.step <= step]
-    write_bytes_atomic(path, "".join(event_to_line(event) + "\n" for event in kept).encode())
+            break
+        if event.step <= step:
+            kept.append(line)
+    write_bytes_atomic(path, "".join(line + "\n" for line in kept).encode())
 
 
 def write_adapter(program: Program, b: np.ndarray, adapter_dir: Path) -> None:

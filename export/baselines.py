@@ -544,7 +544,7 @@ def eager_training_job(job: EagerJob) -> dict[str, Any]:
     from export.lora import AdapterTensors, LoraFaConfig, parse_layers
     from export.models import load_model, load_tokenizer, tiny_llama
     from export.prge import PrgeConfig
-    from export.tasks import encode_split, load_examples, load_task_spec, verbalizer_token_ids
+    from shared.tasks import encode_split, load_examples, load_task_spec, verbalizer_token_ids
 
     if job.threads is not None:
         torch.set_num_threads(job.threads)

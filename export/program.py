@@ -263,7 +263,7 @@ def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
         Paths and the manifest.
     """
     from export.models import default_cache_dir, load_model
-    from export.tasks import encode_split, load_examples, load_task_spec, verbalizer_token_ids
+    from shared.tasks import encode_split, load_examples, load_task_spec, verbalizer_token_ids
 
     start = time.perf_counter()
     if out.suffix != ".pte":

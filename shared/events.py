@@ -23,7 +23,9 @@ clock is its simulated one, see the agent's ``--simulate``):
   ``lr`` / ``eps`` / ``schedule`` / ``batches`` / ``average_from``, and ``train_examples``.
 * Step: ``step`` (1-based, after the step), ``loss`` (mean over the 2q copies),
   ``g_abs_mean`` (mean |g|), ``seconds``, ``seq_len`` (the length bucket it ran
-  at), ``rss_mb`` and ``peak_rss_mb`` (resident memory now and at its peak), ``lr``.
+  at), ``rss_mb`` and ``peak_rss_mb`` (resident memory now and at its peak), ``lr``;
+  from an agent also ``ended_at``, the Unix time the step ended on the device's
+  wall clock (a simulated device's ``seconds`` are simulated, this is not).
 * Eval: ``split``, ``accuracy``, ``examples``, ``seconds``; with tail averaging
   also ``averaged_steps`` and ``last_iterate_accuracy``.
 * Checkpoint: ``step`` and the checkpoint's ``path``.
@@ -76,6 +78,7 @@ class Step:
     peak_rss_mb: float | None = None
     device: str | None = None
     round: int | None = None
+    ended_at: float | None = None  # Unix time at the step's end on the device's wall clock (agents set it)
     kind = "step"
 
 

@@ -187,7 +187,7 @@ class AgentState:
 
     state: str  # one of STATES
     program: str | None = None  # sha256 of the loaded program's manifest
-    round: int | None = None  # the round running, paused, or interrupted by a restart
+    round: int | None = None  # the round running or paused; else the last one run, or one a restart interrupted
     step: int = 0  # steps of that round done (and checkpointed)
     completed_round: int | None = None  # the last round whose result the agent holds
     last_seq: int = 0  # the highest metric/round sequence number it has emitted

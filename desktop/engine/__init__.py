@@ -4,7 +4,8 @@ A view builds an :class:`Engine` from an :class:`EngineConfig`, subscribes to it
 typed events (``desktop.engine.events``) with a callback or a queue, reads its
 :class:`~desktop.engine.state.EngineState`, and calls ``run()``, ``stop()``,
 ``pause()``, ``resume()``, ``add_agent()`` or ``reprofile()``. See
-``desktop.engine.engine`` for the flow.
+``desktop.engine.engine`` for the flow; ``client`` is the desktop side of one
+agent connection.
 """
 from __future__ import annotations
 

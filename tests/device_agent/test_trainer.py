@@ -543,7 +543,7 @@ def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path: Path)
     steps = [Step(step=s, loss=0.7, g_abs_mean=1.0, seconds=0.1, seq_len=16, rss_mb=100.0, lr=0.01) for s in (1, 2, 3)]
     path.write_text("".join(event_to_line(e) + "\n" for e in steps) + event_to_line(steps[0])[:20])
     truncate_metrics(path, 2)
-    assert read_events(path) == steps[:2]
+    assert path.read_text() == "".join(event_to_line(e) + "\n" for e in steps[:2])
     path.write_text("not an event\n" + event_to_line(steps[0]) + "\n")
     with pytest.raises(InputError, match="metrics.jsonl:1"):
         truncate_metrics(path, 2)

@@ -21,7 +21,7 @@ from export.calibration import median_class_bias
 from export.lora import AdapterTensors, LoraFaConfig
 from export.models import tiny_llama
 from export.prge import PrgeConfig, PrgeProgram
-from export.tasks import encode_split, load_examples, load_task_spec, verbalizer_token_ids
+from shared.tasks import encode_split, load_examples, load_task_spec, verbalizer_token_ids
 from shared.errors import InputError
 
 SEQ_LEN = 32

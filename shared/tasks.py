@@ -8,6 +8,12 @@ verbalizer) at the last prompt position. For the default task:
 "<review> It was" -> " terrible" / " great", scores 0.68 zero-shot on SmolLM2
 against 0.80 for this one: docs/accuracy_experiments.md.)
 
+Pure (stdlib and numpy): the exporter tokenises with a Hugging Face tokenizer,
+and a device agent tokenises its own private file with the same functions
+through ``device_agent.tokenizer``, which gives the `tokenizers` package's
+tokenizer the few methods used here (``__call__``, ``encode``, ``decode``,
+``convert_ids_to_tokens``, ``pad_token_id``, ``eos_token_id``, ``is_fast``).
+
 Data flows in three steps: `load_task_spec` (a TOML file, or the embedded name)
 -> `load_examples` (rows read, checked, de-duplicated, split deterministically)
 -> `encode_split` (token ids right-padded to a fixed length: a
@@ -135,11 +141,13 @@ _TOML_KEYS = {
 }  # fmt: skip
 
 
-def load_task_spec(spec: str = EMBEDDED_RT) -> TaskSpec:
+def load_task_spec(spec: str = EMBEDDED_RT, data_path: Path | None = None) -> TaskSpec:
     """Loads a task: the embedded name "rotten_tomatoes" or a path to a TOML task file.
 
     Args:
         spec: "rotten_tomatoes" or a `.toml` path (format in this module's docstring).
+        data_path: read this file instead of the one the task names (a device's own
+            file, read with the task's columns, template and verbalizer).
 
     Returns:
         The validated task spec; its data path is absolute.
@@ -173,6 +181,8 @@ def load_task_spec(spec: str = EMBEDDED_RT) -> TaskSpec:
         return value
 
     data = typed("data", str)
+    if data_path is not None:
+        data = str(Path(data_path).resolve())
     if data.startswith(EMBEDDED_PREFIX):
         if data != EMBEDDED_PREFIX + EMBEDDED_RT:
             raise InputError(f"{path}: unknown embedded data {data!r}; available: {EMBEDDED_PREFIX}{EMBEDDED_RT}")

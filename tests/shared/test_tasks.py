@@ -1,4 +1,4 @@
-"""Tests for export/tasks.py: the embedded task, user CSV/JSONL files, errors, encoding."""
+"""Tests for shared/tasks.py: the embedded task, user CSV/JSONL files, errors, encoding."""
 from __future__ import annotations
 
 import gzip
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.tasks import (
+from shared.tasks import (
     Example,
     TaskSpec,
     encode_split,

@@ -1,0 +1,142 @@
+"""Programs from the file store: a directory view per manifest, loaded without re-hashing.
+
+A program arrives as separate files (its manifest, the ``.pte``, the shared
+``.ptd`` weights, optionally a ``tokenizer.json``), each stored by sha256.
+``device_agent.program.Program`` reads a manifest and the files it names beside
+it, so :func:`program_view` links the stored files under those names into
+``programs/<manifest sha256>/``. The store verified every file when it arrived,
+so the program opens with ``verify=False``: a Pi does not re-hash 500 MB of
+weights each round.
+
+Before a program is trusted, :func:`load_program` checks that the ``.pte``'s
+``step`` method takes the shapes its manifest claims (batch, length, b, z): a
+manifest written for another model or block would otherwise fail deep inside
+the runtime, or train the wrong slice. This module imports the runtime (and
+with it torch) only inside :func:`load_program`, so an idle agent never loads it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from shared.blocks import program_block
+from shared.errors import InputError
+from shared.manifest import Manifest
+from shared.protocol import ProtocolError
+from device_agent.store import FileStore
+
+log = logging.getLogger("deftly.agent.programs")
+REQUIRED_ROLES = ("program", "weights")  # what a device needs to train; data, lora_a stay on the desktop
+MANIFEST_NAME = "program.manifest.json"
+
+
+def read_manifest(store: FileStore, manifest_sha: str) -> Manifest:
+    """The stored manifest with this sha256.
+
+    Raises:
+        ProtocolError: unknown_file (not stored), not_a_program (not a manifest).
+    """
+    path = store.path(manifest_sha)
+    try:
+        return Manifest.from_json(path.read_text(), source=f"manifest {manifest_sha[:12]}…")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"manifest {manifest_sha[:12]}…: not text", code="not_a_program") from None
+    except InputError as exc:
+        raise ProtocolError(str(exc), code="not_a_program") from None
+
+
+def program_view(store: FileStore, root: Path, manifest_sha: str) -> tuple[Path, Manifest]:
+    """``root/<manifest_sha>/`` holding the manifest and its stored files under their names.
+
+    Returns:
+        (the manifest's path in the view, the manifest).
+
+    Raises:
+        ProtocolError: not_a_program (no manifest, or it lacks a .pte), unknown_file
+            (a file it needs is not stored: the error names each one).
+    """
+    manifest = read_manifest(store, manifest_sha)
+    missing = []
+    for role in REQUIRED_ROLES:
+        name = manifest.files.get(role)
+        if name is None:
+            if role == "program":
+                raise ProtocolError(f"manifest {manifest_sha[:12]}…: names no program (.pte) file", code="not_a_program")
+            continue
+        sha = manifest.sha256.get(name)
+        if sha is None:
+            raise ProtocolError(f"manifest {manifest_sha[:12]}…: the {role} file {name} has no sha256",
+                                code="not_a_program")
+        if not store.has(sha):
+            missing.append(f"{name} ({sha[:12]}…)")
+    if missing:
+        raise ProtocolError(f"program {manifest_sha[:12]}…: the agent does not hold {', '.join(missing)}; "
+                            f"send {'it' if len(missing) == 1 else 'them'} first", code="unknown_file")
+    view = root / manifest_sha
+    view.mkdir(parents=True, exist_ok=True)
+    _link(store.path(manifest_sha), view / MANIFEST_NAME)
+    for name, sha in manifest.sha256.items():
+        if store.has(sha):
+            _link(store.path(sha), view / name)
+    return view / MANIFEST_NAME, manifest
+
+
+def _link(source: Path, target: Path) -> None:
+    if target.exists():
+        return
+    try:
+        os.link(source, target)  # same file system: no copy, and the view survives the blob's rename
+    except OSError:
+        os.symlink(source, target)
+
+
+def files_bytes(view_manifest: Path, manifest: Manifest) -> tuple[int, int]:
+    """Sizes of the program's ``.pte`` and its weights (0 without a weights file)."""
+    pte = manifest.file("program", view_manifest).stat().st_size
+    weights = manifest.file("weights", view_manifest).stat().st_size if "weights" in manifest.files else 0
+    return pte, weights
+
+
+def load_program(view_manifest: Path, manifest: Manifest, one_thread: bool) -> Any:
+    """Open the program and check its ``step`` signature against the manifest.
+
+    Args:
+        view_manifest: the manifest in its view (:func:`program_view`).
+        one_thread: run ExecuTorch's kernels on the calling thread only (a simulated device).
+
+    Returns:
+        A ``device_agent.program.Program`` (one resident method at a time).
+
+    Raises:
+        ProtocolError: not_a_program (the runtime cannot load it), wrong_model (the
+            .pte does not take the shapes its manifest describes).
+    """
+    from device_agent.program import Program, open_et_program  # imports torch and the runtime
+
+    if one_thread:
+        import executorch.extension.pybindings._C as native
+
+        native._unsafe_reset_threadpool(1)
+    weights = manifest.file("weights", view_manifest) if "weights" in manifest.files else None
+    try:
+        native_program = open_et_program(manifest.file("program", view_manifest), weights)
+        meta = native_program.method_meta("step")
+        takes = {i: tuple(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())}
+    except RuntimeError as exc:
+        raise ProtocolError(f"program {manifest.files['program']}: ExecuTorch cannot load it or its step method "
+                            f"({str(exc)[:200]}): not a P-RGE program, or its weights are another export's",
+                            code="not_a_program") from None
+    span = program_block(manifest)
+    claimed = {0: (manifest.batch_size, manifest.seq_len), 3: (manifest.b_size,), 4: (manifest.q, span.size)}
+    for index, shape in claimed.items():
+        if takes.get(index) != shape:
+            raise ProtocolError(f"program {manifest.files['program']}: its step takes input {index} of shape "
+                                f"{takes.get(index)}, its manifest (model {manifest.model_id}) says {shape}: the "
+                                f"manifest was written for another model or block", code="wrong_model")
+    del native_program
+    try:
+        return Program(view_manifest, verify=False, max_resident_methods=1)
+    except InputError as exc:
+        raise ProtocolError(str(exc), code="not_a_program") from None

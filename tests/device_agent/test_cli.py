@@ -1,0 +1,34 @@
+"""Tests for device_agent/cli.py: what `deftly-agent` prints at start, what it keeps, and what it refuses."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+from desktop.engine.local import REPO
+
+
+def test_the_banner_says_where_it_listens_its_token_and_what_it_advertises_and_the_token_is_kept(agents) -> None:
+    agent = agents(name="bench-pi", token=None)
+    token = agent.token
+    assert len(token) == 32 and any(f"ws://127.0.0.1:{agent.port}/deftly" in line for line in agent.banner)
+    assert any(line.startswith("not advertising (--no-advertise)") for line in agent.banner)
+    assert stat.S_IMODE(os.stat(agent.state_dir / "token").st_mode) == 0o600
+    agent.restart()
+    assert agent.token == token  # the same pairing token after a restart
+
+
+def test_an_idle_agent_has_not_loaded_torch(agents) -> None:
+    agent = agents()
+    maps = open(f"/proc/{agent.pid}/maps").read()
+    assert "libtorch" not in maps and "_portable_lib" not in maps and "executorch" not in maps
+
+
+def test_an_unknown_device_class_is_a_clear_error_and_exit_status_2(tmp_path) -> None:
+    result = subprocess.run([sys.executable, "-m", "device_agent.cli", "--simulate", "toaster", "--no-advertise",
+                             "--state-dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert result.returncode == 2
+    assert "deftly-agent: --simulate toaster: no such device class" in result.stderr
+    assert "Traceback" not in result.stderr
