@@ -120,9 +120,8 @@ def run_demo(settings: DemoSettings, on_window: Callable | None = None) -> int:
     agents = LocalAgents(settings.agents_dir)
     try:
         print(f"starting {len(LAB)} simulated agents on this machine (their state: {settings.agents_dir})", flush=True)
-        for agent in agents.start(list(LAB)):
-            print(f"  {agent.name}: deftly-agent --simulate {agent.simulate}, listening on {agent.address}",
-                  flush=True)
+        for (name, device_class), agent in zip(LAB, agents.start(list(LAB))):
+            print(f"  {name}: deftly-agent --simulate {device_class}, listening on {agent.address}", flush=True)
         config = demo_config(settings, agents.token)
         if headless:
             return _headless(config)
@@ -134,7 +133,7 @@ def run_demo(settings: DemoSettings, on_window: Callable | None = None) -> int:
         agents.stop()
         left = agents.running
         if left:  # stop() kills what SIGTERM did not end; this says so if even that failed
-            print(f"warning: agent(s) {', '.join(a.name for a in left)} still running", file=sys.stderr)
+            print(f"warning: agent(s) {', '.join(left)} still running", file=sys.stderr)
         else:
             print(f"stopped the {len(agents.agents)} agents the demo started", flush=True)
 

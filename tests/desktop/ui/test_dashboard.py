@@ -1,6 +1,6 @@
 """The dashboard on real agents: found by zeroconf on 127.0.0.1, paired by the token typed on a card, trained.
 
-Every agent is a real ``deftly-agent`` process (``desktop.engine.local_agents``)
+Every agent is a real ``deftly-agent`` process (``desktop.engine.local_agents``, over ``desktop.engine.local``)
 on loopback, stopped in teardown; the engine is the real one on its own thread;
 the window is real, offscreen; the programs are the tiny model's (exported once
 per session into the shared cache).
