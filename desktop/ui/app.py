@@ -86,7 +86,9 @@ class Dashboard:
         if what == "close" and self._closing:
             self._closed = True
             self.bridge.stop()
-            self.window.close()
+            # From a fresh turn of the loop: a close() issued while Qt still counts the refused one
+            # as in progress is dropped.
+            QTimer.singleShot(0, self.window.close)
 
     def force_close(self) -> None:
         """Close without waiting for the engine (a second Ctrl-C)."""
