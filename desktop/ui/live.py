@@ -254,7 +254,7 @@ class AccuracyPlot:
         for round_, who in lost_by_round.items():
             line = pg.InfiniteLine(pos=round_, angle=90, pen=pg.mkPen(LOST, width=1, style=Qt.PenStyle.DashLine),
                                    label=f"{', '.join(who)} lost: re-planned",
-                                   labelOpts={"color": LOST, "position": 0.9, "anchors": [(1, 0), (1, 0)]})
+                                   labelOpts={"color": LOST, "position": 0.1, "anchors": [(1, 1), (1, 1)]})
             self.widget.addItem(line)
             self.labels.append(line)
         last_round, last = points[-1]

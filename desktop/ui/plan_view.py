@@ -159,7 +159,7 @@ class BaselineBars(QWidget):
         painter = QPainter(self)
         finite = [v for _n, v in rows if v is not None and math.isfinite(v)]
         longest = max(finite, default=1.0) or 1.0
-        label_w = 190.0
+        label_w = max(painter.fontMetrics().horizontalAdvance(name) for name, _v in rows) + 12.0
         row_h = min(22.0, (self.height() - 20) / len(rows))
         painter.setPen(QColor("#202124"))
         painter.drawText(QRectF(0, 0, self.width(), 18), Qt.AlignmentFlag.AlignLeft,
