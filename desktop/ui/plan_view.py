@@ -50,16 +50,20 @@ class LayerStack(QWidget):
         self.setMinimumSize(220, 260)
         self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Expanding)
 
-    def layer_colours(self, plan: PlanView | None = None) -> list[str | None]:
-        """Per layer (0 first), the colour it is painted: its device's, or None for a frozen layer."""
+    def layer_devices(self, plan: PlanView | None = None) -> list[list[str]]:
+        """Per layer (0 first), the devices that train it: one, several (a block's replicas), or none (frozen)."""
         plan = plan or self.model.state.plan
         if plan is None:
             return []
-        colours: list[str | None] = [None] * _layer_count(plan)
+        devices: list[list[str]] = [[] for _ in range(_layer_count(plan))]
         for a in plan.active():
             for layer in range(a.first_layer, a.last_layer + 1):
-                colours[layer] = self.model.colour(a.device)
-        return colours
+                devices[layer].append(a.device)
+        return devices
+
+    def layer_colours(self, plan: PlanView | None = None) -> list[str | None]:
+        """Per layer (0 first), the colour it is painted: its (first) device's, or None for a frozen layer."""
+        return [self.model.colour(d[0]) if d else None for d in self.layer_devices(plan)]
 
     def stack_rect(self) -> QRectF:
         """Where the current plan's stack is drawn (the previous plan's, if any, is left of it)."""
@@ -68,7 +72,7 @@ class LayerStack(QWidget):
 
     def layer_rect(self, layer: int) -> QRectF:
         """The band of the current stack that paints ``layer`` (0 = the bottom, next to the embeddings)."""
-        stack, n = self.stack_rect(), len(self.layer_colours())
+        stack, n = self.stack_rect(), len(self.layer_devices())
         h = stack.height() / max(n, 1)
         return QRectF(stack.left(), stack.bottom() - (layer + 1) * h, stack.width(), h)
 
@@ -97,18 +101,21 @@ class LayerStack(QWidget):
                          "embeddings")
 
     def _paint_stack(self, painter: QPainter, plan: PlanView, rect: QRectF, *, faded: bool, labels: bool) -> None:
-        colours = self.layer_colours(plan)
-        n = len(colours)
+        layers = self.layer_devices(plan)
+        n = len(layers)
         if not n:
             return
         h = rect.height() / n
         gap = 1.0 if h > 4 else 0.0
-        for layer, colour in enumerate(colours):
+        for layer, devices in enumerate(layers):
             y = rect.bottom() - (layer + 1) * h
-            fill = QColor(colour or FROZEN)  # a copy: the faded stack sets its alpha
-            if faded:
-                fill.setAlpha(90)
-            painter.fillRect(QRectF(rect.left(), y + gap / 2, rect.width(), h - gap), fill)
+            colours = [self.model.colour(d) for d in devices] or [FROZEN]
+            w = rect.width() / len(colours)  # a block's replicas share its band, side by side
+            for i, colour in enumerate(colours):
+                fill = QColor(colour)
+                if faded:
+                    fill.setAlpha(90)
+                painter.fillRect(QRectF(rect.left() + i * w, y + gap / 2, w, h - gap), fill)
         if not labels:
             return
         painter.setPen(QPen(QColor("#202124")))
@@ -120,19 +127,23 @@ class LayerStack(QWidget):
             painter.setPen(QColor("#5f6368"))
             painter.drawText(QRectF(text_x, y0, self.width() - text_x, first_trained * h),
                              Qt.AlignmentFlag.AlignVCenter, f"L0-{first_trained - 1} frozen")
+        blocks: dict[tuple[int, int], list] = {}
         for a in trained:
-            span = a.last_layer - a.first_layer + 1
-            y = rect.bottom() - (a.last_layer + 1) * h
-            block = QRectF(rect.left(), y, rect.width(), span * h)
+            blocks.setdefault((a.first_layer, a.last_layer), []).append(a)
+        bold = QFont(self.font())
+        bold.setBold(True)
+        for (first, last), replicas in blocks.items():
+            span = last - first + 1
+            y = rect.bottom() - (last + 1) * h
             painter.setPen(QPen(QColor("#202124"), 1))
-            painter.drawRect(block)
-            painter.setPen(QColor(self.model.colour(a.device)))
-            bold = QFont(self.font())
-            bold.setBold(True)
+            painter.drawRect(QRectF(rect.left(), y, rect.width(), span * h))
+            painter.setPen(QColor(self.model.colour(replicas[0].device)))
             painter.setFont(bold)
+            names = " + ".join(a.name for a in replicas)
+            each = " each" if len(replicas) > 1 else ""
             painter.drawText(QRectF(text_x, y, self.width() - text_x, max(span * h, 16)),
                              Qt.AlignmentFlag.AlignVCenter,
-                             f"{a.block} {a.name} · {a.share:.0%} link")
+                             f"{replicas[0].block} {names} · {replicas[0].share:.0%} link{each}")
             painter.setFont(self.font())
 
 

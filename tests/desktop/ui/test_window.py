@@ -108,3 +108,25 @@ def test_the_presenter_layout_hides_the_controls_and_escape_brings_them_back(win
     window.leave_presenter()
     qtbot.waitUntil(lambda: window.left.isVisible())
     assert window.plan.table.isVisible()
+
+
+def test_a_blocks_replicas_share_its_band_side_by_side(window, lab_events, qtbot) -> None:
+    from dataclasses import replace
+
+    window.apply_events(lab_events)
+    plan = window.model.state.plan
+    laptop = next(a for a in plan.active() if a.device == "id-laptop")
+    pi = next(a for a in plan.assignments if a.device == "id-pi4")
+    replicated = replace(plan, assignments=tuple(
+        replace(a, block=laptop.block, first_layer=laptop.first_layer, last_layer=laptop.last_layer,
+                offset=laptop.offset, size=laptop.size) if a is pi else a for a in plan.assignments))
+    window.apply_events([PlanMade(replicated)])
+    stack = window.plan.stack
+    order = [a.device for a in replicated.active() if a.first_layer == laptop.first_layer]
+    assert sorted(order) == ["id-laptop", "id-pi4"] and stack.layer_devices()[laptop.first_layer] == order
+    qtbot.waitUntil(lambda: stack.height() > 200)
+    image = stack.grab().toImage()
+    band = stack.layer_rect(laptop.first_layer)
+    left = image.pixelColor(int(band.left() + band.width() / 4), int(band.center().y())).name()
+    right = image.pixelColor(int(band.left() + 3 * band.width() / 4), int(band.center().y())).name()
+    assert (left, right) == tuple(QColor(window.model.colour(d)).name() for d in order)
