@@ -75,11 +75,20 @@ class DashboardModel:
         self.state = EngineState()
         self.colours = DeviceColours()
         self.transfers: dict[str, TransferClock] = {}
+        self.export_at: float | None = None  # when the exporter last said something (clock seconds)
         self.events_applied = 0
         self._clock = clock
 
     def colour(self, device: str) -> str:
         return self.colours(device)
+
+    def exporting(self, quiet_s: float) -> bool:
+        """Whether an export is under way: the phase says so, or the exporter spoke within ``quiet_s``
+        (the job's eval program and probe export while devices are still being found)."""
+        if self.state.export is None or self.state.phase in ("done", "stopped", "failed"):
+            return False
+        recent = self.export_at is not None and self._clock() - self.export_at < quiet_s
+        return self.state.phase == "exporting" or recent
 
     def transfer_left_s(self, device: str) -> float | None:
         clock = self.transfers.get(device)
@@ -127,6 +136,7 @@ class DashboardModel:
             changes.phase = True
         elif isinstance(event, ExportProgress):
             changes.export = True
+            self.export_at = self._clock()
         elif isinstance(event, DeviceError):
             changes.errors.append(event)
             if event.device:

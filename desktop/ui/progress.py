@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from PySide6.QtCore import Qt, QUrl
+from PySide6.QtCore import Qt, QTimer, QUrl
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import QGridLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from desktop.ui.devices import duration
 from desktop.ui.model import Changes, DashboardModel
 
+EXPORT_QUIET_S = 20.0  # the export bar stays this long after the exporter's last word (a stage can be long)
 # The engine's phases (desktop.engine.events.PHASES) as the strip names them.
 STRIP = (("discovering", "discover"), ("pairing", "pair"), ("profiling", "profile"), ("planning", "plan"),
          ("exporting", "export"), ("shipping", "ship"), ("training", "train"), ("finishing", "finish"))
@@ -86,12 +87,16 @@ class ExportBar(QWidget):
         layout.addWidget(self.label)
         layout.addWidget(self.bar)
         self.hide()
+        self.timer = QTimer(self)  # hides the bar once the exporter has gone quiet
+        self.timer.setInterval(1000)
+        self.timer.timeout.connect(self.refresh)
+        self.timer.start()
 
     def refresh(self) -> None:
-        state = self.model.state
-        progress = state.export
-        exporting = state.phase == "exporting" and progress is not None
-        self.setVisible(exporting)
+        progress = self.model.state.export
+        exporting = self.model.exporting(EXPORT_QUIET_S)
+        if self.isHidden() == exporting:
+            self.setVisible(exporting)
         if not exporting:
             return
         left = f", about {duration(progress.left_s)} left" if progress.left_s is not None else ""

@@ -130,3 +130,22 @@ def test_a_blocks_replicas_share_its_band_side_by_side(window, lab_events, qtbot
     left = image.pixelColor(int(band.left() + band.width() / 4), int(band.center().y())).name()
     right = image.pixelColor(int(band.left() + 3 * band.width() / 4), int(band.center().y())).name()
     assert (left, right) == tuple(QColor(window.model.colour(d)).name() for d in order)
+
+
+def test_export_progress_shows_with_time_left_while_devices_are_found_and_goes_when_the_exporter_is_done(qtbot) -> None:
+    from desktop.engine.events import ExportProgress, PhaseChanged
+    from desktop.ui.model import DashboardModel
+    from desktop.ui.progress import EXPORT_QUIET_S
+    from desktop.ui.window import MainWindow
+
+    now = [100.0]
+    window = MainWindow(DashboardModel(clock=lambda: now[0]))
+    qtbot.addWidget(window)
+    window.show()
+    window.apply_events([PhaseChanged("discovering"),
+                         ExportProgress("lowering to XNNPACK", "eval", fraction=0.4, elapsed_s=65.0, left_s=97.0)])
+    bar = window.export
+    assert bar.isVisible() and "Exporting eval: lowering to XNNPACK" in bar.label.text()
+    assert "1 min 05 s so far, about 1 min 37 s left" in bar.label.text() and bar.bar.value() == 400
+    now[0] += EXPORT_QUIET_S + 1  # the exporter went quiet: its programs are done
+    qtbot.waitUntil(lambda: not bar.isVisible(), timeout=5_000)
