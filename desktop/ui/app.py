@@ -25,20 +25,29 @@ from PySide6.QtCore import QTimer
 from PySide6.QtGui import QCloseEvent
 from PySide6.QtWidgets import QApplication
 
+from desktop.demo import has_display
 from desktop.engine import Engine, EngineConfig
 from desktop.ui.bridge import EngineBridge
 from desktop.ui.job_form import RunChoice, fields_from_job
 from desktop.ui.replay import ReplayPlayer, load_replay
 from desktop.ui.window import MainWindow, connect_engine
+from shared.errors import InputError
 
 log = logging.getLogger("deftly.ui")
 SIGNAL_POLL_MS = 200  # Qt's loop holds the interpreter: wake it this often so Ctrl-C is seen
 
 
 def application() -> QApplication:
-    """The process's QApplication (made once)."""
+    """The process's QApplication (made once).
+
+    Raises:
+        InputError: there is no display to show a window on (instead of Qt aborting the process).
+    """
     app = QApplication.instance()
     if app is None:
+        if not has_display():
+            raise InputError("no display to open the dashboard on (DISPLAY and QT_QPA_PLATFORM are unset): run "
+                             "`deftly demo --headless`, or set QT_QPA_PLATFORM=offscreen, or use xvfb-run")
         app = QApplication(sys.argv[:1])
         app.setApplicationName("deftly")
     return app
@@ -170,8 +179,8 @@ def open_demo(config: EngineConfig, *, title: str, caption: str | None = None, p
 
 def open_replay(path: Path, speed: float = 1.0, *, presenter: bool = False) -> int:
     """A recorded run played through the dashboard at ``speed`` times its pace."""
+    replay = load_replay(path)  # a wrong path is said before any window opens
     app = application()
-    replay = load_replay(path)
     window = MainWindow(controls=False, title=f"deftly replay — {replay.source}")
     player = ReplayPlayer(replay, speed)
     window.attach_replay(player)
