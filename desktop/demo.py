@@ -103,11 +103,13 @@ def make_room(out: Path) -> Path | None:
     return previous
 
 
-def run_demo(settings: DemoSettings, on_window: Callable | None = None) -> int:
+def run_demo(settings: DemoSettings, on_window: Callable | None = None,
+             on_agents: Callable[[LocalAgents], None] | None = None) -> int:
     """Start the lab, run the demo (window or headless), stop the lab; returns the exit status.
 
     Args:
         on_window: called with the window once it is open (a benchmark watches it).
+        on_agents: called with the lab once its agents listen (the screenshots kill one mid-round).
     """
     settings.check()
     headless = settings.headless if settings.headless is not None else not has_display()
@@ -122,6 +124,8 @@ def run_demo(settings: DemoSettings, on_window: Callable | None = None) -> int:
         print(f"starting {len(LAB)} simulated agents on this machine (their state: {settings.agents_dir})", flush=True)
         for (name, device_class), agent in zip(LAB, agents.start(list(LAB))):
             print(f"  {name}: deftly-agent --simulate {device_class}, listening on {agent.address}", flush=True)
+        if on_agents is not None:
+            on_agents(agents)
         config = demo_config(settings, agents.token)
         if headless:
             return _headless(config)

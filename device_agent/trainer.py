@@ -80,6 +80,7 @@ from safetensors.numpy import save as safetensors_bytes
 
 from device_agent.program import Program, resolve_manifest_path
 from shared.blocks import check_global_b, layout_size, merge_b, program_block
+from shared.calibration import CALIBRATION_FILE  # beside the PEFT adapter: labels, verbalizer ids, class bias
 from shared.errors import InputError
 from shared.events import Checkpoint, Done, Eval, Event, Start, Step, Test, append_events, event_from_line
 from shared.files import write_bytes_atomic
@@ -87,7 +88,6 @@ from shared.manifest import BATCH_ORDERS
 from shared.task_data import Split
 
 SCHEDULES = ("constant", "cosine", "linear")
-CALIBRATION_FILE = "deftly_calibration.json"  # beside the PEFT adapter: labels, verbalizer ids, class bias
 CHECKPOINT_FORMAT = 1
 _ARRAY_FIELDS = ("b", "b_sum")  # TrainState fields stored as arrays in checkpoint.npz, not in its JSON
 Clock = Callable[[], float]  # seconds on a monotonic clock; a step lasts the difference of two readings

@@ -45,7 +45,7 @@ MODULE_PARENT = {
 class LoraFaConfig:
     """Settings of the LoRA-FA adapter.
 
-    Defaults follow what trained best on SmolLM2 + Rotten Tomatoes here (README).
+    Defaults follow what trained best on SmolLM2 + Rotten Tomatoes here (docs/benchmarks.md).
     """
 
     rank: int = 8  # r; P-RGE's reference code uses 16

@@ -1,6 +1,6 @@
 """Joint bandwidth and block allocation: exact search and dual ascent.
 
-The problem (DESIGN.md, "Planning, precisely"; cost terms in `shared/costmodel.py`):
+The problem (docs/design.md, "Planning"; cost terms in `shared/costmodel.py`):
 choose a one-to-one matching σ of blocks to devices and link shares β_k
 (Σ_k β_k ≤ 1) minimising the round latency
 

@@ -1,6 +1,6 @@
 """Cost model: what one round costs a device that trains one block.
 
-The formulation (DESIGN.md, "Planning, precisely"; this docstring is the single
+The formulation (docs/design.md, "Planning"; this docstring is the single
 source of truth for the code):
 
 * Blocks b = 1..N are contiguous ranges of trainable layers, listed shallowest

@@ -5,7 +5,7 @@ shares (`shared/costmodel.py`; +inf where the block does not fit), find the
 one-to-one matching of the N blocks to N of the K devices that minimises the
 round latency `max_b T_{σ(b)}(b)`.
 
-How (DESIGN.md, "Planning, precisely"):
+How (docs/design.md, "Planning"):
 
 1. **Cut.**  For a candidate latency T, device k can take block b iff
    T_k(b) ≤ T.  Latency is non-increasing in depth, so with blocks listed

@@ -1,4 +1,8 @@
-"""Writing files so that a crash or a full disk never leaves half of one behind."""
+"""Writing files so that a crash or a full disk never leaves half of one behind.
+
+Hand-written: the standard library has no atomic write, the package that had one
+(``atomicwrites``) is archived, and ``shared/`` takes no dependency beyond numpy.
+"""
 from __future__ import annotations
 
 import os

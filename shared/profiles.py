@@ -1,7 +1,7 @@
 """The planner's inputs as data: measured device profiles and a job description.
 
 A *fleet* is a list of `DeviceProfile`s; each holds what an agent measures on its
-device (DESIGN.md, "Planning, precisely"):
+device (docs/design.md, "Planning"):
 
 * `layer_s_bs[l]`   τ_k(l, bs): seconds for one forward of layer l on bs rows,
 * `layer_s_wide[l]` τ_k(l, 2q·bs): the same on the 2q·bs widened rows,

@@ -13,7 +13,9 @@ enters, named, not as a ``KeyError`` deep inside a consumer:
   number type) but no ``bool``; non-finite floats pass (an accuracy on an empty
   split is ``nan``).
 
-Pure: values in, values out; no I/O.
+Pure: values in, values out; no I/O. Written here rather than taken from pydantic,
+cattrs or dacite because ``shared/`` imports only the standard library and numpy:
+an agent on a board installs it, and this is all of such a library it needs.
 """
 from __future__ import annotations
 

@@ -27,16 +27,13 @@ import argparse
 import asyncio
 import json
 import math
-import os
-import re
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from desktop.engine import Engine, EngineConfig, JobSpec
 from desktop.engine.events import PlanMade
+from desktop.engine.local import LocalAgent
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB = (("pi4", "pi4-4gb"), ("phone", "midrange-phone"), ("laptop", "laptop"))  # (name, device class)
@@ -59,42 +56,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class Lab:
-    """Three agent processes; :meth:`close` ends them."""
+    """Three agent processes (``desktop.engine.local.LocalAgent``); :meth:`close` ends them."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.processes, self.addresses = root, [], []
+        self.root, self.agents = root, []
 
     def start(self) -> list[str]:
         for name, device_class in LAB:
-            log = open(self.root / f"{name}.log", "ab")
-            process = subprocess.Popen(
-                [sys.executable, "-m", "device_agent.cli", "--name", name, "--host", "127.0.0.1", "--port", "0",
-                 "--token", TOKEN, "--state-dir", str(self.root / name), "--simulate", device_class,
-                 "--no-advertise"], stdout=subprocess.PIPE, stderr=log, cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True)
-            self.processes.append(process)
-            for line in process.stdout:
-                found = re.search(r"listening on ws://[^:]+:(\d+)", line)
-                if found:
-                    self.addresses.append(f"127.0.0.1:{found.group(1)}")
-                if line.startswith(("advertising", "not advertising")):
-                    break
-        if len(self.addresses) != len(LAB):
-            raise RuntimeError(f"the lab's agents did not all start; see {self.root}/*.log")
-        return self.addresses
+            agent = LocalAgent(self.root / name, ["--name", name, "--token", TOKEN, "--simulate", device_class,
+                                                  "--no-advertise"])
+            self.agents.append(agent)
+            agent.start()
+        return [agent.address for agent in self.agents]
 
     def close(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
+        for agent in self.agents:
+            agent.stop()
 
 
 async def one_run(addresses: list[str], job: JobSpec, out: Path, args: argparse.Namespace, policy: str,

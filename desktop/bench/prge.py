@@ -14,6 +14,9 @@
                          bench's training seeds, beside `zero_shot_accuracy`, `steps`,
                          `train_seconds` (target ≥ 0.80 within 2,000 steps)
 * `program_bytes`        size of the per-device `.pte` without the shared weights (target < 5 MB)
+* `accuracy_without_bias` the same trained b's test accuracy without the class bias: what
+                         `PeftModel.from_pretrained` alone predicts, without `deftly_calibration.json`
+                         (`export.serving`); `accuracy` is with it, the classifier that was trained
 
 `--weights int8` runs the same comparison with int8 frozen linears in the ExecuTorch
 programs (the eager contenders stay fp32, as the baselines are defined) and writes
@@ -21,7 +24,8 @@ programs (the eager contenders stay fp32, as the baselines are defined) and writ
 timed in the same rounds / the int8 one), `zero_shot_accuracy_fp32`,
 `accuracy_on_fp32_base` (the adapters trained by the int8 program, evaluated by the fp32
 program with the calibration bias the adapter ships with, the int8 program's: what
-`PeftModel.from_pretrained` on the fp32 model and `deftly_calibration.json` predict) and
+`PeftModel.from_pretrained` on the fp32 model and `deftly_calibration.json` predict;
+`accuracy_on_fp32_base_without_bias` the same without the bias) and
 `int8_g_correlation` (the int8 program's g against the fp32 program's, per eps).
 
 `--accuracy-seeds N` trains N times (seeds 0..N-1: other batches and directions, the same
@@ -93,7 +97,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from device_agent.program import Program
     from device_agent.trainer import TrainConfig, run_training
-    from export import baselines
+    from desktop.bench import baselines
     from export.lora import AdapterTensors
     from export.models import load_model, load_tokenizer, tiny_llama
     from export.prge import PrgeConfig, PrgeProgram
@@ -247,6 +251,13 @@ def run(args: argparse.Namespace) -> dict:
         train_seconds = time.perf_counter() - train_start
         say(f"  seed 0: test accuracy {result.test_accuracy:.3f}")
         zero_shot = et_top.accuracy(splits["test"], np.zeros(manifest.b_size, dtype=np.float32))
+        no_bias = np.zeros(len(manifest.labels), dtype=np.float32)
+
+        def without_bias(program, b: np.ndarray) -> float:
+            """Test accuracy of b without the class bias: what PEFT alone serves."""
+            return program.accuracy(splits["test"], b, class_bias=no_bias)
+
+        unbiased_by_seed = [without_bias(et_top, result.b)]
         if int8:
             results["zero_shot_accuracy_fp32"] = et_fp32.accuracy(splits["test"], np.zeros(manifest.b_size, np.float32))
             # The same b means the same adapter in both programs (the int8 program's A's carry
@@ -258,6 +269,7 @@ def run(args: argparse.Namespace) -> dict:
                 return et_fp32.accuracy(splits["test"], b, class_bias=np.asarray(manifest.class_bias))
 
             served_by_seed = [served_on_fp32(result.b)]
+            served_unbiased_by_seed = [without_bias(et_fp32, result.b)]
             say(f"  the trained adapter on fp32 base weights: test accuracy {served_by_seed[0]:.3f}")
         # More seeds (other batches and other z, the same program): one run's test accuracy
         # moves by about a point with the seed, as much as its binomial error on the test split.
@@ -268,14 +280,18 @@ def run(args: argparse.Namespace) -> dict:
             shutil.rmtree(seed_dir, ignore_errors=True)
             seeded = run_training(replace(train_cfg, seed=seed, eval_every=0, eval_at_start=False, out=seed_dir))
             by_seed.append(seeded.test_accuracy)
+            unbiased_by_seed.append(without_bias(et_top, seeded.b))
             if int8:
                 served_by_seed.append(served_on_fp32(seeded.b))
+                served_unbiased_by_seed.append(without_bias(et_fp32, seeded.b))
             say(f"  seed {seed}: test accuracy {by_seed[-1]:.3f}"
                 + (f", on fp32 base weights {served_by_seed[-1]:.3f}" if int8 else ""))
         test_examples = len(splits["test"].labels)
         accuracy = float(np.mean(by_seed))
         results.update({
             "accuracy_by_seed": by_seed,
+            "accuracy_without_bias_by_seed": unbiased_by_seed,
+            "accuracy_without_bias": float(np.mean(unbiased_by_seed)),
             # one run's sampling error on the test split: sqrt(p (1 - p) / n)
             "accuracy_test_stderr": float(np.sqrt(result.test_accuracy * (1 - result.test_accuracy) / test_examples)),
         })
@@ -285,7 +301,9 @@ def run(args: argparse.Namespace) -> dict:
                 f"(standard error {results['accuracy_seed_stderr']:.3f})")
         if int8:
             results.update({"accuracy_on_fp32_base_by_seed": served_by_seed,
-                            "accuracy_on_fp32_base": float(np.mean(served_by_seed))})
+                            "accuracy_on_fp32_base": float(np.mean(served_by_seed)),
+                            "accuracy_on_fp32_base_without_bias_by_seed": served_unbiased_by_seed,
+                            "accuracy_on_fp32_base_without_bias": float(np.mean(served_unbiased_by_seed))})
         say(f"Training first-order LoRA (eager) for {args.fo_steps} steps for its curve ...")
         fo = baselines.run_baseline(
             "first_order_lora", eager_prge, {k: v for k, v in splits.items()},
@@ -433,7 +451,11 @@ def gemm_gflops(rows: int, hidden: int, intermediate: int, rounds: int, workdir:
 
 
 def cpu_simd_flags() -> list[str]:
-    """The CPU's vector and int8-dot-product features that bound these rates (Linux /proc/cpuinfo)."""
+    """The CPU's vector and int8-dot-product features that bound these rates (Linux /proc/cpuinfo).
+
+    Read directly rather than with py-cpuinfo (installed with executorch, not a dependency
+    of ours), which on Linux reads the same file.
+    """
     wanted = {"avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8",
               "amx_bf16", "asimd", "asimddp", "i8mm", "sve", "sve2", "bf16"}
     try:

@@ -522,13 +522,9 @@ class AgentClient:
 
     # -- rounds ---------------------------------------------------------------------------------------
 
-    async def start_round(self, round: int, program: str, b: np.ndarray, k: int, lr: float, eps: float,
-                          seed: int = 0) -> Status:
-        """Ask for a round; returns once the agent has accepted it (then await :meth:`round_result`).
-
-        Raises:
-            AgentBusy: a round is running. RequestFailed: the request is wrong (e.g. b's size).
-        """
+    def _round_request(self, round: int, program: str, b: np.ndarray, k: int, lr: float, eps: float,
+                       seed: int) -> StartRound:
+        """The StartRound for a round, registered as awaited (its result future, asked again after a restart)."""
         b = np.asarray(b, dtype=np.float32).reshape(-1)
         request = StartRound(id=self._take_id(), round=round, program=program, k=k, lr=float(lr), eps=float(eps),
                              seed=seed, b_size=int(b.shape[0]), b=encode_f32(b))
@@ -536,11 +532,45 @@ class AgentClient:
             self._rounds[round] = asyncio.get_running_loop().create_future()
         self._round_requests[round] = request
         self._start_ids[request.id] = round
+        return request
+
+    async def start_round(self, round: int, program: str, b: np.ndarray, k: int, lr: float, eps: float,
+                          seed: int = 0) -> Status:
+        """Ask for a round; returns once the agent has accepted it (then await :meth:`round_result`).
+
+        Raises:
+            AgentBusy: a round is running. RequestFailed: the request is wrong (e.g. b's size).
+        """
+        request = self._round_request(round, program, b, k, lr, eps, seed)
         try:
             return await self._request(request, Status)
         except AgentError:
             self._round_requests.pop(round, None)
             raise
+
+    async def continue_round(self, round: int, program: str, b: np.ndarray, k: int, lr: float, eps: float,
+                             seed: int = 0) -> None:
+        """Take up a round asked for before this desktop restarted; then await :meth:`round_result`.
+
+        The agent may be running it still, or hold its result unacknowledged (then it arrives
+        with the replay): it is asked for again, with the same values, only if it does neither,
+        and the agent continues it from its last checkpointed step.
+        """
+        request = self._round_request(round, program, b, k, lr, eps, seed)
+        await self.wait_connected()
+        state = self.welcome.state
+        running = state.state != "idle" and state.round == round
+        # Its result is there to be replayed if anything is unacknowledged (by any client of this desktop).
+        finished = state.completed_round == round and state.last_seq > max(self.delivered_seq, state.acked_seq)
+        if not running and not finished:
+            await self._request(request, Status)
+
+    def forget_round(self, round: int) -> None:
+        """Stop awaiting a round (the desktop gave up on it): it is not asked for again after a reconnect."""
+        self._round_requests.pop(round, None)
+        future = self._rounds.pop(round, None)
+        if future is not None and not future.done():
+            future.cancel()
 
     async def round_result(self, round: int, timeout_s: float | None = None) -> RoundDone:
         """The result of a round started with :meth:`start_round`, across reconnects and agent restarts."""

@@ -608,6 +608,8 @@ class Engine:
     def _on_connection(self, device: _Device, welcome) -> None:
         loop = self._loop
         assert loop is not None
+        if device.link is None:
+            return  # the first connection: _pair reports it
         if welcome is None:
             if device.down_since is None:
                 device.down_since = loop.time()

@@ -21,12 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QApplication
 
 from desktop.demo import DemoSettings, run_demo
 from desktop.engine import JobSpec
+from desktop.engine.local_agents import LocalAgents
 from desktop.ui.window import MainWindow
 
 POLL_MS = 100
@@ -40,7 +40,6 @@ PAIRING = ("pairing-found", "pairing-wrong-token", "pairing-paired")  # 00a-, 00
 def pairing_pictures(out: Path, work: Path) -> list[Path]:
     """The lobby: an agent found by zeroconf, a wrong token typed on its card, then the right one."""
     from desktop.engine import Engine, EngineConfig
-    from desktop.engine.local_agents import LocalAgents
     from desktop.ui.app import Dashboard, application
 
     app = application()
@@ -90,25 +89,11 @@ def pairing_pictures(out: Path, work: Path) -> list[Path]:
     return taken
 
 
-def _kill_agent(name: str, agents_dir: Path) -> bool:
-    """End the demo's agent ``name`` at once (its process, found by its command line)."""
-    for process in psutil.Process().children(recursive=True):
-        try:
-            line = process.cmdline()
-        except psutil.NoSuchProcess:
-            continue
-        if "device_agent.cli" in " ".join(line) and str(agents_dir / name) in line:
-            process.kill()
-            return True
-    return False
-
-
 class Photographer:
     """Watches the window and saves a picture the first time each step of the flow shows."""
 
-    def __init__(self, window: MainWindow, out: Path, agents_dir: Path, lose_device: bool = True) -> None:
-        self.window, self.out, self.agents_dir = window, out, agents_dir
-        self.lose_device = lose_device
+    def __init__(self, window: MainWindow, out: Path, lab: LocalAgents | None) -> None:
+        self.window, self.out, self.lab = window, out, lab  # lab: the demo's agents, one is killed (None: none)
         self.taken: list[Path] = []
         self._done: set[str] = set()
         self._killed_in: int | None = None
@@ -146,9 +131,9 @@ class Photographer:
         training = [d for d in devices if d.status == "training" and d.step >= 2]
         if state.round >= 2 and training:
             self.shoot("training")
-            if self.lose_device and self._killed_in is None:
+            if self.lab is not None and self._killed_in is None:
                 self._killed_in = state.round
-                _kill_agent(KILLED, self.agents_dir)
+                self.lab.agents[KILLED].kill()  # a device pulled from the wall mid-round
         if state.lost:
             lost = state.devices.get(state.lost[-1][1])
             if lost is not None and lost.status == "lost" and len(state.plans) > 1:
@@ -194,11 +179,12 @@ def main(argv: list[str] | None = None) -> int:
                             **({"agents_dir": args.agents_dir} if args.agents_dir else {}))
     pairing = pairing_pictures(args.out, args.run.parent / (args.run.name + "-work"))
     photographers: list[Photographer] = []
+    labs: list[LocalAgents] = []
 
     def watch(window: MainWindow) -> None:
-        photographers.append(Photographer(window, args.out, settings.agents_dir, not args.keep_all_devices))
+        photographers.append(Photographer(window, args.out, None if args.keep_all_devices else labs[0]))
 
-    code = run_demo(settings, on_window=watch)
+    code = run_demo(settings, on_window=watch, on_agents=labs.append)
     taken = photographers[0].taken if photographers else []
     print(f"{len(pairing) + len(taken)} screenshots in {args.out}")
     return code

@@ -1,4 +1,5 @@
-"""Smoke run of `deftly bench prge` on a tiny model: every key, every file, sane values."""
+"""`deftly bench prge` on a tiny model: every key and file, and every ratio is the one its timed
+or measured values in the same result give."""
 from __future__ import annotations
 
 import json
@@ -23,17 +24,49 @@ def test_bench_prge_writes_every_key_and_a_picture(tmp_path, smollm2_conversion,
     assert code == 0
     results = json.loads((out / f"{name}.json").read_text())
     assert results["base_weights"] == weights
-    if weights == "int8":
-        assert results["int8_speedup_over_fp32"] > 0 and 0.0 <= results["zero_shot_accuracy_fp32"] <= 1.0
-        assert len(results["accuracy_on_fp32_base_by_seed"]) == 2
-        assert results["accuracy_on_fp32_base"] == pytest.approx(sum(results["accuracy_on_fp32_base_by_seed"]) / 2)
-        assert results["rss_bytes"]["et_train_fp32"] > 0 and results["rss_train_over_fo_fp32"] > 0
-        assert set(results["int8_g_correlation"]) == {"0.01", "0.3"}
-        assert all(-1.0 <= c <= 1.0 for c in results["int8_g_correlation"].values())
     for key in KEYS:
         assert key in results, key
-    assert all(results[key] > 0 for key in KEYS if key != "steps")
-    assert 0.0 <= results["accuracy"] <= 1.0
+    # Every ratio is the quotient of the values it was computed from, in this same result.
+    seconds, rss, gflop, rates = (results[k] for k in ("seconds_per_step", "rss_bytes", "gflop_per_step",
+                                                        "gflops_per_second"))
+    assert all(value > 0 for value in [*seconds.values(), *rss.values(), *gflop.values(), *rates.values()])
+    ratios = {
+        "speedup_vs_mezo": seconds["eager_mezo_step"] / seconds["et_step"],
+        "et_over_eager": seconds["eager_prge_step"] / seconds["et_step"],
+        "prefix_speedup": seconds["et_step_all_layers"] / seconds["et_step"],
+        "batch_speedup": seconds["et_sequential_2q"] / seconds["et_step"],
+        "rss_train_over_infer": rss["et_train"] / rss["et_infer"],
+        "rss_train_over_fo": rss["et_train"] / rss["first_order_eager"],
+        "flop_ratio_mezo_over_prge": gflop["mezo_step"] / gflop["prge_step"],
+        "int8_gemm_over_fp32": rates["et_gemm_int8"] / rates["et_gemm_fp32"],
+    }
+    assert rates["et_step"] == pytest.approx(gflop["prge_step"] / seconds["et_step"])
+    assert rates["eager_prge_step"] == pytest.approx(gflop["prge_step"] / seconds["eager_prge_step"])
+    assert rates["eager_mezo_step"] == pytest.approx(gflop["mezo_step"] / seconds["eager_mezo_step"])
+    if weights == "int8":
+        ratios["int8_speedup_over_fp32"] = seconds["et_step_fp32"] / seconds["et_step"]
+        ratios["rss_train_over_fo_fp32"] = rss["et_train_fp32"] / rss["first_order_eager"]
+        assert 0.0 <= results["zero_shot_accuracy_fp32"] <= 1.0
+        assert len(results["accuracy_on_fp32_base_by_seed"]) == 2
+        assert results["accuracy_on_fp32_base"] == pytest.approx(sum(results["accuracy_on_fp32_base_by_seed"]) / 2)
+        assert len(results["accuracy_on_fp32_base_without_bias_by_seed"]) == 2
+        assert results["accuracy_on_fp32_base_without_bias"] == pytest.approx(
+            sum(results["accuracy_on_fp32_base_without_bias_by_seed"]) / 2)
+        assert set(results["int8_g_correlation"]) == {"0.01", "0.3"}
+        assert all(-1.0 <= c <= 1.0 for c in results["int8_g_correlation"].values())
+    else:
+        assert "et_step_fp32" not in seconds and "int8_speedup_over_fp32" not in results
+    for key, expected in ratios.items():
+        assert results[key] == pytest.approx(expected), key
+    # The sizes are the files the bench exported.
+    runs = tmp_path / "runs"
+    assert results["program_bytes"] == (runs / "top" / "step.pte").stat().st_size
+    assert results["weights_bytes"] == next((runs / "top").glob("weights-*.ptd")).stat().st_size
+    assert results["steps"] == 6 and results["train_seconds"] > 0
+    assert 0.0 <= results["accuracy"] <= 1.0 and 0.0 <= results["zero_shot_accuracy"] <= 1.0
+    # Beside each accuracy, the same b without the class bias (what PEFT alone serves).
+    assert len(results["accuracy_without_bias_by_seed"]) == 2
+    assert results["accuracy_without_bias"] == pytest.approx(sum(results["accuracy_without_bias_by_seed"]) / 2)
     # The headline is the mean over the seeds, never one seed's run.
     assert len(results["accuracy_by_seed"]) == 2
     assert results["accuracy"] == pytest.approx(sum(results["accuracy_by_seed"]) / 2)
@@ -85,12 +118,24 @@ def test_lowered_gemm_chain_computes_the_eager_chain(tmp_path, weights: str, tol
     assert gemms.gflop(16) * 1e9 == 2 * 2 * (2 * 16 * 32 * 48)
 
 
-def test_gemm_rates_cover_eager_and_both_executorch_weights(tmp_path) -> None:
-    from desktop.bench.prge import gemm_gflops
+def test_gemm_rates_are_the_chains_flops_over_its_timed_seconds(tmp_path, monkeypatch) -> None:
+    from desktop.bench import prge
 
-    rates = gemm_gflops(rows=16, hidden=32, intermediate=48, rounds=3, workdir=tmp_path)
-    assert set(rates) == {"eager_gemm_fp32", "et_gemm_fp32", "et_gemm_int8"}
-    assert all(0 < rate < 1e5 for rate in rates.values())
+    # Keep what the timing returned, to hold each rate against it.
+    timed: dict[str, float] = {}
+
+    def recording(contenders, rounds):
+        timed.update(interleaved_medians(contenders, rounds))
+        return dict(timed)
+
+    interleaved_medians = prge.interleaved_medians
+    monkeypatch.setattr(prge, "interleaved_medians", recording)
+    rates = prge.gemm_gflops(rows=16, hidden=32, intermediate=48, rounds=3, workdir=tmp_path)
+    assert set(rates) == set(timed) == {"eager_gemm_fp32", "et_gemm_fp32", "et_gemm_int8"}
+    flops = prge.MlpGemms(hidden=32, intermediate=48).gflop(16)  # the default 4-pair chain gemm_gflops times
+    assert flops * 1e9 == 4 * 2 * (2 * 16 * 32 * 48)
+    for name, seconds in timed.items():
+        assert seconds > 0 and rates[name] == pytest.approx(flops / seconds), name
 
 
 def test_gemm_chain_refuses_unknown_weights() -> None:

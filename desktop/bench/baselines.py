@@ -21,7 +21,7 @@ optimiser:
   any :class:`PrgeProgram` of the model serves.
 * ``first_order_lora`` — LoRA-FA with backprop (Zhang et al., 2023, a
   first-order method): ``b`` is a leaf tensor requiring grad, AdamW, default
-  bs 8, lr 1e-3.  Only B trains, A stays frozen at its seeded init: the same
+  bs 8, lr 1e-3 (``FIRST_ORDER_LR``).  Only B trains, A stays frozen at its seeded init: the same
   trainable state as the zeroth-order methods, so the comparison isolates
   "gradient estimate vs true gradient" and its result loads through the same
   adapter path.  The frozen weights never require grad, so autograd keeps only
@@ -31,9 +31,22 @@ The loss of all three is the program's: cross-entropy at the answer position,
 by default over the task's verbalizer tokens.  Accuracy is the argmax of
 :meth:`PrgeProgram.class_logits` against the labels.
 
-``prge_eager`` and ``mezo`` draw direction i of step t from the same seeded
-generator, so for one seed they follow the same trajectory (up to float
-rounding): the benchmark shows one curve at two speeds.
+What the eager twins share with the ExecuTorch trainer (``device_agent.trainer``),
+so that a comparison differs only where the methods do:
+
+* the directions: ``draw_z`` from ``initial_rng_state(seed)``, numpy's PCG64, the
+  trainer's own draw, so for one seed ``prge_eager`` and ``mezo`` see the z the
+  trainer would and follow the same trajectory (up to float rounding): the
+  benchmark shows one curve at two speeds. MeZO proper regenerates each z_i from
+  a seed rather than keep it; here its step receives z_i from the step's draw,
+  which holds q·P floats (0.8 MB for SmolLM2's top-8 q/v adapter) and does not
+  change what its step computes or how long its forwards take;
+* the learning-rate schedules: ``lr_at`` and ``SCHEDULES``;
+* the zeroth-order default lr: ``export.program.DEFAULT_LR`` of fp32 weights (the
+  eager twins run fp32 weights);
+* accuracy on an empty split: nan, as ``Program.accuracy``.
+
+Events are ``shared.events`` records (Step, Eval, Test), as the trainer's.
 
 Memory is compared across separate processes (:func:`measure_peak_rss`): peak
 RSS is a per-process high-water mark, so two methods measured in one process
@@ -41,6 +54,7 @@ would hide each other.
 """
 from __future__ import annotations
 
+import math
 import multiprocessing
 import resource
 import sys
@@ -54,12 +68,16 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 import numpy as np
 import torch
 
+from device_agent.trainer import SCHEDULES, draw_z, initial_rng_state, lr_at
 from export.prge import PrgeProgram
+from export.program import DEFAULT_LR
 from shared.errors import InputError
+from shared.events import Eval, Event, Step, Test
 
 BASELINES = ("prge_eager", "mezo", "first_order_lora")
+ZEROTH_ORDER = ("prge_eager", "mezo")
+FIRST_ORDER_LR = 1e-3  # AdamW's, for first-order LoRA (its own optimiser, so its own default)
 # Per-method defaults where the methods differ (None in BaselineConfig means "use these").
-DEFAULT_LR = {"prge_eager": 1e-2, "mezo": 1e-2, "first_order_lora": 1e-3}
 DEFAULT_BATCH_SIZE = {"prge_eager": 4, "mezo": 4, "first_order_lora": 8}
 
 
@@ -73,12 +91,12 @@ class SplitLike(Protocol):
 
 @dataclass(frozen=True)
 class BaselineConfig:
-    """Settings of one baseline run; None picks the method's default (DEFAULT_LR, DEFAULT_BATCH_SIZE)."""
+    """Settings of one baseline run; None picks the method's default (resolved_lr, DEFAULT_BATCH_SIZE)."""
 
     steps: int = 200  # optimiser steps
     eval_every: int = 50  # validation accuracy every this many steps (and at step 0 and the last step)
-    lr: float | None = None  # learning rate; zeroth-order 1e-2, first-order (AdamW) 1e-3
-    lr_decay: str = "none"  # "none" or "linear": linearly down to 10 % of lr at the last step
+    lr: float | None = None  # learning rate; zeroth-order DEFAULT_LR["fp32"], first-order (AdamW) FIRST_ORDER_LR
+    schedule: str = "constant"  # one of the trainer's SCHEDULES, over `steps`
     eps: float = 1e-2  # perturbation size (zeroth-order methods only)
     q: int = 4  # random directions per step (zeroth-order methods only)
     batch_size: int | None = None  # examples per step; zeroth-order 4, first-order 8
@@ -89,7 +107,9 @@ class BaselineConfig:
     seed: int = 0  # seeds the batch order and the directions
 
     def resolved_lr(self, name: str) -> float:
-        return DEFAULT_LR[name] if self.lr is None else self.lr
+        if self.lr is not None:
+            return self.lr
+        return FIRST_ORDER_LR if name == "first_order_lora" else DEFAULT_LR["fp32"]
 
     def resolved_batch_size(self, name: str) -> int:
         return DEFAULT_BATCH_SIZE[name] if self.batch_size is None else self.batch_size
@@ -131,29 +151,11 @@ class BaselineResult:
         return out
 
 
-# --- directions --------------------------------------------------------------
-
-
-def direction(seed: int, step: int, index: int, size: int) -> torch.Tensor:
-    """Direction ``z_index`` of ``step``: [size] ~ N(0, I), regenerable from its seed alone.
-
-    One generator per (seed, step, index) is what lets MeZO regenerate ``z_i``
-    instead of storing it, and lets P-RGE eager draw exactly the same ``z``.
-    """
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + index)
-    return torch.randn(size, generator=generator)  # [P]
-
-
-def directions(seed: int, step: int, q: int, size: int) -> torch.Tensor:
-    """All q directions of a step, stacked: [q, size]."""
-    return torch.stack([direction(seed, step, i, size) for i in range(q)])  # [q, P]
-
-
 # --- one step of each method ---------------------------------------------------
 
 
 def prge_eager_step(program: PrgeProgram, input_ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor,
-                    b: torch.Tensor, z: torch.Tensor, lr: float, eps: float) -> tuple[torch.Tensor, float]:
+                    b: torch.Tensor, z: torch.Tensor, lr: float, eps: float) -> tuple[torch.Tensor, float, torch.Tensor]:
     """One P-RGE step: the exported program's maths, in eager PyTorch.
 
     Args:
@@ -167,16 +169,16 @@ def prge_eager_step(program: PrgeProgram, input_ids: torch.Tensor, lengths: torc
         eps: perturbation size.
 
     Returns:
-        (new b [P], mean loss over the 2q copies).
+        (new b [P], mean loss over the 2q copies, g [q]).
     """
     with torch.no_grad():
-        b_new, loss, _ = program.step(input_ids, lengths, labels, b, z, torch.tensor([lr]), torch.tensor([eps]))
-    return b_new, float(loss)
+        b_new, loss, g = program.step(input_ids, lengths, labels, b, z, torch.tensor([lr]), torch.tensor([eps]))
+    return b_new, float(loss), g
 
 
 def mezo_step(program: PrgeProgram, input_ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor,
               b: torch.Tensor, z_of: Callable[[int], torch.Tensor], q: int, lr: float,
-              eps: float) -> tuple[torch.Tensor, float]:
+              eps: float) -> tuple[torch.Tensor, float, torch.Tensor]:
     """One MeZO-style step: 2q sequential one-copy forwards, +eps then −eps per direction.
 
     Args:
@@ -185,14 +187,15 @@ def mezo_step(program: PrgeProgram, input_ids: torch.Tensor, lengths: torch.Tens
         lengths: [bs] real tokens per row.
         labels: [bs] class indices.
         b: [P] current B vector (not modified).
-        z_of: i -> [P] direction i; called twice per direction (MeZO regenerates
-            z from a seed rather than storing it), so it must be deterministic.
+        z_of: i -> [P] direction i; called twice per direction (once to perturb, once
+            to update, as MeZO regenerates z_i instead of keeping it), so it must be
+            deterministic.
         q: number of directions.
         lr: learning rate.
         eps: perturbation size.
 
     Returns:
-        (new b [P], mean loss over the 2q forwards).
+        (new b [P], mean loss over the 2q forwards, g [q]).
     """
     work = b.clone()  # perturbed in place, as MeZO perturbs the model's parameters
     grads: list[float] = []
@@ -210,7 +213,7 @@ def mezo_step(program: PrgeProgram, input_ids: torch.Tensor, lengths: torch.Tens
         # The update regenerates each z_i instead of having kept it (MeZO's zo_update).
         for i, g in enumerate(grads):
             work.add_(z_of(i), alpha=-lr * g / q)  # b ← b − lr · mean_i(g_i · z_i)
-    return work, total / (2 * q)
+    return work, total / (2 * q), torch.tensor(grads)
 
 
 @contextmanager
@@ -262,11 +265,11 @@ def evaluate(program: PrgeProgram, split: SplitLike, b: torch.Tensor, batch_size
         limit: only the first ``limit`` examples; None = all.
 
     Returns:
-        Accuracy in [0, 1] (0.0 for an empty split).
+        Accuracy in [0, 1]; nan for an empty split, as ``Program.accuracy``.
     """
     n = len(split.labels) if limit is None else min(limit, len(split.labels))
     if n == 0:
-        return 0.0
+        return math.nan
     correct = 0
     with torch.no_grad():
         for start in range(0, n, batch_size):
@@ -306,42 +309,38 @@ class _Batches:
         return self.ids[index], self.lengths[index], self.labels[index]
 
 
-def _lr_at(cfg: BaselineConfig, lr: float, step: int) -> float:
-    """Learning rate of 1-based ``step``."""
-    if cfg.lr_decay == "none":
-        return lr
-    if cfg.lr_decay == "linear":
-        return lr * (1.0 - 0.9 * (step - 1) / max(1, cfg.steps - 1))
-    raise InputError(f"lr_decay {cfg.lr_decay!r}: expected 'none' or 'linear'")
-
-
 class _Trainer:
-    """The per-method state behind one ``step()`` call: b, and AdamW for first-order."""
+    """The per-method state behind one ``step()`` call: b, the direction generator, AdamW for first-order."""
 
     def __init__(self, name: str, program: PrgeProgram, cfg: BaselineConfig, b0: torch.Tensor) -> None:
         self.name, self.program, self.cfg = name, program, cfg
         self.lr = cfg.resolved_lr(name)
         self.b = b0.detach().clone()  # [P]
+        self.rng_state = initial_rng_state(cfg.seed)  # the trainer's z generator, seeded as `deftly train --seed`
         self.optimizer: torch.optim.Optimizer | None = None
         if name == "first_order_lora":
             self.b.requires_grad_(True)
             self.optimizer = torch.optim.AdamW([self.b], lr=self.lr, weight_decay=cfg.weight_decay)
 
-    def step(self, step: int, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
-        lr = _lr_at(self.cfg, self.lr, step)
-        cfg, size = self.cfg, self.b.shape[0]
-        if self.name == "prge_eager":
-            z = directions(cfg.seed, step, cfg.q, size)  # [q, P]
-            self.b, loss = prge_eager_step(self.program, *batch, self.b, z, lr, cfg.eps)
-        elif self.name == "mezo":
-            self.b, loss = mezo_step(self.program, *batch, self.b, lambda i: direction(cfg.seed, step, i, size),
-                                     cfg.q, lr, cfg.eps)
-        else:
-            assert self.optimizer is not None
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            loss = first_order_step(self.program, *batch, self.b, self.optimizer)
-        return loss
+    def lr_of(self, step: int) -> float:
+        """Learning rate of 1-based ``step`` (the trainer's ``lr_at`` counts steps done, from 0)."""
+        return lr_at(step - 1, self.lr, self.cfg.schedule, self.cfg.steps)
+
+    def step(self, step: int, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+        """One step of 1-based ``step``; returns (loss, mean |g|), nan for first-order, which has no g."""
+        lr, cfg = self.lr_of(step), self.cfg
+        if self.name in ZEROTH_ORDER:
+            z_np, self.rng_state = draw_z(self.rng_state, cfg.q, self.b.shape[0])
+            z = torch.from_numpy(z_np)  # [q, P]
+            if self.name == "prge_eager":
+                self.b, loss, g = prge_eager_step(self.program, *batch, self.b, z, lr, cfg.eps)
+            else:
+                self.b, loss, g = mezo_step(self.program, *batch, self.b, lambda i: z[i], cfg.q, lr, cfg.eps)
+            return loss, float(g.abs().mean())
+        assert self.optimizer is not None
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return first_order_step(self.program, *batch, self.b, self.optimizer), math.nan
 
 
 def run_baseline(name: str, program: PrgeProgram, splits: Mapping[str, SplitLike],
@@ -356,9 +355,10 @@ def run_baseline(name: str, program: PrgeProgram, splits: Mapping[str, SplitLike
             the program's seq_len.
         cfg: the run's settings.
         b0: [P] starting B vector; zeros (the identity edit) when None.
-        on_event: receives ``{"kind": "step", "step", "loss", "seconds", "lr"}`` after
-            each step, ``{"kind": "eval", "step", "accuracy"}`` after each
-            evaluation and ``{"kind": "test", "accuracy"}`` at the end.
+        on_event: receives a ``shared.events`` record: a Step after each step
+            (``g_abs_mean`` nan for first-order; ``rss_mb`` / ``peak_rss_mb`` the
+            process's, nan where /proc is not readable), an Eval after each
+            evaluation and a Test at the end.
 
     Returns:
         The curves, the accuracies and the trained ``b``.
@@ -368,7 +368,9 @@ def run_baseline(name: str, program: PrgeProgram, splits: Mapping[str, SplitLike
     """
     if name not in BASELINES:
         raise InputError(f"baseline {name!r}: expected one of {BASELINES}")
-    emit = on_event or (lambda _event: None)
+    if cfg.schedule not in SCHEDULES:
+        raise InputError(f"schedule {cfg.schedule!r}: choose from {', '.join(SCHEDULES)}")
+    emit: Callable[[Event], None] = on_event or (lambda _event: None)
     settings = asdict(cfg) | {"lr": cfg.resolved_lr(name), "batch_size": cfg.resolved_batch_size(name)}
     result = BaselineResult(name=name, config=settings)
     b0 = torch.zeros(program.b_size) if b0 is None else b0
@@ -376,61 +378,36 @@ def run_baseline(name: str, program: PrgeProgram, splits: Mapping[str, SplitLike
     batches = _Batches(splits["train"], cfg.resolved_batch_size(name), cfg.seed)
 
     def record_eval(step: int) -> None:
-        accuracy = evaluate(program, splits["validation"], trainer.b, cfg.eval_batch_size, cfg.eval_limit)
+        split = splits["validation"]
+        start = time.perf_counter()
+        accuracy = evaluate(program, split, trainer.b, cfg.eval_batch_size, cfg.eval_limit)
         result.eval_steps.append(step)
         result.eval_accuracy.append(accuracy)
-        emit({"kind": "eval", "step": step, "accuracy": accuracy})
+        examples = len(split.labels) if cfg.eval_limit is None else min(cfg.eval_limit, len(split.labels))
+        emit(Eval(step=step, split="validation", accuracy=accuracy, examples=examples,
+                  seconds=time.perf_counter() - start))
 
     record_eval(0)
     with frozen_weights(program):
         for step in range(1, cfg.steps + 1):
             batch = batches.next()
             start = time.perf_counter()
-            loss = trainer.step(step, batch)
+            loss, g_abs_mean = trainer.step(step, batch)
             seconds = time.perf_counter() - start
             result.losses.append(loss)
             result.step_seconds.append(seconds)
-            emit({"kind": "step", "step": step, "loss": loss, "seconds": seconds, "lr": _lr_at(cfg, trainer.lr, step)})
+            emit(Step(step=step, loss=loss, g_abs_mean=g_abs_mean, seconds=seconds, seq_len=int(batch[0].shape[1]),
+                      rss_mb=_status_bytes("VmRSS") / 2**20, peak_rss_mb=_status_bytes("VmHWM") / 2**20,
+                      lr=trainer.lr_of(step)))
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 record_eval(step)
     result.b = trainer.b.detach().clone()
     if cfg.test:
+        start = time.perf_counter()
         result.test_accuracy = evaluate(program, splits["test"], result.b, cfg.eval_batch_size)
-        emit({"kind": "test", "accuracy": result.test_accuracy})
+        emit(Test(step=cfg.steps, split="test", accuracy=result.test_accuracy, examples=len(splits["test"].labels),
+                  seconds=time.perf_counter() - start))
     return result
-
-
-def measure_step_seconds(name: str, program: PrgeProgram, split: SplitLike, cfg: BaselineConfig = BaselineConfig(),
-                         steps: int = 10, warmup: int = 2) -> float:
-    """Median wall seconds of one training step of ``name`` (for the benchmark's ratios).
-
-    The median, not the mean: on a shared machine one preempted step would
-    otherwise move a ratio.  Evaluation is not timed.
-
-    Args:
-        name: one of :data:`BASELINES`.
-        program: the step module.
-        split: where the batches come from (the training split).
-        cfg: q, batch_size, lr, eps and seed are read from it.
-        steps: timed steps.
-        warmup: untimed steps first (allocator and thread-pool warm-up).
-
-    Returns:
-        Seconds per step.
-    """
-    if name not in BASELINES:
-        raise InputError(f"baseline {name!r}: expected one of {BASELINES}")
-    trainer = _Trainer(name, program, cfg, torch.zeros(program.b_size))
-    batches = _Batches(split, cfg.resolved_batch_size(name), cfg.seed)
-    times: list[float] = []
-    with frozen_weights(program):
-        for step in range(1, warmup + steps + 1):
-            batch = batches.next()
-            start = time.perf_counter()
-            trainer.step(step, batch)
-            if step > warmup:
-                times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 # --- peak memory in a separate process ---------------------------------------
@@ -444,6 +421,22 @@ class PeakRss:
     value: Any
 
 
+def _status_bytes(field: str) -> float:
+    """A memory line of /proc/self/status (``VmRSS``: resident now, ``VmHWM``: its peak), in bytes; nan elsewhere.
+
+    Read here rather than with psutil, which desktop/ does not import and which
+    has no peak on Linux anyway.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return float(int(line.split()[1]) * 1024)  # kB
+    except OSError:
+        pass
+    return math.nan
+
+
 def _max_rss_bytes() -> int:
     """This process's own peak RSS.
 
@@ -451,13 +444,9 @@ def _max_rss_bytes() -> int:
     child, because the kernel carries the parent's high-water mark across fork
     and exec (a benchmark parent holding a model made every child read 3 GB).
     """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
+    peak = _status_bytes("VmHWM")
+    if not math.isnan(peak):
+        return int(peak)
     # ru_maxrss is in KiB on Linux, in bytes on macOS.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024

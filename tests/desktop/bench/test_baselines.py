@@ -1,28 +1,35 @@
-"""The eager baselines: MeZO and P-RGE eager are one estimator, first-order LoRA learns, the runner's curves."""
+"""The eager baselines: MeZO and P-RGE eager are one estimator, first-order LoRA learns, the runner's curves,
+and the twins share the trainer's directions, schedules, default lr and empty-split accuracy."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from export.baselines import (
+from desktop.bench.baselines import (
     BASELINES,
+    FIRST_ORDER_LR,
     BaselineConfig,
     EagerJob,
+    _Batches,
     eager_training_job,
+    evaluate,
     first_order_step,
     frozen_weights,
     measure_peak_rss,
-    measure_step_seconds,
     mezo_step,
     prge_eager_step,
     run_baseline,
 )
-from export.calibration import median_class_bias
+from device_agent.trainer import SCHEDULES, draw_z, initial_rng_state, lr_at
 from export.lora import AdapterTensors, LoraFaConfig
 from export.models import tiny_llama
 from export.prge import PrgeConfig, PrgeProgram
+from export.program import DEFAULT_LR
 from shared.tasks import encode_split, load_examples, load_task_spec, verbalizer_token_ids
 from shared.errors import InputError
+from shared.events import Eval, Step, Test
 
 SEQ_LEN = 32
 
@@ -73,12 +80,13 @@ def test_mezo_sequential_step_equals_prge_batched_step(tiny, task_splits) -> Non
     b = torch.randn(batched.b_size, generator=gen) * 0.05  # [P]
     z = torch.randn(4, batched.b_size, generator=gen)  # [q, P]
 
-    b_prge, loss_prge = prge_eager_step(batched, ids, lengths, labels, b, z, lr=0.5, eps=1e-2)
-    b_mezo, loss_mezo = mezo_step(sequential, ids, lengths, labels, b, lambda i: z[i], q=4, lr=0.5, eps=1e-2)
+    b_prge, loss_prge, g_prge = prge_eager_step(batched, ids, lengths, labels, b, z, lr=0.5, eps=1e-2)
+    b_mezo, loss_mezo, g_mezo = mezo_step(sequential, ids, lengths, labels, b, lambda i: z[i], q=4, lr=0.5, eps=1e-2)
 
     assert not torch.equal(b_prge, b)  # a real update, not a no-op
     torch.testing.assert_close(b_mezo, b_prge, atol=1e-5, rtol=0)
     assert loss_mezo == pytest.approx(loss_prge, rel=1e-5)
+    torch.testing.assert_close(g_mezo, g_prge.float(), atol=1e-3, rtol=1e-3)
 
 
 def test_prge_eager_and_mezo_runs_follow_the_same_trajectory(tiny, task_splits) -> None:
@@ -108,7 +116,7 @@ def test_first_order_loss_decreases_on_a_fixed_batch(tiny, task_splits) -> None:
 def test_runner_returns_curves_and_accuracies(tiny, task_splits, name) -> None:
     splits, verbalizer = task_splits
     program = build(tiny, verbalizer)
-    events: list[dict] = []
+    events: list = []
     result = run_baseline(name, program, splits, BaselineConfig(steps=5, eval_every=2, eval_batch_size=16),
                           on_event=events.append)
     assert len(result.losses) == len(result.step_seconds) == 5
@@ -117,36 +125,68 @@ def test_runner_returns_curves_and_accuracies(tiny, task_splits, name) -> None:
     assert len(result.eval_accuracy) == 4 and all(0 <= a <= 1 for a in result.eval_accuracy)
     assert result.test_accuracy is not None and 0 <= result.test_accuracy <= 1
     assert result.b.shape == (program.b_size,) and not result.b.requires_grad
-    assert [e["kind"] for e in events].count("step") == 5 and events[-1]["kind"] == "test"
     assert result.config["batch_size"] == (8 if name == "first_order_lora" else 4)
     summary = result.summary()
     assert "b" not in summary and summary["train_seconds"] == pytest.approx(sum(result.step_seconds))
+    # the events are the trainer's records, and say what the result says
+    steps = [e for e in events if isinstance(e, Step)]
+    assert [e.step for e in steps] == [1, 2, 3, 4, 5] and [e.loss for e in steps] == result.losses
+    assert all(e.seq_len == SEQ_LEN and e.rss_mb > 0 and e.peak_rss_mb >= e.rss_mb for e in steps)
+    assert all(math.isnan(e.g_abs_mean) for e in steps) == (name == "first_order_lora")
+    evals = [e for e in events if isinstance(e, Eval)]
+    assert [(e.step, e.accuracy, e.examples) for e in evals] == [(s, a, 24) for s, a in
+                                                                 zip(result.eval_steps, result.eval_accuracy)]
+    assert isinstance(events[-1], Test) and events[-1].accuracy == result.test_accuracy and events[-1].examples == 20
 
 
-def test_median_class_bias_splits_the_training_prompts_evenly(tiny, task_splits) -> None:
-    splits, verbalizer = task_splits
-    program = build(tiny, verbalizer)
-    train = splits["train"]
-    bias = median_class_bias(program, train, limit=64)  # [C]
-    with torch.no_grad():
-        logits = program.class_logits(torch.as_tensor(train.input_ids), torch.as_tensor(train.lengths),
-                                      torch.zeros(program.b_size))  # [64, C]
-    predicted = (logits + bias).argmax(dim=1)
-    assert bias.shape == (2,) and bias.sum().abs() < 1e-5
-    assert abs(int(predicted.sum()) - 32) <= 1  # the median: half each way
-
-
-def test_measure_step_seconds_is_positive(tiny, task_splits) -> None:
-    splits, verbalizer = task_splits
-    program = build(tiny, verbalizer)
-    seconds = measure_step_seconds("mezo", program, splits["train"], steps=2, warmup=1)
-    assert 0 < seconds < 10
-
-
-def test_unknown_baseline_is_an_input_error(tiny, task_splits) -> None:
+def test_unknown_baseline_or_schedule_is_an_input_error(tiny, task_splits) -> None:
     splits, verbalizer = task_splits
     with pytest.raises(InputError, match="baseline 'sgd'"):
         run_baseline("sgd", build(tiny, verbalizer), splits)
+    with pytest.raises(InputError, match="schedule 'step'"):
+        run_baseline("mezo", build(tiny, verbalizer), splits, BaselineConfig(schedule="step"))
+
+
+# -- what the eager twins share with the ExecuTorch trainer ---------------------------
+
+
+def test_prge_eager_draws_the_trainers_directions(tiny, task_splits) -> None:
+    # prepare: the first batch the runner will take, and the z `deftly train --seed 3` draws first
+    splits, verbalizer = task_splits
+    program = build(tiny, verbalizer)
+    cfg = BaselineConfig(steps=1, eval_every=1, eval_limit=1, test=False, seed=3)
+    batch = _Batches(splits["train"], 4, cfg.seed).next()
+    z, _ = draw_z(initial_rng_state(3), cfg.q, program.b_size)
+    # execute
+    result = run_baseline("prge_eager", program, splits, cfg)
+    # assert: one step with exactly that z
+    expected, _, _ = prge_eager_step(program, *batch, torch.zeros(program.b_size), torch.from_numpy(z),
+                                     DEFAULT_LR["fp32"], cfg.eps)
+    torch.testing.assert_close(result.b, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_the_schedules_are_the_trainers(tiny, task_splits, schedule: str) -> None:
+    splits, verbalizer = task_splits
+    events: list = []
+    run_baseline("mezo", build(tiny, verbalizer), splits,
+                 BaselineConfig(steps=4, eval_every=4, eval_limit=1, test=False, schedule=schedule, lr=0.2),
+                 on_event=events.append)
+    lrs = [e.lr for e in events if isinstance(e, Step)]
+    assert lrs == [lr_at(t, 0.2, schedule, 4) for t in range(4)]  # linear decays to 0, as `deftly train`'s
+
+
+def test_the_default_learning_rates() -> None:
+    cfg = BaselineConfig()
+    assert cfg.resolved_lr("prge_eager") == cfg.resolved_lr("mezo") == DEFAULT_LR["fp32"]
+    assert cfg.resolved_lr("first_order_lora") == FIRST_ORDER_LR
+    assert BaselineConfig(lr=0.3).resolved_lr("mezo") == 0.3
+
+
+def test_accuracy_on_an_empty_split_is_nan(tiny, task_splits) -> None:
+    splits, verbalizer = task_splits
+    program = build(tiny, verbalizer)
+    assert math.isnan(evaluate(program, splits["validation"], torch.zeros(program.b_size), limit=0))
 
 
 def _allocate(megabytes: int) -> int:
