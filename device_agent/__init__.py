@@ -1,11 +1,12 @@
-"""What runs on a device: an exported P-RGE program loaded with ExecuTorch's runtime
-(`program`) and the local training loop with its checkpoints and PEFT adapter
-(`trainer`), the two modules other packages may use. The agent's server,
-store and advert are being built (issue 20).
+"""The headless agent that runs P-RGE programs on a device.
 
-Imports shared and exactly the packages of the `agent` extra in pyproject.toml:
-numpy, psutil, websockets, zeroconf, safetensors, torch (only as the runtime's
-tensor type) and ExecuTorch's native extension `executorch.extension.pybindings`
-(never `executorch.exir` or `executorch.runtime`, which pull in the exporter).
-Never Qt, transformers, peft or `export/` (checked by tests/test_import_rules.py).
+Imports shared, ExecuTorch's native runtime extension (with torch as its tensor type),
+websockets, zeroconf, psutil, numpy and safetensors, and `tokenizers` when it tokenises
+a private text file: never Qt, transformers, peft or the exporter. Public entry points
+for other packages: `device_agent.trainer` (the step-by-step trainer and `deftly train`'s
+loop) and `device_agent.program`. The agent program itself is `deftly-agent`
+(`device_agent.cli`); its parts: `server` (the WebSocket endpoint and rounds), `store`
+(files by sha256), `outbox` (metrics until acknowledged), `rounds` (the trainer a round
+at a time, checkpointed), `programs`, `data`, `tokenizer`, `advert`, `simulate`, `identity`; `host` runs several agents in one
+process (`deftly bench scale`).
 """

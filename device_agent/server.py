@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import gc
 import hmac
 import json
@@ -52,7 +53,7 @@ from device_agent import identity
 from device_agent.data import PrivateData, TrainData, fit_to_program, load_shard
 from device_agent.outbox import Outbox
 from device_agent.programs import files_bytes, load_program, program_view
-from device_agent.rounds import RoundRunner, RoundState, StepResult, discard_round, load_round, request_key
+from device_agent.rounds import RoundRunner, RoundState, discard_round, load_round, request_key
 from device_agent.simulate import DeviceClass, LinkShaper, Pacer, SimulatedClock, estimated_need_bytes
 from device_agent.store import FileStore
 from shared.errors import InputError
@@ -94,6 +95,7 @@ class _RoundControl:
         self.running.set()
         self.parked = asyncio.Event()  # set while the round holds at a boundary
         self.stop = False
+        self.finished = False  # its result is in the outbox; only the bookkeeping is left
 
 
 class Agent:
@@ -131,7 +133,8 @@ class Agent:
         self._control = _RoundControl()
         self._phase = "idle"
         self._completed = self._read_json("completed.json")
-        self._interrupted = load_round(self.state_dir)
+        saved = load_round(self.state_dir)
+        self._interrupted = saved[0] if saved else None
         if self._interrupted is not None and self._completed.get("key") == self._interrupted.key:
             discard_round(self.state_dir)  # killed after its result was saved, before the checkpoint went
             self._interrupted = None
@@ -243,6 +246,8 @@ class Agent:
         self._connection = ws
         log.info("desktop %s connected from %s", desktop, _peer(ws))
         sender: asyncio.Task | None = None
+        acks: asyncio.Queue = asyncio.Queue()  # chunk acks, sent in order, each once the link has carried its chunk
+        acker = asyncio.create_task(self._send_queued(ws, acks))
         try:
             async for frame in ws:
                 request_id = None
@@ -250,7 +255,7 @@ class Agent:
                     if isinstance(frame, bytes):
                         if sender is None:
                             raise ProtocolError("a binary frame before hello", code="out_of_place")
-                        await self._on_chunk(ws, frame)
+                        self._on_chunk(frame, acks)
                         continue
                     message = decode(frame)
                     request_id = getattr(message, "id", None)
@@ -276,6 +281,7 @@ class Agent:
             if sent is not None and sent.code == 1009:
                 log.error("desktop %s: a frame over %d bytes: closed with 1009", desktop, MAX_FRAME_BYTES)
         finally:
+            acker.cancel()
             if sender is not None:
                 sender.cancel()
             if self._connection is ws:
@@ -290,6 +296,10 @@ class Agent:
             await ws.send(frame)
         except ConnectionClosed:
             pass  # what was not delivered is in the outbox, or is asked for again
+
+    async def _send_queued(self, ws: ServerConnection, queue: asyncio.Queue) -> None:
+        while True:
+            await self._send(ws, await queue.get())
 
     async def _send_outbox(self, ws: ServerConnection, after: int) -> None:
         """Send every outbox entry past ``after``, then each new one; coalesced while the link is busy."""
@@ -344,10 +354,10 @@ class Agent:
         else:
             raise ProtocolError(f"{message.type} is a message the agent sends, not one it takes", code="out_of_place")
 
-    async def _on_chunk(self, ws: ServerConnection, frame: bytes) -> None:
+    def _on_chunk(self, frame: bytes, acks: asyncio.Queue) -> None:
         chunk = decode_chunk(frame)
         if self.shaper is not None:
-            await self.shaper.carry(len(frame))
+            self.shaper.reserve(len(frame))  # its ack waits behind these bytes in _send
         try:
             have, complete = self.store.write(chunk)
         except ProtocolError as exc:
@@ -355,10 +365,10 @@ class Agent:
             raise
         if complete:
             self._offers.pop(chunk.sha256, None)
-        await self._send(ws, ChunkAck(sha256=chunk.sha256, have=have, complete=complete))
+        acks.put_nowait(ChunkAck(sha256=chunk.sha256, have=have, complete=complete))
 
     async def _on_data_shard(self, ws: ServerConnection, message: DataShard) -> None:
-        if self._busy():
+        if await self._busy():
             raise ProtocolError("the data cannot change while a round runs", code="busy")
         shard = await asyncio.to_thread(load_shard, self.store.path(message.sha256), message.sha256)
         self._shard = shard
@@ -366,17 +376,25 @@ class Agent:
         log.info("training data: shard %s… (%d examples)", message.sha256[:12], shard.summary.examples)
         await self._send(ws, DataReady(reply_to=message.id, data=shard.summary))
 
-    def _busy(self) -> bool:
-        return self._round_task is not None and not self._round_task.done()
+    async def _busy(self) -> bool:
+        """A round is running (one whose result is already out is waited for: it is finishing)."""
+        task = self._round_task
+        if task is None or task.done():
+            return False
+        if self._control.finished:
+            await asyncio.wait({task})
+            return False
+        return True
 
     async def _on_start_round(self, ws: ServerConnection, request: StartRound) -> None:
-        if self._busy():
+        if await self._busy():
             raise ProtocolError(f"round {self._round.round if self._round else '?'} is running; stop it first",
                                 code="busy")
         if request_key(request) == self._completed.get("key"):
             # Asked again for a round that finished (its answer was lost with a connection, or the agent
             # was restarted after it): the result is in the outbox, and the replay delivers it.
-            await self._send(ws, Status(reply_to=request.id, state="idle", round=request.round, step=request.k))
+            await self._send(ws, Status(reply_to=request.id, state="idle", round=request.round,
+                                        step=self._completed.get("steps", request.k)))
             return
         view_manifest, manifest = program_view(self.store, self.state_dir / "programs", request.program)
         if request.b_size != manifest.b_size:
@@ -392,7 +410,7 @@ class Agent:
 
     async def _on_control(self, ws: ServerConnection, message: Pause | Resume | Stop) -> None:
         control, task = self._control, self._round_task
-        if not self._busy():
+        if not await self._busy():
             await self._send(ws, self._status(message.id))
             return
         if isinstance(message, Resume):
@@ -449,11 +467,8 @@ class Agent:
             return manifest.file("tokenizer", view_manifest)
         return self.config.tokenizer
 
-    def _emit(self, round_number: int, result: StepResult) -> None:
-        self.outbox.add_step(Step(step=result.step, loss=result.loss, g_abs_mean=result.g_abs_mean,
-                                  seconds=result.seconds, seq_len=result.seq_len, rss_mb=result.rss_mb, lr=result.lr,
-                                  peak_rss_mb=result.peak_rss_mb, device=self.info.name, round=round_number,
-                                  ended_at=result.ended_at))
+    def _emit(self, event: Step) -> None:
+        self.outbox.add_step(dataclasses.replace(event, device=self.info.name))
 
     async def _run_round(self, request: StartRound, view_manifest: Path, manifest: Manifest) -> None:
         control = self._control
@@ -463,9 +478,9 @@ class Agent:
             self._round, self._interrupted, self._phase = state, None, "training"
             log.info("round %d: %d steps%s", request.round, request.k,
                      f", continuing after step {state.step}" if state.step else "")
-            if state.last_result is not None and self.outbox.last_step != (request.round, state.step):
+            if state.last_step is not None and self.outbox.last_step != (request.round, state.last_step["step"]):
                 # Killed after the step's checkpoint, before its metric was written: write it now.
-                self._emit(request.round, StepResult(**state.last_result))
+                self._emit(Step(**state.last_step))
             pacer = Pacer() if self.config.simulate else None
             while state.step < request.k and not control.stop:
                 if not control.running.is_set():
@@ -476,21 +491,22 @@ class Agent:
                     self._phase = "training"
                     if control.stop:
                         break
-                result = await self._in_worker(runner.step, state)
-                self._emit(request.round, result)
-                if self.memory_cap is not None and (result.peak_rss_mb or 0) * 2**20 > self.memory_cap:
-                    raise ProtocolError(f"round {request.round}: the agent reached {result.peak_rss_mb:.0f} MiB, over "
+                event = await self._in_worker(runner.step, state)
+                self._emit(event)
+                if self.memory_cap is not None and (event.peak_rss_mb or 0) * 2**20 > self.memory_cap:
+                    raise ProtocolError(f"round {request.round}: the agent reached {event.peak_rss_mb:.0f} MiB, over "
                                         f"the {self.info.simulated}'s {self.memory_cap / 2**20:.0f} MiB",
                                         code="memory")
                 if pacer is not None:
-                    await pacer.after_step(result.seconds)
-            block = runner.block_of(state)
+                    await pacer.after_step(event.seconds)
+            block = runner.block_b
             done = self.outbox.add_round(lambda seq: RoundDone(
                 seq=seq, round=request.round, program=request.program, device=self.info.name, steps=state.step,
                 stopped=state.step < request.k, block_offset=runner.span.offset, block_size=runner.span.size,
                 b_block=encode_f32(block), seconds=state.seconds, mean_loss=state.loss_sum / max(state.step, 1),
                 simulated=self.info.simulated, resumed_at=state.resumed_at))
-            self._completed = {"round": request.round, "key": state.key, "seq": done.seq}
+            control.finished = True
+            self._completed = {"round": request.round, "key": state.key, "seq": done.seq, "steps": state.step}
             write_bytes_atomic(self.state_dir / "completed.json", json.dumps(self._completed).encode())
             await self._in_worker(runner.finish, state)
             log.info("round %d done: %d steps, %.3f s on the device clock%s", request.round, state.step,

@@ -19,8 +19,11 @@ each as the device would have it (README, "Simulated devices"):
   not fit is refused before it is loaded, and a round whose peak resident memory
   passes the limit fails, as the device's OS would end it.
 * **the link, shaped** to the class's rate: every frame in either direction
-  waits for its bytes to cross a link of that rate (one token bucket for both
-  directions, as Wi-Fi shares one channel).
+  is booked on one link of that rate (both directions share it, as they share
+  a Wi-Fi channel). A frame the agent sends leaves when its bytes have crossed;
+  a chunk it receives is written and hashed at once and acknowledged when its
+  bytes would have crossed, so the desktop, which waits for acknowledgements,
+  sends no faster than the link.
 
 Device classes live in ``assets/fleets/device_classes.toml``.
 """
@@ -133,10 +136,16 @@ class LinkShaper:
         self.bytes_per_s = bytes_per_s
         self._free_at = 0.0
 
+    def reserve(self, n_bytes: int) -> float:
+        """Book the link for ``n_bytes`` after what it already carries; returns when they are across
+        (``time.monotonic``). A received chunk is booked as it arrives and processed at once: the
+        link carries the next bytes while the device writes and hashes these, as a real one would."""
+        self._free_at = max(self._free_at, time.monotonic()) + n_bytes / self.bytes_per_s
+        return self._free_at
+
     async def carry(self, n_bytes: int) -> None:
-        now = time.monotonic()
-        self._free_at = max(self._free_at, now) + n_bytes / self.bytes_per_s
-        delay = self._free_at - now
+        """Wait until ``n_bytes`` booked now have crossed the link (a frame the device sends)."""
+        delay = self.reserve(n_bytes) - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
 

@@ -37,8 +37,9 @@ size.
 
 **Heuristic beyond** (method "heuristic").  Local search: move each boundary by
 4, 2, then 1 layers while the exact joint optimum on the split improves, from
-two starts, equal-size blocks and the split of the lower bound below; every
-candidate is scored by the exact joint solver.  Its answer is checked against a
+three starts: equal-size blocks, the split of the lower bound below, and the
+exact split among the `exact_max_devices` devices that are fastest alone (one
+block each, the whole link); every candidate is scored by the exact joint solver.  Its answer is checked against a
 **lower bound**: the same search with the inner DP over p alone, letting a
 device train any number of blocks (the matching's one-to-one constraint
 relaxed, so its optimum is never above the true one).
@@ -275,6 +276,14 @@ def choose_boundaries(fleet: Fleet, job: Job, n_blocks: int, steps: np.ndarray,
 
     config, bound, steps_taken = _search(full, n_blocks, relaxed=True)
     starts = [equal] + ([_cuts(config)] if config is not None else [])
+    if n_blocks <= exact_max_devices:  # the exact split among the devices that are best alone
+        alone = np.where(full.fits, full.compute[:, :, None] + full.transfer, np.inf).min(axis=(1, 2))
+        best_alone = usable[np.argsort(alone[usable], kind="stable")[:exact_max_devices]]
+        pieces = _Pieces(full.compute[best_alone], full.transfer[best_alone], full.fits[best_alone])
+        restricted, _, more = _search(pieces, n_blocks, relaxed=False)
+        steps_taken += more
+        if restricted is not None:
+            starts.append(_cuts(restricted))
     best, best_t = equal, score(equal)
     for start in starts:
         cuts, t = start, score(start)

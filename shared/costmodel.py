@@ -15,10 +15,17 @@ source of truth for the code):
 
   and a round costs `K_local · t_step(k, d)`.  Because τ_k(l, bs) ≤ τ_k(l, 2q·bs)
   (checked on input), t_step is non-increasing in d: deeper blocks are cheaper.
-* **Memory.**  `m(b) = memory_base + memory_per_wide_layer · (L − s_b) + 2q · S_b`:
-  the weights and runtime, the activations of every layer run wide, and the 2q
-  perturbed copies of the block's B.  The first two terms fall with depth; the
-  last grows with the block's payload, so equal-payload blocks are monotone.
+* **Memory.**  `m(b) = M(s_b) + 2q · S_b`: the program at the block's depth and
+  the 2q perturbed copies of the block's B.  For an exported job M is measured
+  (`shared.job_model.MemoryModel`: the runtime, the weights as loaded and
+  XNNPACK's packed copy per loaded method, and the workspace of the widest
+  layer, which is one wide layer's whenever a full layer runs wide); for a
+  hypothetical job it is `memory_base + memory_per_wide_layer · (L − s_b)`,
+  which falls with depth.  The measured M need not: a program packs the layers
+  below its block as one XNNPACK partition, so a block of the deepest layer can
+  peak as high as the shallowest.  Nothing relies on monotone memory: CRUNCH
+  falls back to augmenting paths, and the joint solvers and the boundary DP
+  take any pattern of fits.
 * **Communication.**  A round downloads the global B state (S_tot = Σ_b S_b) and
   uploads the device's own block: `bytes_b = S_tot + S_b`.  With a share β_k of
   the link (Σ_k β_k ≤ 1) this takes `bytes_b / (β_k · R_k)`.
@@ -84,7 +91,13 @@ def step_times(fleet: Fleet, job: Job) -> np.ndarray:
 
 
 def memory_need(job: Job, first_layer: int, payload_bytes: float) -> float:
-    """m(b) in bytes for a block starting at `first_layer` with `payload_bytes` of B."""
+    """m(b) in bytes for a block starting at `first_layer` with `payload_bytes` of B.
+
+    Measured jobs carry the program's memory per depth (`Job.memory_at_depth_bytes`,
+    `shared.job_model`); hand-written ones the two terms of the module docstring.
+    """
+    if job.memory_at_depth_bytes:
+        return job.memory_at_depth_bytes[first_layer] + 2 * job.q * payload_bytes
     wide_layers = job.layers - first_layer
     return (job.memory_base_bytes + job.memory_per_wide_layer_bytes * wide_layers
             + 2 * job.q * payload_bytes)

@@ -8,7 +8,9 @@ Unknown keys are errors too: a typo must not silently fall back to a default.
 Fleet keys: ``name``; ``[[device]]`` tables with ``name``, ``layer_s_bs`` and
 ``layer_s_wide`` (a number for every layer, or a list with one per layer),
 ``head_s``, ``memory_bytes`` or ``memory_gib``, ``link_bytes_per_s`` or
-``link_mbit_s``.
+``link_mbit_s``, and for a measured profile its ``measurement`` (a
+`shared.profiles.Measurement` record, as `device_agent.profile` writes it);
+a device without one is an estimate, and the plan says so.
 
 Job keys: ``name``, ``layers``, ``trainable = [first, last]``,
 ``layer_payload_bytes``, ``q``, ``bs``, ``local_steps``, ``memory_base_bytes``
@@ -26,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import InputError
-from shared.profiles import Block, DeviceProfile, Fleet, Job, check_fleet, check_job
+from shared.profiles import Block, DeviceProfile, Fleet, Job, Measurement, check_fleet, check_job
+from shared.records import from_plain
 
 _FLEET_KEYS = {"name", "device"}
 _DEVICE_KEYS = {"name", "layer_s_bs", "layer_s_wide", "head_s", "memory_bytes", "memory_gib",
-                "link_bytes_per_s", "link_mbit_s"}
+                "link_bytes_per_s", "link_mbit_s", "measurement"}
 _JOB_KEYS = {"name", "layers", "trainable", "layer_payload_bytes", "q", "bs", "local_steps",
              "memory_base_bytes", "memory_base_mib", "memory_per_wide_layer_bytes",
              "memory_per_wide_layer_mib", "block", "n_blocks"}
@@ -141,6 +144,8 @@ def fleet_from_dict(data: dict[str, Any], source: str = "fleet") -> Fleet:
             head_s=_number(table, "head_s", where),
             memory_bytes=_scaled(table, {"memory_bytes": 1.0, "memory_gib": 2.0**30}, where),
             link_bytes_per_s=_scaled(table, {"link_bytes_per_s": 1.0, "link_mbit_s": 1e6 / 8}, where),
+            measurement=(from_plain(Measurement, table["measurement"], f"{where}: measurement")
+                         if "measurement" in table else None),
         ))
     fleet = Fleet(name=str(data.get("name", source)), devices=tuple(devices))
     try:

@@ -14,7 +14,9 @@ hand-written fleets); measured profiles give one entry per layer.
 
 A `Job` says what is trained: the model's layer count L, the trainable layers,
 the payload (bytes of the LoRA-FA B tensors) per trainable layer, q, bs, the
-local steps per round, the memory the program needs, and either the blocks
+local steps per round, the memory the program needs (two hand-worked terms for
+a hypothetical job; for an exported one, measured, per depth:
+`shared.job_model.job_from_manifests`), and either the blocks
 (contiguous layer ranges with their payload) or nothing, in which case the
 planner chooses the block boundaries itself (`shared/boundaries.py`).
 
@@ -28,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 
 from shared.errors import InputError
+from shared.records import from_plain, to_plain
 
 
 @dataclass(frozen=True)
@@ -43,15 +46,26 @@ class DeviceFacts:
 
 
 @dataclass(frozen=True)
+class ProbeMemory:
+    """Resident memory (bytes) the probe took on the device, step by step: the memory model's terms."""
+
+    runtime_bytes: float             # the process before the probe was opened (Python, numpy, the runtime)
+    open_bytes: float                # opening the probe program with its weights file
+    load_bytes: dict[str, float]     # per method: loading it (XNNPACK packs the layer's weights, plans memory)
+    run_bytes: dict[str, float]      # per method: its first call (XNNPACK sizes its workspace)
+
+
+@dataclass(frozen=True)
 class Measurement:
     """How a measured profile was measured: when, with which probe, how steady."""
 
-    at: str                 # ISO 8601 UTC time of the measurement
-    probe: str              # fingerprint of the probe program (model and shapes it probes)
-    repeats: int            # timed calls per probe method (after warm-up)
-    layer_s_bs_spread: float    # relative spread of τ(bs): (p90 − p10) / median over the repeats
-    layer_s_wide_spread: float  # the same for τ(2q·bs)
-    head_s_spread: float        # the same for the head
+    at: str                       # ISO 8601 UTC time of the measurement
+    probe: str                    # `ProbeManifest.probe_id`: the model and shapes the probe timed
+    model_id: str                 # the probe's model, by name
+    repeats: int                  # timed calls per probe method (after warm-up)
+    method_s: dict[str, float]    # probe method -> median seconds per call
+    spread: dict[str, float]      # probe method -> (p90 − p10) / median over the repeats
+    memory: ProbeMemory
     facts: DeviceFacts
 
 
@@ -111,6 +125,10 @@ class Job:
     memory_per_wide_layer_bytes: float  # extra bytes per layer run on 2q·bs rows
     blocks: tuple[Block, ...] = field(default=())  # fixed blocks, shallowest first; () = choose
     n_blocks: int | None = None         # with chosen boundaries: how many (None = one per usable device)
+    # Measured instead of the two terms above: the program's memory for a block starting at
+    # layer d, entry d for d = 0..L-1, without the 2q perturbed copies of its B
+    # (`shared.job_model.MemoryModel`); () = use memory_base + memory_per_wide_layer.
+    memory_at_depth_bytes: tuple[float, ...] = field(default=())
 
     @property
     def trainable_layers(self) -> int:
@@ -154,6 +172,22 @@ def check_device(device: DeviceProfile, where: str = "") -> None:
                              f"a layer on 2q·bs rows cannot be faster than on bs rows")
 
 
+def profile_to_plain(profile: DeviceProfile) -> dict:
+    """A profile as JSON values (the one codec, `shared.records`), e.g. for the wire."""
+    return to_plain(profile)
+
+
+def profile_from_plain(data: object, where: str = "profile") -> DeviceProfile:
+    """Decode and check a profile.
+
+    Raises:
+        InputError: a field missing, unknown, of the wrong type or out of range, named.
+    """
+    profile = from_plain(DeviceProfile, data, where)
+    check_device(profile, where)
+    return profile
+
+
 def check_fleet(fleet: Fleet) -> None:
     """Check a fleet: at least one device, unique names, every profile sane.
 
@@ -190,6 +224,12 @@ def check_job(job: Job) -> None:
     _positive(job.layer_payload_bytes, f"{at}: layer_payload_bytes")
     _positive(job.memory_base_bytes, f"{at}: memory_base_bytes", allow_zero=True)
     _positive(job.memory_per_wide_layer_bytes, f"{at}: memory_per_wide_layer_bytes", allow_zero=True)
+    if job.memory_at_depth_bytes:
+        if len(job.memory_at_depth_bytes) != job.layers:
+            raise InputError(f"{at}: memory_at_depth_bytes has {len(job.memory_at_depth_bytes)} entries, "
+                             f"expected one per layer ({job.layers})")
+        for i, value in enumerate(job.memory_at_depth_bytes):
+            _positive(value, f"{at}: memory_at_depth_bytes[{i}]", allow_zero=True)
     if job.n_blocks is not None:
         if job.blocks:
             raise InputError(f"{at}: give either 'blocks' or 'n_blocks', not both")

@@ -337,7 +337,7 @@ class StartRound:
     k: int  # local steps
     lr: float
     eps: float
-    seed: int  # z and the batch order of this round come from (seed, round)
+    seed: int  # seeds z and the batch order where the device has no trainer state for this program and data
     b_size: int  # P, the global b's length
     b: str  # the global b [P] float32, encode_f32
 

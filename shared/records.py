@@ -104,6 +104,8 @@ def _decode(tp: Any, value: Any, at: str) -> Any:
                 return _decode(option, value, at)
             except RecordError as exc:
                 errors.append(exc)
+        if len(errors) == 1 and isinstance(value, Mapping):
+            raise errors[0]  # one record it could be (``R | None``): say which of its fields is wrong
         raise RecordError(f"{at}: expected {_tp_name(tp)}, got {_type_name(value)}")
     if tp is type(None) or tp is None:
         if value is not None:

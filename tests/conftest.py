@@ -26,7 +26,9 @@ from export.models import LoadedModel, convert_gguf, embedded_gguf_path, embedde
 if TYPE_CHECKING:
     import torch
 
+    from export.probe import ProbeResult
     from export.program import ExportConfig, ExportResult
+    from shared.probe import ProbeManifest
 
 # A short prompt in the task's format; its next-token logits are the parity reference.
 PARITY_PROMPT = "A gorgeous, moving film that never puts a foot wrong. It was"
@@ -98,3 +100,31 @@ def tiny_program(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer) ->
     result = export_program(config, out, cache_dir=tmp_path_factory.mktemp("program-cache"),
                             progress=lambda _m: None, loaded=loaded)
     return TinyProgram(export=result, loaded=loaded, config=config)
+
+
+@dataclass
+class TinyProbe:
+    export: ProbeResult  # the probe's manifest and its path
+    cache_dir: Path  # the cache it was lowered into
+
+    @property
+    def manifest(self) -> ProbeManifest:
+        return self.export.manifest
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.export.manifest_path
+
+
+@pytest.fixture(scope="session")
+def tiny_probe(tmp_path_factory: pytest.TempPathFactory, tiny_program: TinyProgram) -> TinyProbe:
+    """The probe for the tiny program's model and shapes (fp32), exported once.
+
+    Tests must not modify these files: copy the directory first.
+    """
+    from export.probe import export_probe
+
+    cache_dir = tmp_path_factory.mktemp("probe-cache")
+    result = export_probe(tiny_program.config, tmp_path_factory.mktemp("tiny-probe"), cache_dir=cache_dir,
+                          progress=lambda _m: None, loaded=tiny_program.loaded)
+    return TinyProbe(export=result, cache_dir=cache_dir)

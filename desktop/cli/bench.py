@@ -11,6 +11,7 @@ from pathlib import Path
 BENCHMARKS = {
     "plan": ("desktop.bench.plan", "planner exactness, dual-ascent gap, speed, gain over baselines"),
     "prge": ("desktop.bench.prge", "P-RGE in ExecuTorch vs MeZO, eager P-RGE and first-order LoRA"),
+    "agent": ("desktop.bench.agent", "the device agent: transfers, resume, metric latency, memory, fuzz, faults"),
     "e2e": ("desktop.bench.e2e", "a simulated 3-device lab trains SmolLM2 with the engine: prediction error, gain"),
     "scale": ("desktop.bench.scale", "one engine drives 10, 30 and 100 agents: its overhead per round"),
     "ui": ("desktop.bench.ui", "100 devices streaming into the dashboard: worst frame, dropped points"),

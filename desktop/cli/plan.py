@@ -1,8 +1,10 @@
 """`deftly plan`: match blocks to devices and split the link (CRUNCH + joint bandwidth).
 
-Parses, calls `shared.planner.plan`, prints.  Example:
+Parses, calls `shared.planner.plan`, prints.  Examples:
 
     deftly plan --fleet assets/fleets/lab3.toml --job assets/jobs/smollm2.toml [--json]
+    deftly plan --fleet fleet.json --programs runs/demo/step.manifest.json \
+                --probe runs/probe-fp32 --profile runs/probe-fp32/profile.json
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+from shared.errors import InputError
 from shared.fleet_io import load_fleet, load_job
 from shared.planner import PlannerConfig, plan, summary_rows
 
@@ -19,7 +22,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("plan", help="match blocks to devices and split bandwidth (CRUNCH)",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--fleet", type=Path, required=True, help="fleet file (.toml or .json)")
-    parser.add_argument("--job", type=Path, required=True, help="job file (.toml or .json)")
+    job = parser.add_mutually_exclusive_group(required=True)
+    job.add_argument("--job", type=Path, help="a hypothetical job file (.toml or .json)")
+    job.add_argument("--programs", type=Path, nargs="+", metavar="MANIFEST",
+                     help="an exported job: its program manifests (one whole-job program, or its block programs); "
+                          "needs --probe and --profile for the memory")
+    parser.add_argument("--probe", type=Path, help="with --programs: the probe the --profile was measured with")
+    parser.add_argument("--profile", type=Path, help="with --programs: a measured profile (deftly profile) whose "
+                                                     "memory terms stand for every device")
+    parser.add_argument("--local-steps", type=int, default=5, help="with --programs: steps per round (default 5)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     parser.add_argument("--solver", choices=("exact", "dual"), default="exact",
                         help="joint solver: exact T-search (default) or dual ascent")
@@ -40,8 +51,20 @@ def _seconds(value: float) -> str:
     return "infeasible" if not math.isfinite(value) else f"{value:.2f} s"
 
 
+def _job(args: argparse.Namespace):
+    if args.job is not None:
+        return load_job(args.job)
+    from desktop.measured import load_measured_job, load_profile
+
+    if args.probe is None or args.profile is None:
+        raise InputError("--programs needs --probe and --profile (the job's memory is measured, not written)")
+    if args.local_steps < 1:
+        raise InputError("--local-steps must be at least 1")
+    return load_measured_job(args.programs, args.probe, load_profile(args.profile), args.local_steps)
+
+
 def run(args: argparse.Namespace) -> int:
-    fleet, job = load_fleet(args.fleet), load_job(args.job)
+    fleet, job = load_fleet(args.fleet), _job(args)
     config = PlannerConfig(solver=args.solver, choose_boundaries=not args.equal_blocks, random_seeds=args.seeds)
     result = plan(fleet, job, config)
     if args.json:

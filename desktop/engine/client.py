@@ -128,10 +128,11 @@ def backoff_delays(first_s: float = RECONNECT_FIRST_S, cap_s: float = RECONNECT_
 
 
 class _Transfer:
-    """Acks of one file's chunks, as they arrive."""
+    """One file being sent: the acks of its chunks as they arrive, and the bytes sent over every attempt."""
 
     def __init__(self) -> None:
         self.acks: asyncio.Queue[ChunkAck | Exception] = asyncio.Queue()
+        self.sent_bytes = 0
 
 
 # -- the client ------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ class AgentClient:
         self._transfers: dict[str, _Transfer] = {}
         self._offer_ids: dict[int, str] = {}  # offer id -> sha256, so an error can find its transfer
         self._rounds: dict[int, asyncio.Future] = {}  # round -> its RoundDone
-        self._round_requests: dict[int, StartRound] = {}  # rounds awaited, to ask again after an agent restart
+        self._round_requests: dict[int, StartRound] = {}  # rounds accepted and awaited, asked again after a restart
         self._start_ids: dict[int, int] = {}  # StartRound id -> round
 
     # -- connecting ----------------------------------------------------------------------------
@@ -429,7 +430,7 @@ class AgentClient:
         size = path.stat().st_size
         sha256 = sha256 or await asyncio.to_thread(sha256_file, path)
         started = time.perf_counter()
-        sent, skipped, resumed = 0, None, []
+        skipped, resumed = None, []
         transfer = _Transfer()
         self._transfers[sha256] = transfer
         try:
@@ -446,7 +447,7 @@ class AgentClient:
                     if on_progress is not None:
                         on_progress(reply.have, size)
                     if reply.have < size:
-                        sent += await self._stream(path, sha256, size, reply.have, transfer, on_progress)
+                        await self._stream(path, sha256, size, reply.have, transfer, on_progress)
                     break
                 except ConnectionLost:
                     if not self.reconnect or self._closing:
@@ -456,15 +457,16 @@ class AgentClient:
             self._transfers.pop(sha256, None)
             for offer_id in [i for i, s in self._offer_ids.items() if s == sha256]:
                 del self._offer_ids[offer_id]
-        return Transfer(sha256=sha256, size=size, sent_bytes=sent, skipped_bytes=skipped or 0, resumed_at=resumed,
+        return Transfer(sha256=sha256, size=size, sent_bytes=transfer.sent_bytes, skipped_bytes=skipped or 0,
+                        resumed_at=resumed,
                         seconds=time.perf_counter() - started)
 
     async def _stream(self, path: Path, sha256: str, size: int, offset: int, transfer: _Transfer,
-                      on_progress: Callable[[int, int], None] | None) -> int:
-        """Chunks from ``offset`` to the end, ``window`` in flight; returns the payload bytes sent."""
+                      on_progress: Callable[[int, int], None] | None) -> None:
+        """Chunks from ``offset`` to the end, ``window`` in flight, until the agent says the file is complete."""
         while not transfer.acks.empty():  # acks of an earlier attempt
             transfer.acks.get_nowait()
-        sent, in_flight = 0, 0
+        in_flight = 0
         ws = self._ws
         with open(path, "rb") as f:
             f.seek(offset)
@@ -479,7 +481,7 @@ class AgentClient:
                     except ConnectionClosed as exc:
                         raise ConnectionLost(f"{self.uri}: connection lost mid-transfer ({exc})") from None
                     position += len(data)
-                    sent += len(data)
+                    transfer.sent_bytes += len(data)
                     in_flight += 1
                 if in_flight == 0:
                     raise RequestFailed(f"{path.name}: sent to the end without the agent completing it",
@@ -491,7 +493,7 @@ class AgentClient:
                 if on_progress is not None:
                     on_progress(ack.have, size)
                 if ack.complete:
-                    return sent
+                    return
 
     async def send_program(self, manifest_path: Path,
                            on_progress: Callable[[str, int, int], None] | None = None) -> str:
@@ -524,13 +526,12 @@ class AgentClient:
 
     def _round_request(self, round: int, program: str, b: np.ndarray, k: int, lr: float, eps: float,
                        seed: int) -> StartRound:
-        """The StartRound for a round, registered as awaited (its result future, asked again after a restart)."""
+        """The StartRound for a round, with its result future (kept across reconnects) made ready."""
         b = np.asarray(b, dtype=np.float32).reshape(-1)
         request = StartRound(id=self._take_id(), round=round, program=program, k=k, lr=float(lr), eps=float(eps),
                              seed=seed, b_size=int(b.shape[0]), b=encode_f32(b))
         if round not in self._rounds or self._rounds[round].done():
             self._rounds[round] = asyncio.get_running_loop().create_future()
-        self._round_requests[round] = request
         self._start_ids[request.id] = round
         return request
 
@@ -542,11 +543,9 @@ class AgentClient:
             AgentBusy: a round is running. RequestFailed: the request is wrong (e.g. b's size).
         """
         request = self._round_request(round, program, b, k, lr, eps, seed)
-        try:
-            return await self._request(request, Status)
-        except AgentError:
-            self._round_requests.pop(round, None)
-            raise
+        status = await self._request(request, Status)
+        self._round_requests[round] = request  # accepted: asked for again if a restart loses it
+        return status
 
     async def continue_round(self, round: int, program: str, b: np.ndarray, k: int, lr: float, eps: float,
                              seed: int = 0) -> None:
@@ -564,6 +563,7 @@ class AgentClient:
         finished = state.completed_round == round and state.last_seq > max(self.delivered_seq, state.acked_seq)
         if not running and not finished:
             await self._request(request, Status)
+        self._round_requests[round] = request  # awaited: asked for again if a restart loses it
 
     def forget_round(self, round: int) -> None:
         """Stop awaiting a round (the desktop gave up on it): it is not asked for again after a reconnect."""

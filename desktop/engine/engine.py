@@ -84,7 +84,8 @@ DISCOVER_S = 5.0  # with --discover and no device count: browse this long after 
 SYNC_INTERVAL_S = 0.2  # metrics.jsonl is fsynced this often (each line is written before its ack)
 STOP_WAIT_S = 30.0  # after stop(): wait this long for the agents' stopped rounds before giving up
 STALL_FACTOR = 20.0  # a connected device silent for this many predicted step times (or ...
-STALL_MIN_S = 300.0  # ... this many seconds, whichever is more) in a round is treated as lost
+STALL_MIN_S = 300.0
+LINK_PROBE_MIN_BYTES = 1 << 20  # the link rate is measured on the probe's transfer when at least this much crossed  # ... this many seconds, whichever is more) in a round is treated as lost
 
 
 @dataclass(frozen=True)
@@ -704,23 +705,32 @@ class Engine:
     async def _measure(self, device: _Device, probe_id: str) -> None:
         self._emit(DeviceStatus(device.key, "profiling", "running the probe program"))
         try:
-            sha = await self._ship_probe(device)
+            sha, rate = await self._ship_probe(device)
             response = await device.link.profile(sha)
         except InputError as exc:
             self._leave_out(device, f"profiling failed: {exc}", getattr(exc, "code", "internal"))
             return
         profile = response.profile
+        if rate is not None:  # the link as this desktop saw it, on the probe's files
+            profile = replace(profile, link_bytes_per_s=rate)
         profile_cache.save_profile(self.config.cache_dir, device.agent_id, probe_id, profile)
         device.reprofile = False
         self._set_profile(device, profile, cached=False)
 
-    async def _ship_probe(self, device: _Device) -> str:
-        """The probe's files, then its manifest; returns the manifest's sha256."""
+    async def _ship_probe(self, device: _Device) -> tuple[str, float | None]:
+        """The probe's files, then its manifest: (the manifest's sha256, the link rate measured on them).
+
+        The rate is None when too little crossed the link to measure it (the agent held the files).
+        """
         assert self.probe is not None and self.probe_path is not None
+        sent, seconds = 0, 0.0
         for role, name in self.probe.files.items():
-            await device.link.send_file(self.probe_path.parent / name, name=name, sha256=self.probe.sha256.get(name))
-        transfer = await device.link.send_file(self.probe_path, name=self.probe_path.name)
-        return transfer.sha256
+            transfer = await device.link.send_file(self.probe_path.parent / name, name=name,
+                                                   sha256=self.probe.sha256.get(name))
+            sent, seconds = sent + transfer.sent_bytes, seconds + transfer.seconds
+        manifest = await device.link.send_file(self.probe_path, name=self.probe_path.name)
+        rate = sent / seconds if sent >= LINK_PROBE_MIN_BYTES and seconds > 0 else None
+        return manifest.sha256, rate
 
     def _set_profile(self, device: _Device, profile: DeviceProfile, cached: bool) -> None:
         device.profile, device.profile_cached = profile, cached
@@ -746,7 +756,7 @@ class Engine:
                     f"{d.name}: {d.failed or ('lost' if d.lost else 'not profiled')}"
                     for d in self._devices.values()) if self._devices else "no device was paired")
             self._phase("planning", f"{len(devices)} device(s): {reason}")
-            job = self._planner_job()
+            job = self._planner_job(devices)
             plan = make_plan({d.key: d.profile for d in devices}, {d.key: d.label for d in devices}, job,
                              self.manifest.b_layout, policy=self.config.policy,
                              first_round=self.record.completed_round + 1, reason=reason, seed=self.config.seed,
@@ -766,11 +776,25 @@ class Engine:
                 return
             reason = "; ".join(f"{d.label} left out ({d.failed or 'lost'})" for d in dropped)
 
-    def _planner_job(self) -> Job:
-        """The planner's job, from the eval program's manifest (layout, shapes) and the probe (time, memory)."""
-        from shared.probe import planner_job
+    def _planner_job(self, devices: list[_Device]) -> Job:
+        """The planner's job, from the eval program's manifest (layout, shapes) and the probe (memory).
 
-        return planner_job(self.manifest, self.probe, local_steps=self.config.local_steps, name=self.config.job.name)
+        Step times are each device's own (its profile). The memory a program needs is
+        predicted from the terms a device measured on the probe; of the devices planned
+        for, the largest prediction is taken, so no device is given a block it cannot hold.
+        """
+        from shared.job_model import job_from_manifests, memory_model
+
+        weights = self.manifest.file("weights", self.eval_manifest_path).stat().st_size
+        probe_weights = self.probe.file("weights", self.probe_path).stat().st_size
+        models = [memory_model(self.probe, d.profile.measurement, weights, probe_weights)
+                  for d in devices if d.profile.measurement is not None and
+                  d.profile.measurement.probe == self.probe.probe_id]
+        if not models:
+            raise InputError("no device has a profile measured with this job's probe: nothing to predict memory from")
+        memory = max(models, key=lambda m: max(m.at_depths()))
+        return job_from_manifests([self.manifest], memory, self.config.local_steps, name=self.config.job.name,
+                                  probe=self.probe, sources=[str(self.eval_manifest_path)])
 
     async def _export_blocks(self, plan: PlanView) -> None:
         need = tuple((a.first_layer, a.last_layer) for a in plan.active()
@@ -1028,9 +1052,7 @@ class Engine:
         if gone.lost:
             device.lost = True
             self._emit(DeviceLost(device.key, r, gone.reason))
-            forget = getattr(device.link, "forget_round", None)
-            if forget is not None:
-                forget(r)  # when it comes back it must not go on with a round nobody waits for
+            device.link.forget_round(r)  # when it comes back it must not go on with a round nobody waits for
         else:
             self._leave_out(device, f"round {r} failed: {gone.reason}")
         self.record = replace(self.record, losses=self.record.losses + (

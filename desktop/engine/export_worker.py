@@ -64,7 +64,11 @@ def export(request: ExportRequest, start: float) -> ExportResult:
 
     probe = evaluation = None
     if request.probe:
-        raise InputError("this build of the engine cannot export a probe program yet")
+        from export.probe import export_probe
+
+        current["program"] = "probe"
+        probe = str(export_probe(base, out / "probe", cache_dir=cache_dir, progress=progress,
+                                 loaded=loaded).manifest_path)
     if request.eval:
         evaluation = one("eval", replace(base, methods=("eval",)), "eval.pte")
     blocks: dict[str, str] = {}

@@ -276,6 +276,9 @@ def test_a_start_round_with_the_wrong_size_of_b_or_no_data_is_refused(agents, ag
             with pytest.raises(RequestFailed, match="b has 700 values, the program's adapter .* has 768") as caught:
                 await desk.start_round(0, program, np.zeros(700, np.float32), k=2, lr=LR, eps=EPS)
             assert caught.value.code == "bad_request"
+            with pytest.raises(RequestFailed, match="profiling is not available in this build") as caught:
+                await desk.profile()
+            assert caught.value.code == "unavailable"
             with pytest.raises(RequestFailed, match="holds no file") as caught:
                 await desk.start_round(0, "f" * 64, np.zeros(B_SIZE, np.float32), k=2, lr=LR, eps=EPS)
             assert caught.value.code == "unknown_file"
@@ -373,13 +376,15 @@ def test_pause_resume_and_stop_take_effect_at_step_boundaries(agents, agent_prog
 # -- kill, cut, restore ---------------------------------------------------------------------------------------
 
 
-def _rounds_b(agent, agent_program, k: int) -> np.ndarray:
-    async def go() -> np.ndarray:
+def _two_rounds(agent, agent_program, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The blocks two rounds return on an agent that is never interrupted (round 1 starts from round 0's b)."""
+    async def go() -> tuple[np.ndarray, np.ndarray]:
         async with client(agent, desktop="reference") as desk:
             program = await desk.send_program(agent_program.manifest)
             await desk.send_data_shard(agent_program.data)
-            done = await desk.run_round(0, program, np.zeros(B_SIZE, np.float32), k=k, lr=LR, eps=EPS, seed=3)
-            return done.b_block_array()
+            first = await desk.run_round(0, program, np.zeros(B_SIZE, np.float32), k=k, lr=LR, eps=EPS, seed=3)
+            second = await desk.run_round(1, program, first.b_block_array(), k=5, lr=LR, eps=EPS, seed=3)
+            return first.b_block_array(), second.b_block_array()
 
     return run(go())
 
@@ -390,7 +395,7 @@ def test_an_agent_killed_mid_round_comes_back_as_itself_and_finishes_the_round_e
     slow.write_text('[[class]]\nname = "k"\ndescription = "k"\ncompute_factor = 3\nmemory_gib = 8\n'
                     'link_mbit_s = 10000\ncores = 1\n')
     agent = agents("--simulate", f"{slow}:k", name="victim", token=None)
-    reference = _rounds_b(agents("--simulate", f"{slow}:k", name="reference"), agent_program, k)
+    reference = _two_rounds(agents("--simulate", f"{slow}:k", name="reference"), agent_program, k)
     metrics, welcomes = [], []
     token = agent.token
 
@@ -407,17 +412,20 @@ def test_an_agent_killed_mid_round_comes_back_as_itself_and_finishes_the_round_e
             await asyncio.to_thread(agent.restart)  # SIGKILL, then the same command line again
             done = await desk.round_result(0, timeout_s=60)
             assert done.resumed_at > 0 and done.steps == k
-            return done.b_block_array()
+            await asyncio.to_thread(agent.restart)  # and once more between rounds
+            second = await desk.run_round(1, program, done.b_block_array(), k=5, lr=LR, eps=EPS, seed=3)
+            return done.b_block_array(), second.b_block_array()
         finally:
             await desk.close()
 
-    b = run(go())
+    b, b_next = run(go())
     assert agent.token == token and welcomes[0].agent.id == welcomes[-1].agent.id  # the same agent came back
-    back = welcomes[-1].state
-    assert back.round == 0 and back.step >= 40 and back.state == "idle"  # where it stopped
-    np.testing.assert_array_equal(b, reference)  # as if it had never been killed
+    back = welcomes[1].state
+    assert back.round == 0 and back.step >= 40 and back.state == "idle"  # it says where it stopped
+    np.testing.assert_array_equal(b, reference[0])  # as if it had never been killed
+    np.testing.assert_array_equal(b_next, reference[1])  # the next round goes on from the saved trainer
     steps = [m.step.step for m in metrics]
-    assert steps == list(range(1, k + 1))  # every metric exactly once, none lost over the kill
+    assert steps == list(range(1, k + 6))  # every metric exactly once, none lost over the kills
     assert [m.seq for m in metrics] == sorted({m.seq for m in metrics})
 
 
@@ -444,6 +452,7 @@ def test_a_connection_cut_mid_transfer_and_mid_round_is_restored_and_loses_nothi
             assert transfer.resumed_at and 0 < transfer.resumed_at[0] < blob.stat().st_size
             acked_at_cut = progress[11]
             assert transfer.resumed_at[0] >= acked_at_cut  # no verified chunk is sent twice
+            assert 0 <= transfer.sent_bytes - blob.stat().st_size <= 4 * 128 * 1024  # at most the window again
             program = await desk.send_program(agent_program.manifest)
             await desk.send_data_shard(agent_program.data)
             await desk.start_round(0, program, np.zeros(B_SIZE, np.float32), k=150, lr=LR, eps=EPS)
@@ -460,3 +469,28 @@ def test_a_connection_cut_mid_transfer_and_mid_round_is_restored_and_loses_nothi
     assert sha256_file(agent.state_dir / "store" / "blobs" / sha256_file(blob)) == sha256_file(blob)
     assert [m.step.step for m in metrics] == list(range(1, 151))
     assert agent.log().count("desktop desk-A connected") >= 3
+
+
+def test_a_simulated_device_refuses_a_program_over_its_memory_and_its_link_holds_transfers_to_its_rate(
+        agents, agent_program, tmp_path) -> None:
+    small = tmp_path / "small.toml"
+    small.write_text('[[class]]\nname = "tiny-phone"\ndescription = "a phone with little memory"\n'
+                     'compute_factor = 1\nmemory_gib = 0.05\nlink_mbit_s = 40\ncores = 2\n')
+    agent = agents("--simulate", f"{small}:tiny-phone")
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(np.random.default_rng(3).bytes(2_000_000))
+
+    async def go() -> None:
+        async with client(agent) as desk:
+            assert desk.welcome.agent.simulated == "tiny-phone" and desk.welcome.agent.memory_mb == 51.2
+            transfer = await desk.send_file(blob)
+            assert transfer.rate_bytes_per_s <= 40e6 / 8 * 1.02  # never faster than the simulated link
+            program = await desk.send_program(agent_program.manifest)
+            await desk.send_data_shard(agent_program.data)
+            await desk.start_round(0, program, np.zeros(B_SIZE, np.float32), k=2, lr=LR, eps=EPS)
+            with pytest.raises(RequestFailed, match="needs about .* MiB, the tiny-phone has 51 MiB") as caught:
+                await desk.round_result(0)
+            assert caught.value.code == "memory"
+
+    run(go())
+    assert "round 0 failed: memory" in agent.log()

@@ -1,0 +1,89 @@
+"""Measured planner inputs from files: profiles, a probe measurement of this machine, a job from its programs.
+
+The I/O around `shared.job_model` and `device_agent.profile`: read manifests and
+profile records, stat the weights files, and run the probe in a fresh process
+(as a device does when its agent starts: a process that has run programs before
+hides the runtime's set-up and reuses freed memory, so its memory terms would be low).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from device_agent.profile import resolve_probe_path
+from shared.errors import InputError
+from shared.job_model import job_from_manifests, memory_model
+from shared.manifest import Manifest
+from shared.probe import ProbeManifest
+from shared.profiles import DeviceProfile, Job, profile_from_plain
+
+
+def load_profile(path: Path) -> DeviceProfile:
+    """A profile record written by `device_agent.profile` (or `deftly profile`).
+
+    Raises:
+        InputError: a missing file, bad JSON, or a bad field (named).
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    return profile_from_plain(data, where=path.name)
+
+
+def measure_in_fresh_process(probe: Path, name: str, link_mbit_s: float, out: Path, repeats: int = 20,
+                             timeout_s: float = 600.0) -> DeviceProfile:
+    """Measure this machine with `python -m device_agent.profile` in a new process; the profile it wrote.
+
+    Raises:
+        InputError: the measurement failed (its message), or took longer than ``timeout_s``.
+    """
+    command = [sys.executable, "-m", "device_agent.profile", str(probe), "--name", name,
+               "--link-mbit-s", str(link_mbit_s), "--repeats", str(repeats), "--out", str(out)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise InputError(f"measuring {probe} took longer than {timeout_s:.0f} s") from None
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        raise InputError(lines[-1][len("error: "):] if lines else f"measuring {probe} failed:\n{done.stderr[-2000:]}")
+    return load_profile(out)
+
+
+def load_measured_job(programs: Sequence[Path], probe: Path, reference: DeviceProfile, local_steps: int,
+                      resident_methods: int = 1, name: str = "") -> Job:
+    """The planner's job for exported programs, its memory from a probe measurement.
+
+    Args:
+        programs: the job's program manifests (or their ``.pte``s): one whole-job program, or its block programs.
+        probe: the probe the reference profile was measured with (directory, ``.pte`` or manifest).
+        reference: a measured profile whose memory terms stand for every device.
+        local_steps: K_local.
+        resident_methods: methods a device keeps loaded at once (the trainer's bound).
+        name: the job's name.
+
+    Raises:
+        InputError: as `shared.job_model.job_from_manifests`, or a reference that is not measured.
+    """
+    from device_agent.program import resolve_manifest_path
+
+    if reference.measurement is None:
+        raise InputError(f"profile {reference.name!r} is an estimate; the job's memory needs a measured profile")
+    paths = [resolve_manifest_path(Path(p)) for p in programs]
+    manifests = [Manifest.load(p) for p in paths]
+    probe_path = resolve_probe_path(probe)
+    probe_manifest = ProbeManifest.load(probe_path)
+    weights = {m.file("weights", p).stat().st_size for m, p in zip(manifests, paths) if "weights" in m.files}
+    if len(weights) != 1:
+        raise InputError(f"the programs {', '.join(p.name for p in paths)} do not share one weights file "
+                         f"(sizes {sorted(weights)}); a job's programs share the model's .ptd")
+    memory = memory_model(probe_manifest, reference.measurement, float(weights.pop()),
+                          float(probe_manifest.file("weights", probe_path).stat().st_size), resident_methods)
+    return job_from_manifests(manifests, memory, local_steps, name=name, probe=probe_manifest,
+                              sources=[str(p) for p in paths])

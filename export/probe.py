@@ -1,0 +1,266 @@
+"""Build, cache and write the probe program that measures a device (shared/probe.py).
+
+The probe times what the planner's cost model adds up (`shared/costmodel.py`):
+τ(l, bs) and τ(l, 2q·bs) of a decoder layer, the last layer at the answer
+position, and the per-step head.  Its methods run the same code as the P-RGE
+programs (`export.prge.PrgeProgram`'s layer, last-layer and norm functions), on
+one layer of the job's model with the job's LoRA-FA shapes, so the cost of a
+layer in a program is what the probe measured, and the probe is one layer's
+weights, not the model's (SmolLM2 fp32: ~14 MB; int8: ~4 MB).
+
+Stages, as in `export.program`: 1 wrap (`probe_modules`: one module per method
+over a one-layer stand-in of the model) → 2-5 export, tag, lower, emit
+(`export.program.build_program`, the programs' own pipeline: the layer's
+weights go to the `.ptd` once, whatever the number of methods) → cached under
+``probes/<key>/`` like programs.  `export_probe` writes beside each other:
+
+    probe.pte, weights-<sha12>.ptd   the methods and the layer's weights
+    probe.probe.json                 the manifest (`shared.probe.ProbeManifest`)
+
+int8 probes quantise the layer's linears exactly as int8 programs quantise
+decoder linears (`export.program.quantize_linears_int8`), without SmoothQuant's
+scales: those change the values the GEMMs read, not their cost.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export.lora import AdapterTensors, LoraFaConfig
+from export.prge import PrgeProgram
+from export.program import (ExportConfig, _Ticker, _write_cache_entry, build_program, model_fingerprint,
+                            quantize_linears_int8)
+from shared.errors import InputError
+from shared.hashing import sha256_file
+from shared.probe import PROBE_FORMAT, PROBE_SUFFIX, ProbeManifest
+
+PROBED = 0  # the stand-in's only layer
+
+
+class _OneLayerModel(nn.Module):
+    """What `PrgeProgram` reads of a Llama, with one decoder layer: a copy of layer ``index``.
+
+    The embedding is a one-row stand-in (the probe never embeds); the head's rows
+    are copied from the real head by `PrgeProgram` (verbalizer rows only).
+    """
+
+    def __init__(self, model: nn.Module, index: int) -> None:
+        super().__init__()
+        self.config = copy.deepcopy(model.config)
+        self.config.num_hidden_layers = 1
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(1, model.config.hidden_size)
+        self.model.layers = nn.ModuleList([copy.deepcopy(model.model.layers[index])])
+        self.model.norm = model.model.norm
+        self.model.rotary_emb = model.model.rotary_emb
+        self._head = (model.get_output_embeddings(),)  # a tuple: not a submodule, not copied
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self._head[0]
+
+
+class _Layer(nn.Module):
+    """``layer_*``: one job layer on [n, T, H] rows with c copies of its B [c, P_l]."""
+
+    def __init__(self, program: PrgeProgram) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.program._decoder_layer(h, PROBED, b)  # [n, T, H]
+
+
+class _FrozenLayer(nn.Module):
+    """``frozen_*``: one layer without LoRA on [n, T, H] rows."""
+
+    def __init__(self, program: PrgeProgram) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.program._decoder_layer(h, PROBED, None)  # [n, T, H]
+
+
+class _LastLayer(nn.Module):
+    """``last_wide``: the last layer at each row's answer position: [2q·bs, T, H] -> [2q·bs, H].
+
+    ``b`` [2q, P_l] is read only when the last layer is a job layer (``lora``).
+    """
+
+    def __init__(self, program: PrgeProgram, lora: bool) -> None:
+        super().__init__()
+        self.program, self.lora = program, lora
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.program._last_layer_at(h, positions, PROBED, b if self.lora else None)
+
+
+class _Head(nn.Module):
+    """``head``: what a step does once, after the layers: the ±eps copies of b, the final norm
+    and head rows at the answer positions, the loss per copy, g and the update (as
+    `PrgeProgram.step` and `copy_losses` do)."""
+
+    def __init__(self, program: PrgeProgram) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, h_answer, labels, b, z, lr, eps):
+        program, q = self.program, z.shape[0]
+        b_copies = torch.cat([b + eps * z, b - eps * z], dim=0)  # [2q, P]
+        logits = F.linear(program._rms_norm(h_answer, program.norm.weight), program.head)  # [2q·bs, C]
+        logits = logits + program.class_bias
+        log_probs = torch.log_softmax(logits, dim=-1)
+        picked = torch.gather(log_probs, 1, labels.repeat(2 * q).unsqueeze(1))  # [2q·bs, 1]
+        losses = -picked.reshape(2 * q, -1).mean(dim=1)  # [2q]
+        g = (losses[:q] - losses[q:]) / (2 * eps)  # [q]
+        b_new = b - lr * (g.unsqueeze(1) * z).mean(dim=0)  # [P]
+        return b_new, losses.mean().reshape(1), g, b_copies  # b_copies: a program's layers read them
+
+
+def probe_methods(num_layers: int, job_layers: tuple[int, ...]) -> tuple[str, ...]:
+    """The methods a job's layers need: frozen layers only where the model has them."""
+    first, last = min(job_layers), max(job_layers)
+    methods = ["layer_bs", "layer_wide"]
+    if first > 0:
+        methods.append("frozen_bs")
+    if last < num_layers - 2:  # frozen layers above the job, below the last layer
+        methods.append("frozen_wide")
+    return (*methods, "last_wide", "head")
+
+
+def probe_modules(model: nn.Module, cfg: ExportConfig, verbalizer_ids: list[int]
+                  ) -> tuple[dict[str, tuple[nn.Module, tuple]], ProbeManifest]:
+    """Stage 1 (wrap): one module per probe method with example inputs, and the manifest's shapes.
+
+    Args:
+        model: the job's model (fp32; not changed).
+        cfg: the job's export settings (layers, targets, rank, q, bs, T, base weights).
+        verbalizer_ids: the task's answer tokens (the head's rows).
+
+    Returns:
+        method name -> (module, example inputs); a manifest without files.
+    """
+    config = model.config
+    num_layers = config.num_hidden_layers
+    lora_cfg = cfg.lora(num_layers)
+    job_layers = lora_cfg.layers
+    stand_in = _OneLayerModel(model, max(job_layers))
+    if cfg.base_weights == "int8":
+        quantize_linears_int8(stand_in, lambda fqn: ".layers." in f".{fqn}")
+    elif cfg.base_weights != "fp32":
+        raise InputError(f"--weights {cfg.base_weights!r}: expected fp32 or int8")
+    one_layer = LoraFaConfig(rank=cfg.rank, alpha=cfg.alpha, target_modules=tuple(cfg.target_modules),
+                             layers=(PROBED,), seed=cfg.seed)
+    program = PrgeProgram(stand_in, AdapterTensors.build(stand_in, one_layer), cfg.prge(), verbalizer_ids)
+    layer_b = program.b_size
+    b_size = layer_b * len(job_layers)  # every job layer has the same targets and width
+    bs, T, q, H = cfg.batch_size, cfg.seq_len, cfg.q, config.hidden_size
+    wide = 2 * q * bs
+    gen = torch.Generator().manual_seed(0)
+
+    def hidden(rows: int) -> torch.Tensor:
+        return torch.randn(rows, T, H, generator=gen)
+
+    def copies(count: int) -> torch.Tensor:
+        return torch.randn(count, layer_b, generator=gen) * 1e-3
+
+    last_lora = num_layers - 1 in job_layers
+    positions = torch.randint(T // 2, T, (wide,), generator=gen)
+    available = {
+        "layer_bs": (_Layer(program), (hidden(bs), copies(1))),
+        "layer_wide": (_Layer(program), (hidden(wide), copies(2 * q))),
+        "frozen_bs": (_FrozenLayer(program), (hidden(bs),)),
+        "frozen_wide": (_FrozenLayer(program), (hidden(wide),)),
+        "last_wide": (_LastLayer(program, last_lora), (hidden(wide), positions, copies(2 * q))),
+        "head": (_Head(program), (torch.randn(wide, H, generator=gen), torch.randint(0, len(verbalizer_ids), (bs,)),
+                                  torch.randn(b_size, generator=gen) * 1e-3, torch.randn(q, b_size, generator=gen),
+                                  torch.tensor([1e-3]), torch.tensor([1e-2]))),
+    }
+    methods = probe_methods(num_layers, job_layers)
+    manifest = ProbeManifest(
+        model_id="", model_fingerprint="", base_weights=cfg.base_weights, num_layers=num_layers, hidden_size=H,
+        job_layers=tuple(job_layers), target_modules=tuple(cfg.target_modules), rank=cfg.rank, q=q,
+        batch_size=bs, seq_len=T, layer_b_size=layer_b, b_size=b_size, classes=len(verbalizer_ids),
+        methods=methods)
+    return {name: available[name] for name in methods}, manifest
+
+
+@dataclass
+class ProbeResult:
+    manifest_path: Path
+    manifest: ProbeManifest
+    from_cache: bool
+    seconds: float
+
+
+def export_probe(cfg: ExportConfig, out_dir: Path, cache_dir: Path | None = None,
+                 progress: Callable[[str], None] = print, loaded=None) -> ProbeResult:
+    """Export the probe for a job's model and shapes into ``out_dir``.
+
+    Args:
+        cfg: the job's export settings (the probe takes its model, layers, targets,
+            rank, q, bs, T and base weights; nothing else).
+        out_dir: where ``probe.pte``, the weights and ``probe.probe.json`` go.
+        cache_dir: cache root (default ``export.models.default_cache_dir()``); lowered
+            probes are cached under ``probes/<key>/``.
+        progress: receives one-line progress messages.
+        loaded: an already loaded ``export.models.LoadedModel``.
+
+    Returns:
+        The manifest's path and content; ``lower_seconds`` is 0 when it came from the cache.
+    """
+    from export.models import default_cache_dir, load_model
+    from shared.tasks import load_task_spec, verbalizer_token_ids
+
+    start = time.perf_counter()
+    cache_root = cache_dir or default_cache_dir()
+    loaded = loaded or load_model(cfg.model, cache_dir=cache_dir, progress=progress)
+    verbalizer_ids = verbalizer_token_ids(load_task_spec(cfg.task), loaded.tokenizer)
+    modules, shapes = probe_modules(loaded.model, cfg, verbalizer_ids)
+    fingerprint = model_fingerprint(loaded.model)
+    shapes = replace(shapes, model_id=loaded.model_id, model_fingerprint=fingerprint)
+    key = probe_cache_key(shapes, loaded.model)
+    cached = cache_root / "probes" / key
+    from_cache = (cached / "program.pte").exists() and (cached / "weights.ptd").exists()
+    lower_seconds = 0.0
+    if from_cache:
+        progress(f"Probe found in the cache ({cached}); not lowering again")
+    else:
+        with _Ticker(progress, f"lowering the probe ({len(modules)} methods, {cfg.base_weights})"):
+            lower_start = time.perf_counter()
+            _write_cache_entry(build_program(modules, True, lambda _m: None), cached, True)
+            lower_seconds = time.perf_counter() - lower_start
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    program = out_dir / "probe.pte"
+    shutil.copyfile(cached / "program.pte", program)
+    weights = out_dir / f"weights-{(cached / 'weights.sha256').read_text().strip()[:12]}.ptd"
+    if not weights.exists():
+        shutil.copyfile(cached / "weights.ptd", weights)
+    files = {"program": program.name, "weights": weights.name}
+    manifest = replace(shapes, files=files, sha256={p.name: sha256_file(p) for p in (program, weights)},
+                       lower_seconds=round(lower_seconds, 2), cache_key=key)
+    manifest_path = out_dir / f"probe{PROBE_SUFFIX}"
+    manifest.save(manifest_path)
+    return ProbeResult(manifest_path, manifest, from_cache, time.perf_counter() - start)
+
+
+def probe_cache_key(shapes: ProbeManifest, model: nn.Module) -> str:
+    """Key of a lowered probe: its format, the model's content and config, the shapes, the toolchain."""
+    from importlib.metadata import version
+
+    settings = {"format": PROBE_FORMAT, "shapes": asdict(replace(shapes, files={}, sha256={})),
+                "config": model.config.to_json_string(use_diff=False),
+                "torch": torch.__version__, "executorch": version("executorch")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -1,0 +1,209 @@
+"""The probe program's manifest: which model and shapes a probe times, and its methods.
+
+A *probe* is a small ExecuTorch program (`export/probe.py`) that a device runs to
+measure the planner's inputs (`device_agent/profile.py`): one decoder layer of
+the job's model at bs rows and at 2q·bs rows, the last layer at the answer
+position, and the per-step head (final norm, head rows, loss, g and the update
+of b), with the job's LoRA-FA shapes.  Every method reads the same layer's
+weights, so the probe holds one layer, not the model.
+
+Methods (all float tensors float32, index tensors int64; n = bs or 2q·bs rows,
+c = 1 or 2q copies of one layer's B, P_l = B entries of one job layer):
+
+* ``layer_bs``, ``layer_wide``: (h [n, T, H], b [c, P_l]) -> h [n, T, H]: a job layer (with LoRA);
+* ``frozen_bs``, ``frozen_wide``: (h [n, T, H]) -> h [n, T, H]: a layer outside the job (no LoRA),
+  present only when the model has such layers below (``frozen_bs``) or above (``frozen_wide``) the job;
+* ``last_wide``: (h [2q·bs, T, H], positions [2q·bs], b [2q, P_l]) -> [2q·bs, H]: the last
+  layer at the answer position (``b`` is read only when the last layer is a job layer);
+* ``head``: (h [2q·bs, H], labels [bs], b [P], z [q, P], lr [1], eps [1])
+  -> (b_new [P], loss [1], g [q], b_copies [2q, P]).
+
+The manifest is a record (`shared.records`): `ProbeManifest.to_json` / `from_json`.
+Its `probe_id` names the model (by weights fingerprint) and the shapes, so a
+profile measured with one probe is never taken for another model's
+(`check_probe_matches`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.errors import InputError
+from shared.profiles import DeviceProfile, Measurement, check_device
+from shared.records import RecordError, from_plain, to_plain
+
+PROBE_FORMAT = 1  # bump when the probe's methods or their signatures change
+PROBE_SUFFIX = ".probe.json"
+LAYER_METHODS = ("layer_bs", "layer_wide", "frozen_bs", "frozen_wide", "last_wide")
+
+
+@dataclass(frozen=True)
+class ProbeManifest:
+    """What one probe program times, and the files it needs."""
+
+    model_id: str
+    model_fingerprint: str        # sha256 of the model's fp32 weights (export.program.model_fingerprint)
+    base_weights: str             # "fp32" or "int8", as the job's programs hold their frozen linears
+    num_layers: int               # L of the model
+    hidden_size: int              # H
+    job_layers: tuple[int, ...]   # the job's trainable layers: these run with LoRA
+    target_modules: tuple[str, ...]
+    rank: int
+    q: int
+    batch_size: int               # bs
+    seq_len: int                  # T
+    layer_b_size: int             # P_l: B entries of one job layer
+    b_size: int                   # P: B entries of the whole job (the head's update)
+    classes: int                  # C: rows of the head
+    methods: tuple[str, ...]
+    files: dict[str, str] = field(default_factory=dict)   # role ("program", "weights") -> file name
+    sha256: dict[str, str] = field(default_factory=dict)  # file name -> sha256 hex
+    lower_seconds: float = 0.0    # export and lowering time when it was built (0 from the cache)
+    cache_key: str = ""
+    format: int = PROBE_FORMAT
+
+    @property
+    def wide_rows(self) -> int:
+        """2q·bs, the rows of a widened layer."""
+        return 2 * self.q * self.batch_size
+
+    @property
+    def probe_id(self) -> str:
+        """The model and the shapes this probe times, as one short hash."""
+        shapes = {k: v for k, v in to_plain(self).items()
+                  if k not in ("files", "sha256", "lower_seconds", "cache_key", "methods")}
+        return hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return json.dumps(to_plain(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "probe manifest") -> "ProbeManifest":
+        """Decode and check a probe manifest.
+
+        Raises:
+            InputError: not JSON, another format, a field missing or of the wrong type.
+        """
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{source}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{source}: expected a JSON object")
+        if data.get("format") != PROBE_FORMAT:
+            raise InputError(f"{source}: probe format {data.get('format')!r}, this deftly reads {PROBE_FORMAT}; "
+                             f"export the probe again")
+        try:
+            manifest = from_plain(cls, data, source)
+        except RecordError as exc:
+            raise InputError(f"malformed probe manifest: {exc}") from None
+        unknown = sorted(set(manifest.methods) - set(LAYER_METHODS) - {"head"})
+        if unknown:
+            raise InputError(f"{source}: unknown probe methods {unknown}")
+        return manifest
+
+    def save(self, path: Path) -> None:
+        path.write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: Path) -> "ProbeManifest":
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"{path}: no such probe manifest (export one with `deftly profile`)")
+        return cls.from_json(path.read_text(), source=str(path))
+
+    def file(self, role: str, manifest_path: Path) -> Path:
+        """Absolute path of a file the manifest names by role."""
+        if role not in self.files:
+            raise InputError(f"{manifest_path}: the probe names no {role!r} file")
+        return Path(manifest_path).parent / self.files[role]
+
+
+def check_probe_matches(probe: ProbeManifest, *, model_id: str, num_layers: int, q: int, batch_size: int,
+                        seq_len: int, base_weights: str, job_layers: tuple[int, ...] | list[int],
+                        where: str = "the job", probe_where: str = "the probe") -> None:
+    """Refuse a probe that times another model or other shapes than the job's.
+
+    Raises:
+        InputError: naming the probe, the job and the first field that differs.
+    """
+    if probe.model_id != model_id:
+        raise InputError(f"{probe_where} probes model {probe.model_id!r}, but {where} trains {model_id!r}; "
+                         f"export a probe for this model")
+    wanted = {"num_layers": num_layers, "q": q, "batch_size": batch_size, "seq_len": seq_len,
+              "base_weights": base_weights, "job_layers": tuple(job_layers)}
+    for name, value in wanted.items():
+        have = getattr(probe, name)
+        if have != value:
+            raise InputError(f"{probe_where} (model {probe.model_id!r}) was built for {name} = {have!r}, "
+                             f"but {where} has {value!r}; export a probe with the job's shapes")
+
+
+def layer_times(probe: ProbeManifest, method_s: dict[str, float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """τ(l, bs) and τ(l, 2q·bs) for every layer l of the model, from the probe's method times.
+
+    A job layer runs ``layer_bs`` below the block and ``layer_wide`` from it on; a
+    layer below the job always runs ``frozen_bs`` (its wide time, never used by a
+    block program, is set to ``layer_wide`` so that τ stays monotone); a layer above
+    the job runs ``frozen_wide``; the last layer runs ``last_wide`` (only at the
+    answer position; it is never run on bs rows, so its τ(bs) is the smaller of the two).
+
+    Raises:
+        InputError: a method the probe's layers need has no time.
+    """
+    def time_of(name: str) -> float:
+        if name not in method_s:
+            raise InputError(f"probe {probe.probe_id}: no time for method {name!r} (measured: {sorted(method_s)})")
+        return method_s[name]
+
+    first, last = min(probe.job_layers), max(probe.job_layers)
+    bs, wide = [], []
+    for layer in range(probe.num_layers):
+        if layer == probe.num_layers - 1:
+            w = time_of("last_wide")
+            below = time_of("layer_bs") if layer >= first else time_of("frozen_bs")
+            bs.append(min(below, w))
+            wide.append(w)
+        elif layer < first:
+            b = time_of("frozen_bs")
+            bs.append(b)
+            wide.append(max(b, time_of("layer_wide")))
+        elif layer > last:
+            w = time_of("frozen_wide")
+            bs.append(min(time_of("layer_bs"), w))
+            wide.append(w)
+        else:
+            b, w = time_of("layer_bs"), time_of("layer_wide")
+            bs.append(min(b, w))  # two timings of the same layer: noise must not break monotonicity
+            wide.append(w)
+    return tuple(bs), tuple(wide)
+
+
+def profile_from_probe(probe: ProbeManifest, name: str, measurement: Measurement, memory_bytes: float,
+                       link_bytes_per_s: float) -> DeviceProfile:
+    """The planner's `DeviceProfile` for a device that ran a probe.
+
+    Args:
+        probe: the probe it ran.
+        name: the device's name in the fleet.
+        measurement: what it measured (method times, spreads, memory terms, facts).
+        memory_bytes: M_k, the memory a training program may use there.
+        link_bytes_per_s: R_k, its link rate on the whole band.
+
+    Returns:
+        A checked, measured profile.
+
+    Raises:
+        InputError: a probe method without a time, or a profile field out of range.
+    """
+    if measurement.probe != probe.probe_id:
+        raise InputError(f"device {name!r}: the measurement is of probe {measurement.probe}, not {probe.probe_id}")
+    bs, wide = layer_times(probe, measurement.method_s)
+    if "head" not in measurement.method_s:
+        raise InputError(f"device {name!r}: the measurement of probe {probe.probe_id} has no time for the head")
+    profile = DeviceProfile(name=name, layer_s_bs=bs, layer_s_wide=wide, head_s=measurement.method_s["head"],
+                            memory_bytes=memory_bytes, link_bytes_per_s=link_bytes_per_s, measurement=measurement)
+    check_device(profile)
+    return profile

@@ -1,0 +1,83 @@
+"""The probe program: its methods run the programs' own layer code, it holds one layer, it is cached."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from device_agent.program import open_et_program
+from device_agent.profile import probe_inputs
+from export.probe import export_probe, probe_methods, probe_modules
+from shared.errors import InputError
+from shared.probe import ProbeManifest, check_probe_matches
+
+
+def test_methods_follow_the_job_layers() -> None:
+    assert probe_methods(30, tuple(range(22, 30))) == ("layer_bs", "layer_wide", "frozen_bs", "last_wide", "head")
+    assert probe_methods(30, tuple(range(0, 30))) == ("layer_bs", "layer_wide", "last_wide", "head")
+    assert probe_methods(30, (10, 11)) == ("layer_bs", "layer_wide", "frozen_bs", "frozen_wide", "last_wide", "head")
+
+
+def test_manifest_names_the_model_and_the_job_shapes(tiny_probe, tiny_program) -> None:
+    probe, program = tiny_probe.manifest, tiny_program.export.manifest
+    assert probe.model_id == program.model_id and len(probe.model_fingerprint) == 64
+    assert (probe.num_layers, probe.q, probe.batch_size, probe.seq_len) == (
+        program.num_layers, program.q, program.batch_size, program.seq_len)
+    assert probe.job_layers == tuple(program.trainable_layers) == (1,)
+    assert probe.layer_b_size * len(probe.job_layers) == probe.b_size == program.b_size
+    # one layer's weights, not the model's: the program's weights file holds both layers and the embedding
+    probe_weights = (tiny_probe.manifest_path.parent / probe.files["weights"]).stat().st_size
+    program_weights = tiny_program.export.files["weights"].stat().st_size
+    assert probe_weights < program_weights / 10
+    assert ProbeManifest.load(tiny_probe.manifest_path) == probe
+    check_probe_matches(probe, model_id=program.model_id, num_layers=program.num_layers, q=program.q,
+                        batch_size=program.batch_size, seq_len=program.seq_len,
+                        base_weights=program.base_weights, job_layers=program.trainable_layers)
+
+
+def test_probe_for_another_model_or_shape_is_refused_by_name(tiny_probe) -> None:
+    probe = tiny_probe.manifest
+    shapes = dict(model_id=probe.model_id, num_layers=probe.num_layers, q=probe.q, batch_size=probe.batch_size,
+                  seq_len=probe.seq_len, base_weights=probe.base_weights, job_layers=probe.job_layers)
+    with pytest.raises(InputError, match=rf"probes model '{probe.model_id}', but the job trains 'smollm2-135m'"):
+        check_probe_matches(probe, **{**shapes, "model_id": "smollm2-135m"})
+    with pytest.raises(InputError, match=r"built for seq_len = 32, but the job has 64"):
+        check_probe_matches(probe, **{**shapes, "seq_len": 64})
+
+
+def test_each_layer_method_is_the_program_layer_it_stands_for(tiny_probe, tiny_program) -> None:
+    # The runtime's answer equals the eager PrgeProgram's own layer code on the probed layer.
+    from export.lora import AdapterTensors, LoraFaConfig
+    from export.prge import PrgeProgram
+    from export.probe import PROBED, _OneLayerModel
+
+    probe = tiny_probe.manifest
+    program = open_et_program(tiny_probe.manifest_path.parent / probe.files["program"],
+                              tiny_probe.manifest_path.parent / probe.files["weights"])
+    config = tiny_program.config
+    stand_in = _OneLayerModel(tiny_program.loaded.model, max(probe.job_layers))
+    lora = LoraFaConfig(rank=config.rank, alpha=config.alpha, target_modules=config.target_modules, layers=(PROBED,),
+                        seed=config.seed)
+    eager = PrgeProgram(stand_in, AdapterTensors.build(stand_in, lora), config.prge(),
+                        tiny_program.export.manifest.verbalizer_token_ids)
+    h, b = probe_inputs(probe, "layer_wide")
+    (got,) = program.load_method("layer_wide")([h, b])
+    with torch.no_grad():
+        expected = eager._decoder_layer(h, PROBED, b)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_second_export_comes_from_the_cache(tiny_probe, tiny_program, tmp_path: Path) -> None:
+    again = export_probe(tiny_program.config, tmp_path, cache_dir=tiny_probe.cache_dir, progress=lambda _m: None,
+                         loaded=tiny_program.loaded)
+    assert not tiny_probe.export.from_cache and tiny_probe.manifest.lower_seconds > 0
+    assert again.from_cache and again.manifest.lower_seconds == 0
+    assert replace(again.manifest, lower_seconds=tiny_probe.manifest.lower_seconds) == tiny_probe.manifest
+
+
+def test_unknown_weights_are_an_input_error(tiny_program) -> None:
+    with pytest.raises(InputError, match="--weights 'int4'"):
+        probe_modules(tiny_program.loaded.model, replace(tiny_program.config, base_weights="int4"), [1, 2])
