@@ -26,7 +26,7 @@ from desktop.ui.model import Changes, DashboardModel
 REDRAW_MS = 100  # each plot's redraw period: 10 frames a second is smooth for curves that grow a point at a time
 SLOWEST_MS = 1000  # ... stretched up to this when a tick costs more than SHARE of it (many devices, a slow machine)
 SHARE = 0.2  # of the GUI thread's time one plot may take: three plots and the cards still leave it mostly idle
-BUDGET_MS = 20.0  # setData calls per tick stop after this long (the rest wait for the next tick)
+BUDGET_MS = 10.0  # setData calls per tick stop after this long (the rest wait for the next tick)
 GAP_MS = 30.0  # no plot paints within this long of another one painting: their frames never pile up
 THICK_UP_TO = 8  # devices drawn with 2-pixel lines; more get 1-pixel ones (a third of the painting time)
 LEGEND_MAX = 24  # devices named in the legend; past that it says how many more
