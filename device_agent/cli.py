@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", type=Path, help="the model's tokenizer.json for text --data (when the "
                         "program's manifest does not name one)")
     parser.add_argument("--simulate", metavar="CLASS", help="stand in for a device class of "
-                        "assets/fleets/device_classes.toml (or FILE.toml:CLASS): its compute speed, memory and link")
+                        "assets/fleets/classes/device_classes.toml (or FILE.toml:CLASS): its compute speed, memory and link")
     parser.add_argument("--advertise", action=argparse.BooleanOptionalAction, default=True,
                         help="advertise on zeroconf as _deftly._tcp.local. (default: yes)")
     return parser.parse_args(argv)

@@ -1,13 +1,18 @@
 """One exported P-RGE program, loaded with the ExecuTorch runtime and called with numpy.
 
-A program is a set of files beside its manifest (see `shared.manifest`): the
-`.pte`, the shared base weights `.ptd`, the tokenised task `.npz` and the frozen
-A's `.npz`. `Program` checks every file's sha256 against the manifest before it
-loads anything (a program that was cut short in transfer, or edited, must not
-train silently), then exposes the methods as numpy in / numpy out:
+A program is a set of files beside its manifest (see `shared.manifest`): a
+`.pte` per method, the shared base weights `.ptd`, the tokenised task `.npz` and
+(with eval) the frozen A's `.npz`. `Program` checks every file's sha256 against the
+manifest before it loads anything (a program that was cut short in transfer, or
+edited, must not train silently), then exposes the methods as numpy in / numpy out:
 
-    step(input_ids, lengths, labels, b, z, lr, eps) -> (b_new, loss, g)
+    step(input_ids, lengths, labels, b, z, lr, eps) -> (b_blk_new, loss, g)
     class_logits(input_ids, lengths, b)             -> logits [n, C], any n
+
+A program trains one *block* of its job's adapter (``Program.block``, a
+``shared.blocks.BlockSpan``): ``step`` takes the job's global ``b`` [P] and
+directions ``z`` [q, P_blk] on the block, and returns the block's new slice
+[P_blk]; a single-device program's block is every trainable layer (P_blk = P).
 
 torch appears only as the runtime's tensor type: executorch depends on it, and
 `torch.from_numpy` shares memory rather than copying.
@@ -30,12 +35,14 @@ the whole exporter (2,900 modules, torchao among them) and costs a device
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from shared.blocks import BlockSpan, check_global_b, program_block
 from shared.errors import InputError
 from shared.hashing import sha256_file
 from shared.manifest import Manifest
@@ -70,9 +77,11 @@ def verify_files(manifest: Manifest, manifest_path: Path) -> None:
     Raises:
         InputError: naming the first file that is absent, unlisted, or has another hash.
     """
-    for role, name in manifest.files.items():
+    named = [(f"the {role} file", name) for role, name in manifest.files.items()]
+    named += [(f"the file of method {method}", name) for method, name in manifest.method_files.items()]
+    for what, name in named:
         if name not in manifest.sha256:
-            raise InputError(f"{manifest_path}: the {role} file {name} has no sha256 in the manifest")
+            raise InputError(f"{manifest_path}: {what}, {name}, has no sha256 in the manifest")
     for name, expected in manifest.sha256.items():
         path = manifest_path.parent / name
         if not path.is_file():
@@ -86,7 +95,7 @@ def verify_files(manifest: Manifest, manifest_path: Path) -> None:
 def _tensor(array: np.ndarray, dtype: np.dtype, shape: tuple[int, ...], what: str) -> torch.Tensor:
     array = np.asarray(array)
     if array.shape != shape:
-        raise ValueError(f"{what}: shape {array.shape}, the program takes {shape}")
+        raise InputError(f"{what}: shape {array.shape}, the program takes {shape}")
     array = np.ascontiguousarray(array, dtype=dtype)
     if not array.flags.writeable:  # torch.from_numpy warns on read-only memory
         array = array.copy()
@@ -145,7 +154,8 @@ class Program:
         manifest_path: where the manifest was read from; the other files sit beside it.
     """
 
-    def __init__(self, path: Path, verify: bool = True, max_resident_methods: int | None = None) -> None:
+    def __init__(self, path: Path, verify: bool = True, max_resident_methods: int | None = None,
+                 job_key: str | None = None) -> None:
         """Load the program a ``.pte`` or ``.manifest.json`` path names.
 
         Args:
@@ -153,12 +163,17 @@ class Program:
             verify: check every file's sha256 first (leave on unless the caller just did).
             max_resident_methods: at most this many methods loaded at once (each
                 holds its own packed copy of the weights); None: no bound.
+            job_key: refuse a program of any other job (a coordinator's check); None: any job.
 
         Raises:
-            InputError: a missing or malformed manifest, a missing or altered file.
+            InputError: a missing or malformed manifest, a missing or altered file, a
+                block outside the manifest's layout, a program of another job.
         """
         self.manifest_path = resolve_manifest_path(path)
         self.manifest = Manifest.load(self.manifest_path)
+        if job_key is not None:
+            self.manifest.check_job(job_key, str(self.manifest_path))
+        self.block: BlockSpan = program_block(self.manifest)  # checked against the layout
         if verify:
             verify_files(self.manifest, self.manifest_path)
         if max_resident_methods is not None and max_resident_methods < 1:
@@ -166,8 +181,11 @@ class Program:
         self.max_resident_methods = max_resident_methods
         self._weights_path = (self.manifest.file("weights", self.manifest_path)
                               if "weights" in self.manifest.files else None)
-        self._program_path = self.manifest.file("program", self.manifest_path)
-        self._open()  # fail here, not at the first step, on a file ExecuTorch cannot read
+        missing = [m for m in self.manifest.methods if m not in self.manifest.method_files]
+        if missing:
+            raise InputError(f"{self.manifest_path}: no file holds methods {missing}")
+        for name in dict.fromkeys(self.manifest.method_files.values()):
+            self._open(self.manifest_path.parent / name)  # fail here, not at the first step, on a file ExecuTorch cannot read
         # method name -> (its own ExecuTorch program, the loaded method), least recently used first.
         self._methods: OrderedDict[str, tuple] = OrderedDict()
 
@@ -211,13 +229,25 @@ class Program:
 
     @property
     def b_size(self) -> int:
+        """P, the length of the job's global b (what ``step`` and ``class_logits`` take)."""
         return self.manifest.b_size
 
     @property
+    def block_size(self) -> int:
+        """P_blk, the length of the block's slice (z's width, and what ``step`` returns)."""
+        return self.block.size
+
+    @property
+    def job_key(self) -> str:
+        return self.manifest.job_key
+
+    @property
     def identity(self) -> dict[str, str]:
-        """What tells this program from another: its cache key and the sha256 of its ``.pte``."""
+        """What tells this program from another: its cache key and the sha256 of its method files."""
+        names = sorted(set(self.manifest.method_files.values()))
         return {"cache_key": self.manifest.cache_key,
-                "program_sha256": self.manifest.sha256.get(self.manifest.files.get("program", ""), "")}
+                "program_sha256": hashlib.sha256("".join(self.manifest.sha256.get(n, "") for n in names)
+                                                 .encode()).hexdigest()}
 
     # -- the program's side files ---------------------------------------------------
 
@@ -238,11 +268,11 @@ class Program:
         """The methods loaded now, least recently used first."""
         return list(self._methods)
 
-    def _open(self):
+    def _open(self, program_path: Path):
         try:
-            return open_et_program(self._program_path, self._weights_path)
+            return open_et_program(program_path, self._weights_path)
         except RuntimeError as exc:
-            raise InputError(f"{self._program_path}: ExecuTorch could not load the program ({exc})") from None
+            raise InputError(f"{program_path}: ExecuTorch could not load the program ({exc})") from None
 
     def _method(self, name: str):
         if name in self._methods:
@@ -255,7 +285,7 @@ class Program:
             self._methods.popitem(last=False)  # its program and packed weights go with it
             return_freed_memory()
         # A program object per method: dropping it is how a method is released.
-        et_program = self._open()
+        et_program = self._open(self.manifest.method_file(name, self.manifest_path))
         try:
             method = et_program.load_method(name)
         except RuntimeError as exc:
@@ -265,23 +295,32 @@ class Program:
 
     def step(self, input_ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray, b: np.ndarray,
              z: np.ndarray, lr: float, eps: float) -> tuple[np.ndarray, float, np.ndarray]:
-        """One P-RGE step.
+        """One P-RGE step on the program's block.
 
         Args:
             input_ids: [bs, T] int64, right-padded.
             lengths: [bs] int64 real tokens per row.
             labels: [bs] int64 class indices.
-            b: [P] float32, the flat trained B's.
-            z: [q, P] float32 directions.
+            b: [P] float32, the job's global b (every block's B's).
+            z: [q, P_blk] float32 directions on the block.
             lr: learning rate of this step.
             eps: perturbation size.
 
         Returns:
-            (b_new [P] float32, mean loss over the 2q copies, g [q] float32).
+            (b_blk_new [P_blk] float32: the block's new slice, mean loss over the 2q
+            copies, g [q] float32). The rest of b is the caller's to keep.
+
+        Raises:
+            InputError: a b or z of the wrong size, or inputs of the wrong shape.
         """
         _tensor(input_ids, np.int64, (self.batch_size, self.seq_len), "input_ids")  # checks the full shape
+        b = check_global_b(b, self.manifest.b_layout, f"b (the job's global b, {self.manifest_path.name})")
+        z = np.asarray(z)
+        if z.shape != (self.q, self.block_size):
+            raise InputError(f"z: shape {z.shape}, block {self.block.name} takes [{self.q}, {self.block_size}] "
+                             f"(q directions over the block's slice of b)")
         T = self.bucket_for(int(np.max(lengths)))
-        z_tensor = _tensor(z, np.float32, (self.q, self.b_size), "z")
+        z_tensor = _tensor(z, np.float32, (self.q, self.block_size), "z")
         return self._run_step(self.manifest.step_buckets[str(T)], np.asarray(input_ids)[:, :T], lengths, labels,
                               b, lr, eps, z_tensor)
 
@@ -311,9 +350,10 @@ class Program:
         at the full T (there is no length bucket of this method).
 
         Returns:
-            (b_new [P] float32, mean loss over the 2q copies, g [q] float32).
+            (b_blk_new [P_blk] float32, mean loss over the 2q copies, g [q] float32).
         """
         _tensor(input_ids, np.int64, (self.batch_size, self.seq_len), "input_ids")  # checks the full shape
+        b = check_global_b(b, self.manifest.b_layout, f"b (the job's global b, {self.manifest_path.name})")
         return self._run_step("step_rng", np.asarray(input_ids), lengths, labels, b, lr, eps)
 
     def loss(self, input_ids: np.ndarray, lengths: np.ndarray, labels: np.ndarray, b: np.ndarray) -> float:

@@ -176,3 +176,9 @@ def load_round(directory: Path) -> tuple[RoundState, bytes] | None:
 
 def discard_round(directory: Path) -> None:
     (Path(directory) / "round.npz").unlink(missing_ok=True)
+
+
+def settle_finished_round(directory: Path, trainer_bytes: bytes) -> None:
+    """What :meth:`RoundRunner.finish` does, for a round whose result was saved by an agent killed before it."""
+    write_bytes_atomic(Path(directory) / "trainer.npz", trainer_bytes)
+    discard_round(directory)

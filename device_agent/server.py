@@ -53,7 +53,7 @@ from device_agent import identity
 from device_agent.data import PrivateData, TrainData, fit_to_program, load_shard
 from device_agent.outbox import Outbox
 from device_agent.programs import files_bytes, load_program, program_view
-from device_agent.rounds import RoundRunner, RoundState, discard_round, load_round, request_key
+from device_agent.rounds import RoundRunner, RoundState, load_round, request_key, settle_finished_round
 from device_agent.simulate import DeviceClass, LinkShaper, Pacer, SimulatedClock, estimated_need_bytes
 from device_agent.store import FileStore
 from shared.errors import InputError
@@ -136,7 +136,7 @@ class Agent:
         saved = load_round(self.state_dir)
         self._interrupted = saved[0] if saved else None
         if self._interrupted is not None and self._completed.get("key") == self._interrupted.key:
-            discard_round(self.state_dir)  # killed after its result was saved, before the checkpoint went
+            settle_finished_round(self.state_dir, saved[1])  # killed after its result was saved, before cleanup
             self._interrupted = None
         self._load_data()
 
@@ -276,6 +276,12 @@ class Agent:
                     if fatal:
                         await ws.close(CLOSE_POLICY, f"{code}: {exc}"[:120])
                         break
+                except (ConnectionClosed, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # a fault of the agent's own (a full disk, a bug): say so, keep serving
+                    log.exception("desktop %s: failed on a frame", desktop)
+                    await self._send(ws, Error(reply_to=request_id, code="internal",
+                                               message=f"the agent failed: {type(exc).__name__}: {exc}"))
         except ConnectionClosed as exc:
             sent = exc.sent
             if sent is not None and sent.code == 1009:

@@ -25,7 +25,7 @@ each as the device would have it (README, "Simulated devices"):
   bytes would have crossed, so the desktop, which waits for acknowledgements,
   sends no faster than the link.
 
-Device classes live in ``assets/fleets/device_classes.toml``.
+Device classes live in ``assets/fleets/classes/device_classes.toml``.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 from shared.errors import InputError
 
-DEVICE_CLASSES = Path(__file__).resolve().parents[1] / "assets" / "fleets" / "device_classes.toml"
+DEVICE_CLASSES = Path(__file__).resolve().parents[1] / "assets" / "fleets" / "classes" / "device_classes.toml"
 _CLASS_KEYS = {"name", "description", "compute_factor", "memory_gib", "link_mbit_s", "cores"}
 # A loaded method holds ~1.22x the weights file in resident memory (SmolLM2 fp32: 538 MB of
 # weights, +658 MB for the first method; device_agent/program.py); rounded up.
@@ -65,7 +65,7 @@ class DeviceClass:
 
 
 def load_device_class(spec: str, path: Path | None = None) -> DeviceClass:
-    """The class ``spec`` names: ``NAME`` (in ``assets/fleets/device_classes.toml``) or ``FILE.toml:NAME``.
+    """The class ``spec`` names: ``NAME`` (in ``assets/fleets/classes/device_classes.toml``) or ``FILE.toml:NAME``.
 
     Raises:
         InputError: no such file or class, or a class with a missing, unknown or non-positive field.

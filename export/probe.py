@@ -10,9 +10,9 @@ weights, not the model's (SmolLM2 fp32: ~14 MB; int8: ~4 MB).
 
 Stages, as in `export.program`: 1 wrap (`probe_modules`: one module per method
 over a one-layer stand-in of the model) → 2-5 export, tag, lower, emit
-(`export.program.build_program`, the programs' own pipeline: the layer's
-weights go to the `.ptd` once, whatever the number of methods) → cached under
-``probes/<key>/`` like programs.  `export_probe` writes beside each other:
+(`export.lowering.lower_unit`, the programs' own pipeline: the layer's
+weights go to the `.ptd` once, whatever the number of methods) → cached
+in the program cache (`export.cache`) like programs.  `export_probe` writes beside each other:
 
     probe.pte, weights-<sha12>.ptd   the methods and the layer's weights
     probe.probe.json                 the manifest (`shared.probe.ProbeManifest`)
@@ -38,8 +38,10 @@ from torch import nn
 
 from export.lora import AdapterTensors, LoraFaConfig
 from export.prge import PrgeProgram
-from export.program import (ExportConfig, _Ticker, _write_cache_entry, build_program, model_fingerprint,
-                            quantize_linears_int8)
+from export.cache import ProgramCache, model_fingerprint
+from export.int8 import quantize_linears_int8
+from export.lowering import lower_unit
+from export.program import ExportConfig
 from shared.errors import InputError
 from shared.hashing import sha256_file
 from shared.probe import PROBE_FORMAT, PROBE_SUFFIX, ProbeManifest
@@ -230,24 +232,26 @@ def export_probe(cfg: ExportConfig, out_dir: Path, cache_dir: Path | None = None
     fingerprint = model_fingerprint(loaded.model)
     shapes = replace(shapes, model_id=loaded.model_id, model_fingerprint=fingerprint)
     key = probe_cache_key(shapes, loaded.model)
-    cached = cache_root / "probes" / key
-    from_cache = (cached / "program.pte").exists() and (cached / "weights.ptd").exists()
+    cache = ProgramCache(cache_root)
+    unit = cache.find(key)
+    from_cache = unit is not None
     lower_seconds = 0.0
     if from_cache:
-        progress(f"Probe found in the cache ({cached}); not lowering again")
+        progress(f"Probe found in the cache ({cache.entry_dir(key)}); not lowering again")
     else:
-        with _Ticker(progress, f"lowering the probe ({len(modules)} methods, {cfg.base_weights})"):
-            lower_start = time.perf_counter()
-            _write_cache_entry(build_program(modules, True, lambda _m: None), cached, True)
-            lower_seconds = time.perf_counter() - lower_start
+        progress(f"lowering the probe ({len(modules)} methods, {cfg.base_weights}) ...")
+        lower_start = time.perf_counter()
+        unit = cache.store(key, lower_unit(modules, True), tuple(modules), True, {})
+        lower_seconds = time.perf_counter() - lower_start
+        progress(f"lowering the probe: done in {lower_seconds:.1f} s")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     program = out_dir / "probe.pte"
-    shutil.copyfile(cached / "program.pte", program)
-    weights = out_dir / f"weights-{(cached / 'weights.sha256').read_text().strip()[:12]}.ptd"
+    shutil.copyfile(unit.program, program)
+    weights = out_dir / f"weights-{unit.weights_sha256[:12]}.ptd"
     if not weights.exists():
-        shutil.copyfile(cached / "weights.ptd", weights)
+        shutil.copyfile(unit.weights, weights)
     files = {"program": program.name, "weights": weights.name}
     manifest = replace(shapes, files=files, sha256={p.name: sha256_file(p) for p in (program, weights)},
                        lower_seconds=round(lower_seconds, 2), cache_key=key)

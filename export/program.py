@@ -1,52 +1,64 @@
-"""Build, cache and write P-RGE training programs (ExecuTorch `.pte`).
+"""Export P-RGE programs: the job behind `deftly export`, and every program a plan needs.
 
-Pure stages, numbered in the code: `method_modules` wraps a `PrgeProgram` into one
-module per method (1 wrap; a `step_t<T>` per length bucket), and `build_program`
-turns them into an `ExecutorchProgramManager` (2 export → 3 tag weights → 4 lower
-→ 5 emit).
-`export_program` is the whole job behind `deftly export`: load the model and
-the task, build (or take from the cache) the program, and write the files a
-device needs beside each other:
+A *job* is one adapter (model, task, trainable layers, targets, rank, q, bs, T); a
+*block* is a contiguous range of its trainable layers (``shared.blocks``). Three
+kinds of program come out of one job:
 
-    <name>.pte               the methods (graph + small constants: A's, head rows, rope)
+* the single-device program (:func:`export_program`, the default of `deftly export`):
+  the block of every trainable layer, with ``step`` and ``eval`` methods, for
+  `deftly train`;
+* a block program (`deftly export --block a-b`, or :func:`export_plan`): the ``step``
+  methods of one block only: what a device runs;
+* the eval program (`deftly export --eval-only`, or :func:`export_plan`): the ``eval``
+  methods, for the coordinator that evaluates the merged adapter.
+
+The files a program needs lie beside its manifest:
+
     <name>.manifest.json     what the program computes and how to call it (shared.manifest)
+    <name>.<method>.pte      one file per method (graph + small constants: A's, head rows,
+                             rope); with --embed-weights, one <name>.pte holding them all
     weights-<sha12>.ptd      the frozen base weights, named by content: a device that
                              holds them never receives them again, whatever the plan
-    <name>.data.npz          the task, tokenised (train / validation / test)
-    <name>.lora_a.npz        the frozen A's, to write the PEFT adapter at the end
+    <data>.data.npz          the task, tokenised (train / validation / test)
+    <data>.lora_a.npz        the frozen A's, to write the PEFT adapter (programs with eval)
 
-The frozen base weights are tagged external in both worlds: XNNPACK-delegated
-linears put theirs in the named data store by content hash, and non-delegated
-constants (the embedding table) go through `external_constants`; both land in
-one `.ptd`, so a new block set ships only the small `.pte`.
+Stages (reported as ``export.progress.ExportProgress`` events): load the model,
+tokenise the task, quantise (int8), calibrate, then lower each method that the
+cache (``export.cache``) does not hold yet, several at once in worker processes
+(``export.lowering``), then write the files. Everything a plan's programs share is
+done once: the model, the data, the calibration, the weights file, and every
+method whose graph does not depend on the block (``eval``).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from export.cache import ProgramCache, cached_class_bias, digest, model_fingerprint, place_file, toolchain, unit_key
 from export.calibration import median_class_bias
+from export.int8 import BASE_WEIGHTS, base_weights_id, smoothing_ranges
 from export.lora import AdapterTensors, LoraFaConfig, parse_layers, peft_config
-from export.prge import PrgeConfig, PrgeEval, PrgeLoss, PrgeProgram, PrgeStep, PrgeStepInGraphNoise, example_inputs
-from export.smoothing import input_ranges, scale_lora_a, smooth_
+from export.lowering import (BUCKETED_METHODS, METHODS, ProgramRecipe, UnitJob, base_method, bucket_method,
+                             default_workers, lower_units, recipe_program, release_bases)
+from export.prge import PrgeConfig, PrgeProgram
+from export.progress import Callback, ProgressTracker
+from shared.blocks import BlockSpan, block_span, spans_for, whole_span
 from shared.errors import InputError
-from shared.files import write_bytes_atomic
 from shared.hashing import sha256_file
 from shared.manifest import BATCH_ORDERS, Manifest
-from shared.task_data import save_splits
 
-PROGRAM_FORMAT = 5  # 5: eval_t<T> methods. 4: last layer at the answer position only. 3: int8 weights moved to the .ptd. Bump when the program layout changes: invalidates cached exports
-CALIBRATION_FORMAT = 1  # bump when median_class_bias changes: invalidates cached calibrations
-WEIGHTS_TAG = "weights"
+# 6: block programs (z and the update on the block's slice, the job's whole layout in the
+# manifest), one .pte per method, weights tagged without a second export. 5: eval_t<T>
+# methods. 4: last layer at the answer position only. 3: int8 weights moved to the .ptd.
+# Bump when the program layout changes: invalidates cached exports.
+PROGRAM_FORMAT = 6
 # The perturbation scale each kind of frozen weights suggests to the trainer. int8 programs
 # quantise activations per token at run time, so the ±eps copies round differently: at 1e-2
 # the loss difference is rounding noise (on SmolLM2, g's correlation with the fp32 program's
@@ -60,11 +72,8 @@ DEFAULT_EPS = {"fp32": 1e-2, "int8": 3e-1}
 # (docs/accuracy_experiments.md, sessions 7 and 12).
 DEFAULT_LR = {"fp32": 1e-1, "int8": 2e-1}
 DEFAULT_BATCHES = {"fp32": "shuffled", "int8": "stratified"}
-
-# What --weights int8 quantises, in the cache key of int8 programs only: change it when the
-# recipe changes, so int8 programs are lowered again and fp32 ones stay cached.
-INT8_RECIPE = "decoder-linears-qd8-per-channel+embedding-int8-rows+smoothquant"
-METHODS = {"step": PrgeStep, "step_rng": PrgeStepInGraphNoise, "eval": PrgeEval, "loss": PrgeLoss}
+STEP_METHODS = ("step", "step_rng")  # what a device runs; the rest serve the coordinator or benchmarks
+CALIBRATIONS = ("median", "none")
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,10 @@ class ExportConfig:
 
     model: str = "smollm2"  # "smollm2" (embedded), a local HF directory, or a hub id
     task: str = "rotten_tomatoes"  # embedded task name or a TOML task file
-    layers: str = "top:8"  # all | top:K | a-b | a,b,c
+    layers: str = "top:8"  # the job's trainable layers: all | top:K | a-b | a,b,c
+    # The block this program perturbs and updates: (first, last) trainable layer, inclusive;
+    # None: every trainable layer (a single device trains the whole adapter).
+    block: tuple[int, int] | None = None
     q: int = 4  # random directions per step
     batch_size: int = 4  # examples per step
     eval_batch_size: int = 16  # examples per eval call
@@ -106,6 +118,48 @@ class ExportConfig:
     int8_smoothing: float = 0.5
     smoothing_examples: int = 128  # training prompts the activation ranges are measured on
 
+    def check(self) -> None:
+        """Every setting that can be checked without the model.
+
+        Raises:
+            InputError: naming the option and what it takes.
+        """
+        for name, value in (("q", self.q), ("bs", self.batch_size), ("eval-bs", self.eval_batch_size),
+                            ("seq", self.seq_len), ("rank", self.rank)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(f"--{name} {value!r}: must be an integer of at least 1")
+        if not self.alpha > 0:
+            raise InputError(f"--alpha {self.alpha:g}: must be positive")
+        if not self.target_modules:
+            raise InputError("--targets: name at least one target linear, e.g. q_proj,v_proj")
+        if not self.methods:
+            raise InputError("--methods: name at least one method")
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise InputError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(sorted(METHODS))}")
+        if len(set(self.methods)) != len(self.methods):
+            raise InputError(f"--methods {','.join(self.methods)}: a method is named twice")
+        if self.base_weights not in BASE_WEIGHTS:
+            raise InputError(f"--weights {self.base_weights!r}: expected fp32 or int8")
+        if self.batches is not None and self.batches not in BATCH_ORDERS:
+            raise InputError(f"--batches {self.batches!r}: choose from {', '.join(BATCH_ORDERS)}")
+        if not 0 <= self.int8_smoothing <= 1:
+            raise InputError(f"--int8-smoothing {self.int8_smoothing:g}: expected a value between 0 and 1")
+        if self.calibrate not in CALIBRATIONS:
+            raise InputError(f"--calibrate {self.calibrate!r}: expected median or none")
+        if self.calibrate == "median" and self.loss != "verbalizer":
+            raise InputError("--calibrate median needs --loss verbalizer")
+        if self.loss not in ("verbalizer", "vocab"):
+            raise InputError(f"--loss {self.loss!r}: expected 'verbalizer' or 'vocab'")
+        for value in (self.lr, self.eps):
+            if value is not None and not value > 0:
+                raise InputError(f"--lr / --eps {value:g}: must be positive")
+        if self.block is not None:
+            if len(self.block) != 2 or self.block[0] > self.block[1]:
+                raise InputError(f"--block {self.block}: expected FIRST-LAST with FIRST <= LAST")
+        if any(not isinstance(t, int) or t < 1 for t in self.length_buckets):
+            raise InputError(f"length buckets {self.length_buckets}: each must be a positive integer")
+
     def lora(self, num_layers: int) -> LoraFaConfig:
         """The adapter these settings describe, for a model of ``num_layers`` layers."""
         return LoraFaConfig(rank=self.rank, alpha=self.alpha, target_modules=tuple(self.target_modules),
@@ -127,438 +181,389 @@ class ExportConfig:
         return PrgeConfig(q=self.q, batch_size=self.batch_size, seq_len=self.seq_len, loss=self.loss,
                           prefix_sharing=self.prefix_sharing)
 
+    def buckets(self) -> tuple[int, ...]:
+        """The length buckets that apply: shorter than seq_len, ascending."""
+        return tuple(sorted({t for t in self.length_buckets if 1 <= t < self.seq_len}))
+
+
+def parse_block(text: str) -> tuple[int, int]:
+    """``"22-24"`` (or ``"29"``) -> (22, 24): a block's first and last layer.
+
+    Raises:
+        InputError: anything else.
+    """
+    parts = text.strip().split("-")
+    try:
+        first, last = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (None, None)
+    except ValueError:
+        first = last = None
+    if first is None or last is None or first < 0 or first > last:
+        raise InputError(f"--block {text!r}: expected FIRST-LAST trainable layers, e.g. 22-25")
+    return first, last
+
+
+def parse_blocks(text: str) -> list[tuple[int, int]]:
+    """``"22-24,25-27,28-29"`` -> [(22, 24), (25, 27), (28, 29)]: a plan's blocks."""
+    blocks = [parse_block(part) for part in text.split(",") if part.strip()]
+    if not blocks:
+        raise InputError(f"--blocks {text!r}: expected ranges like 22-24,25-27")
+    return blocks
+
 
 @dataclass
 class ExportResult:
+    """One exported program: where its manifest is, and what was written beside it."""
+
     manifest_path: Path
     manifest: Manifest
-    from_cache: bool
+    from_cache: bool  # every method was found lowered in the cache
     seconds: float
-    files: dict[str, Path] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)  # role ("weights", "data", "lora_a") -> path
+    method_files: dict[str, Path] = field(default_factory=dict)  # method -> its .pte
 
 
-# -- the pure part -----------------------------------------------------------------
+@dataclass
+class PlanExport:
+    """Every program of a plan: one block program per block, and the job's eval program."""
+
+    blocks: dict[str, ExportResult]  # block name ("L22-24") -> its program, shallowest block first
+    eval: ExportResult
+    job_key: str
+    seconds: float
+    lowered: int  # units lowered by this call
+    cached: int  # units found in the cache
 
 
-def _is_base_weight(name: str) -> bool:
-    """Frozen base-model weights (shared by every program of a model) vs program constants."""
-    return any(part in name for part in ("embed_tokens", "layers", "norm")) and "lora_a" not in name \
-        and "mean_row" not in name
+@dataclass(frozen=True)
+class _ProgramSpec:
+    """One program of an export call: its file stem, block and methods (buckets included)."""
+
+    name: str
+    block: BlockSpan
+    methods: tuple[str, ...]
 
 
-def _has_tensor_subclass_weights(module: torch.nn.Module) -> bool:
-    """Whether any weight is a tensor subclass (torchao's quantised weights are)."""
-    return any(type(t) not in (torch.Tensor, torch.nn.Parameter)
-               for t in (*module.parameters(), *module.buffers()))
-
-
-def bucket_method(seq_len: int, method: str = "step") -> str:
-    """Name of the ``step`` (or ``eval``) method for a shorter length bucket."""
-    return f"{method}_t{seq_len}"
-
-
-BUCKETED_METHODS = ("step", "eval")  # the methods that get a variant per length bucket
-
-
-def method_modules(program: PrgeProgram, methods: tuple[str, ...], eval_batch_size: int,
-                   length_buckets: tuple[int, ...] = ()) -> dict[str, tuple[torch.nn.Module, tuple]]:
-    """Stage 1 (wrap): one module per method with its example inputs, all sharing the weights.
-
-    Args:
-        program: the module holding the forward with copies, at the full sequence length.
-        methods: names from METHODS.
-        eval_batch_size: batch size of the ``eval`` method.
-        length_buckets: shorter sequence lengths that get a ``step_t<T>`` and an
-            ``eval_t<T>`` method of their own (for each of ``step`` and ``eval`` in
-            ``methods``), so a batch of short reviews does not pay for padding to the longest.
-
-    Returns:
-        method name -> (module, example inputs).
-    """
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise InputError(f"unknown methods {sorted(unknown)}; choose from {sorted(METHODS)}")
-    cfg = program.cfg
-    vocab = program.embed_tokens.num_embeddings
-    inputs = example_inputs(cfg, program.b_size, vocab)
-    inputs["eval"] = example_inputs(replace(cfg, batch_size=eval_batch_size), program.b_size, vocab)["eval"]
-    modules = {name: (METHODS[name](program), inputs[name]) for name in methods}
-    for seq_len in length_buckets:
-        # Same weights (shared module references), its own rotary tables and mask.
-        short = PrgeProgram.like(program, replace(cfg, seq_len=seq_len))
-        if "step" in methods:
-            modules[bucket_method(seq_len)] = (PrgeStep(short), example_inputs(short.cfg, short.b_size, vocab)["step"])
-        if "eval" in methods:
-            eval_cfg = replace(short.cfg, batch_size=eval_batch_size)
-            modules[bucket_method(seq_len, "eval")] = (PrgeEval(short),
-                                                       example_inputs(eval_cfg, short.b_size, vocab)["eval"])
-    return modules
-
-
-def build_program(methods: dict[str, tuple[torch.nn.Module, tuple]], external_weights: bool = True,
-                  progress: Callable[[str], None] = print):
-    """Lower P-RGE methods to one ExecuTorch program.
-
-    Args:
-        methods: method name -> (module, example inputs), from :func:`method_modules`.
-        external_weights: tag the frozen base weights for a separate ``.ptd``.
-        progress: receives one-line stage messages.
-
-    Returns:
-        An ``ExecutorchProgramManager`` (call ``save`` / ``write_tensor_data_to_file``).
-    """
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
-    from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
-
-    # 2. export each method to an ATen graph.
-    exported = {}
-    for name, (module, inputs) in methods.items():
-        with _Ticker(progress, f"exporting method {name}"):
-            ep = torch.export.export(module, inputs, strict=False)
-            if external_weights:
-                # 3. tag the frozen weights on the unlifted graph, then re-export, so that
-                #    XNNPACK writes them to the named data store under an external tag.
-                if _has_tensor_subclass_weights(module):
-                    # int8 weights are torchao tensor subclasses; lowering would flatten each
-                    # into new (data, scale, zero point) parameters that carry no tag and so
-                    # land inside the .pte. Flatten first, so the tags go on those.
-                    ep = ep.run_decompositions({})
-                unlifted = ep.module()
-                delegate_external_constants_pass_unlifted(
-                    unlifted, lambda node: WEIGHTS_TAG if _is_base_weight(str(node.target)) else None)
-                ep = torch.export.export(unlifted, inputs, strict=False)
-            exported[name] = ep
-
-    # 4. lower: XNNPACK takes the linears, bmm, softmax and elementwise ops.
-    with _Ticker(progress, f"lowering {len(exported)} method(s) to XNNPACK"):
-        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
-                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
-
-    # 5. emit the ExecuTorch program; non-delegated base weights go external too.
-    def external_tag(node: torch.fx.Node) -> str | None:
-        return WEIGHTS_TAG if _is_base_weight(node.name) else None
-
-    with _Ticker(progress, "emitting the program"):
-        return edge.to_executorch(ExecutorchBackendConfig(
-            external_constants=external_tag if external_weights else False))
-
-
-# -- the job behind `deftly export` -------------------------------------------------
+# -- the calls -------------------------------------------------------------------------
 
 
 def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
-                   progress: Callable[[str], None] = print, loaded=None) -> ExportResult:
+                   on_progress: Callback | None = None, loaded=None, workers: int | None = None) -> ExportResult:
     """Export one P-RGE program with its manifest, weights, data and A's beside ``out``.
 
     Args:
-        cfg: what to export.
-        out: path of the ``.pte`` to write; the other files go beside it.
+        cfg: what to export; ``cfg.block`` None trains every layer of the job.
+        out: names the program: ``dir/NAME.pte`` writes ``dir/NAME.manifest.json`` and the files
+            it names, beside it.
         cache_dir: cache root (default ``export.models.default_cache_dir()``); lowered
-            programs are cached under ``programs/<key>/`` and never lowered twice.
-        progress: receives one-line progress messages.
+            methods are cached under ``programs/<key>/`` and never lowered twice.
+        on_progress: receives ``ExportProgress`` events.
         loaded: an already loaded ``export.models.LoadedModel`` (tests, benchmarks).
+        workers: methods lowered at once in worker processes; None: one per core, as memory allows.
 
     Returns:
         Paths and the manifest.
+
+    Raises:
+        InputError: bad settings, a block that is not a range of the job's layers.
+    """
+    out = Path(out)
+    if out.suffix != ".pte":
+        raise InputError(f"--out {out}: the program file must end in .pte")
+    cfg.check()
+    stem = out.name[:-len(".pte")]
+    job = _prepare(cfg, cache_dir, on_progress, loaded, methods=len(_with_buckets(cfg, cfg.methods)))
+    block = job.span(cfg.block)
+    methods = _with_buckets(cfg, cfg.methods)
+    results, _ = _export(job, [_ProgramSpec(stem, block, methods)], out.parent, side_stem=stem, workers=workers)
+    job.tracker.finish(f"Wrote {results[stem].manifest_path} in {job.elapsed():.1f} s")
+    return results[stem]
+
+
+def export_plan(cfg: ExportConfig, blocks: Sequence[tuple[int, int]], out_dir: Path, cache_dir: Path | None = None,
+                on_progress: Callback | None = None, loaded=None, workers: int | None = None) -> PlanExport:
+    """Export everything a plan needs: a block program per block, and the job's eval program.
+
+    The programs share one weights file, one data file, one A file, the calibration,
+    and every lowered method that does not depend on the block.
+
+    Args:
+        cfg: the job (``cfg.block`` is ignored; ``cfg.methods``' step methods go to
+            every block program, default ``step``).
+        blocks: (first_layer, last_layer) per block; together they must cover the job's
+            trainable layers exactly once.
+        out_dir: where every file goes: ``block-<L..>.manifest.json`` per block and
+            ``eval.manifest.json``.
+        cache_dir, on_progress, loaded, workers: as for :func:`export_program`.
+
+    Raises:
+        InputError: bad settings, or blocks that overlap, leave a layer out or name one
+            outside the job.
+    """
+    cfg.check()
+    if not blocks:
+        raise InputError("a plan needs at least one block")
+    step_methods = tuple(m for m in cfg.methods if m in STEP_METHODS) or ("step",)
+    job = _prepare(cfg, cache_dir, on_progress, loaded,
+                   methods=len(blocks) * len(_with_buckets(cfg, step_methods)) + len(_with_buckets(cfg, ("eval",))))
+    spans = spans_for(job.adapter.layout, blocks)
+    specs = [_ProgramSpec(f"block-{span.name}", span, _with_buckets(cfg, step_methods)) for span in spans]
+    specs.append(_ProgramSpec("eval", whole_span(job.adapter.layout), _with_buckets(cfg, ("eval",))))
+    results, counts = _export(job, specs, Path(out_dir), side_stem=f"job-{job.job_key[:12]}", workers=workers)
+    eval_result = results.pop("eval")
+    job.tracker.finish(f"Wrote {len(specs)} programs to {out_dir} in {job.elapsed():.1f} s")
+    return PlanExport(blocks={spec.block.name: results[spec.name] for spec in specs[:-1]}, eval=eval_result,
+                      job_key=job.job_key, seconds=job.elapsed(), lowered=counts[0], cached=counts[1])
+
+
+def _with_buckets(cfg: ExportConfig, methods: tuple[str, ...]) -> tuple[str, ...]:
+    """``methods`` and their length-bucket variants, in the order the manifest lists them."""
+    return tuple(methods) + tuple(bucket_method(t, m) for m in BUCKETED_METHODS if m in methods
+                                  for t in cfg.buckets())
+
+
+# -- what every program of one export shares ------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """What an export call prepares once for all its programs."""
+
+    cfg: ExportConfig
+    tracker: ProgressTracker
+    cache: ProgramCache
+    loaded: Any  # export.models.LoadedModel
+    task: Any  # export.tasks.TaskSpec
+    verbalizer_ids: list[int]
+    splits: dict[str, Any]  # name -> shared.task_data.Split
+    lora: LoraFaConfig
+    adapter: AdapterTensors  # the A's the PEFT adapter gets (the fp32 model's)
+    fingerprint: str  # of the fp32 model
+    weights_id: str  # fp32, or int8 with its recipe (export.int8.base_weights_id)
+    class_bias: list[float]
+    job_key: str
+    common: dict[str, Any]  # what every lowered graph of the job depends on (unit keys)
+    started: float
+    _recipe: ProgramRecipe | None = None  # how to build the job's programs, made when first needed
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def span(self, block: tuple[int, int] | None) -> BlockSpan:
+        return whole_span(self.adapter.layout) if block is None else block_span(self.adapter.layout, *block)
+
+    def recipe(self) -> ProgramRecipe:
+        """How every program of the job is built (int8: with the smoothing ranges, measured once here)."""
+        if self._recipe is None:
+            cfg = self.cfg
+            self._recipe = ProgramRecipe(key=self.fingerprint + ":" + self.weights_id, model=self.loaded.model,
+                                         adapter=self.adapter, prge=cfg.prge(), verbalizer_ids=self.verbalizer_ids,
+                                         class_bias=list(self.class_bias), int8=cfg.base_weights == "int8",
+                                         int8_smoothing=cfg.int8_smoothing)
+            if self._recipe.int8:
+                self.tracker.begin("quantise", "measuring the activation ranges the int8 weights are smoothed by")
+                self._recipe.int8_ranges = smoothing_ranges(self.loaded.model, self.splits["train"],
+                                                            cfg.int8_smoothing, cfg.smoothing_examples,
+                                                            note=lambda m: self.tracker.note("quantise", m))
+                self.tracker.end("quantise", "measured the activation ranges")
+        self._recipe.class_bias = list(self.class_bias)
+        return self._recipe
+
+    def program(self) -> PrgeProgram:
+        """The job's program over every layer, in this process (int8: quantised on first use)."""
+        return recipe_program(self.recipe())
+
+
+def _prepare(cfg: ExportConfig, cache_dir: Path | None, on_progress: Callback | None, loaded, methods: int) -> _Job:
+    """Load, tokenise and calibrate: the stages every program of the job shares.
+
+    ``methods``: how many methods the call may lower (the progress estimate until the cache is read).
     """
     from export.models import default_cache_dir, load_model
     from shared.tasks import encode_split, load_examples, load_task_spec, verbalizer_token_ids
 
-    start = time.perf_counter()
-    if out.suffix != ".pte":
-        raise InputError(f"--out {out}: the program file must end in .pte")
-    cache_root = (cache_dir or default_cache_dir())
-    loaded = loaded or load_model(cfg.model, cache_dir=cache_dir, progress=progress)
+    started = time.perf_counter()
+    tracker = ProgressTracker(on_progress)
+    tracker.expect_methods(methods)
+    cache_root = Path(cache_dir or default_cache_dir())
+    if loaded is None:
+        tracker.begin("load", f"loading model {cfg.model}")
+        loaded = load_model(cfg.model, cache_dir=cache_dir, progress=lambda m: tracker.note("load", m))
+        tracker.end("load", f"loaded {loaded.model_id}")
+    else:
+        tracker.skip("load", f"model {loaded.model_id} given")
     model, tokenizer = loaded.model, loaded.tokenizer
     task = load_task_spec(cfg.task)
     verbalizer_ids = verbalizer_token_ids(task, tokenizer)
-
-    num_layers = model.config.num_hidden_layers
-    lora_cfg = cfg.lora(num_layers)
-    weights_fingerprint = model_fingerprint(model)  # of the fp32 model: the cache key adds base_weights
-    if cfg.base_weights not in ("fp32", "int8"):
-        raise InputError(f"--weights {cfg.base_weights!r}: expected fp32 or int8")
-    if cfg.batches is not None and cfg.batches not in BATCH_ORDERS:
-        raise InputError(f"--batches {cfg.batches!r}: choose from {', '.join(BATCH_ORDERS)}")
-    if not 0 <= cfg.int8_smoothing <= 1:
-        raise InputError(f"--int8-smoothing {cfg.int8_smoothing:g}: expected a value between 0 and 1")
+    lora = cfg.lora(model.config.num_hidden_layers)
+    adapter = AdapterTensors.build(model, lora)
+    whole_span(adapter.layout)  # a job has at least one trainable layer
 
     # The task, tokenised once here: the device side has numpy, not a tokenizer.
-    with _Ticker(progress, f"tokenising task {task.name}"):
-        examples = load_examples(task)
-        splits = {name: encode_split(rows, task, tokenizer, cfg.seq_len) for name, rows in examples.items()}
+    tracker.begin("tokenise", f"tokenising task {task.name}")
+    examples = load_examples(task)
+    splits = {name: encode_split(rows, task, tokenizer, cfg.seq_len) for name, rows in examples.items()}
+    tracker.end("tokenise", f"tokenised {', '.join(f'{len(s)} {n}' for n, s in splits.items())}")
 
-    adapter = AdapterTensors.build(model, lora_cfg)  # its A's are what the PEFT adapter gets
-    program_adapter = adapter
-    if cfg.base_weights == "int8":
-        model, program_adapter = int8_base(model, adapter, splits["train"], cfg, progress)
-    program = PrgeProgram(model, program_adapter, cfg.prge(), verbalizer_ids)
+    fingerprint = model_fingerprint(model)  # of the fp32 model: the keys add base_weights
+    weights_id = base_weights_id(cfg.base_weights, cfg.int8_smoothing, cfg.smoothing_examples)
+    job = _Job(cfg=cfg, tracker=tracker, cache=ProgramCache(cache_root), loaded=loaded, task=task,
+               verbalizer_ids=verbalizer_ids, splits=splits, lora=lora, adapter=adapter, fingerprint=fingerprint,
+               weights_id=weights_id, class_bias=[0.0] * len(verbalizer_ids), job_key="", common={}, started=started)
     if cfg.calibrate == "median":
-        if cfg.loss != "verbalizer":
-            raise InputError("--calibrate median needs --loss verbalizer")
-        program.class_bias.copy_(torch.tensor(_cached_class_bias(
-            program, splits["train"], cfg, weights_fingerprint, verbalizer_ids, cache_root, progress)))
-        progress(f"  class bias {dict(zip(task.labels, program.class_bias.tolist()))}")
-    elif cfg.calibrate != "none":
-        raise InputError(f"--calibrate {cfg.calibrate!r}: expected median or none")
+        train = splits["train"]
+        n = min(cfg.calibration_examples, len(train.labels))
+        tracker.begin("calibrate", f"calibrating the verbalizer on {n} training prompts")
 
-    key = cache_key(cfg, loaded.model_id, model, weights_fingerprint, lora_cfg, verbalizer_ids,
-                    program.class_bias.tolist())
-    cached = cache_root / "programs" / key
-    from_cache = (cached / "program.pte").exists() and (cached / "weights.ptd").exists()
-    if from_cache:
-        progress(f"Program found in the cache ({cached}); not lowering again")
+        def measure() -> list[float]:
+            return median_class_bias(job.program(), train, limit=n).tolist()
+
+        job.class_bias, from_cache = cached_class_bias(
+            measure, cache_root, [fingerprint, weights_id, cfg.loss, json.dumps(verbalizer_ids)],
+            train.input_ids[:n], train.lengths[:n], classes=len(verbalizer_ids))
+        tracker.end("calibrate", ("calibration found in the cache: " if from_cache else "class bias ")
+                    + ", ".join(f"{label} {bias:+.3f}" for label, bias in zip(task.labels, job.class_bias)))
     else:
-        progress(f"Exporting {loaded.model_id}, layers {list(lora_cfg.layers)}, q={cfg.q}, bs={cfg.batch_size}, "
-                 f"T={cfg.seq_len}, methods {list(cfg.methods)}")
-        modules = method_modules(program, cfg.methods, cfg.eval_batch_size, _buckets(cfg))
-        et_program = build_program(modules, cfg.external_weights, progress)
-        _write_cache_entry(et_program, cached, cfg.external_weights)
+        tracker.skip("calibrate", "no calibration")
+    if cfg.base_weights != "int8":
+        tracker.skip("quantise", "fp32 weights")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stem = out.name[:-len(".pte")]
-    files: dict[str, Path] = {"program": out}
-    shutil.copyfile(cached / "program.pte", out)
-    if (cached / "weights.ptd").exists():
-        weights_hash = (cached / "weights.sha256").read_text().strip()
-        weights_path = out.parent / f"weights-{weights_hash[:12]}.ptd"
-        if not weights_path.exists():
-            shutil.copyfile(cached / "weights.ptd", weights_path)
-        files["weights"] = weights_path
-    files["data"] = out.parent / f"{stem}.data.npz"
-    save_splits(files["data"], {name: (s.input_ids, s.lengths, s.labels) for name, s in splits.items()})
-    files["lora_a"] = out.parent / f"{stem}.lora_a.npz"
-    with open(files["lora_a"], "wb") as f:
-        np.savez(f, **{path: a.numpy() for path, a in adapter.a_by_path.items()})
+    job.common = {
+        "format": PROGRAM_FORMAT, "model_id": loaded.model_id, "weights": fingerprint, "base_weights": weights_id,
+        "config": model.config.to_json_string(use_diff=False), "lora": asdict(lora), "verbalizer": verbalizer_ids,
+        "class_bias": job.class_bias, "loss": cfg.loss, "external_weights": cfg.external_weights, **toolchain(),
+    }
+    # Equal for every program of one job, whatever its block or methods: a coordinator
+    # refuses a manifest from another job by it.
+    job.job_key = digest({**job.common, "external_weights": None, "task": task.name, "q": cfg.q,
+                          "batch_size": cfg.batch_size, "seq_len": cfg.seq_len})
+    return job
 
+
+def _method_settings(job: _Job, block: BlockSpan, method: str) -> dict[str, Any]:
+    """What one method's graph depends on beyond the job: its shapes, and its block if it perturbs one."""
+    cfg = job.cfg
+    base = base_method(method)
+    seq_len = int(method.rpartition("_t")[2]) if base != method else cfg.seq_len
+    if base == "eval":
+        return {"method": base, "seq_len": seq_len, "batch_size": cfg.eval_batch_size}
+    settings = {"method": base, "seq_len": seq_len, "batch_size": cfg.batch_size}
+    if base in STEP_METHODS:
+        settings |= {"q": cfg.q, "prefix_sharing": cfg.prefix_sharing,
+                     "block": [block.first_layer, block.last_layer]}
+    return settings
+
+
+def _units(job: _Job, spec: _ProgramSpec) -> list[tuple[str, tuple[str, ...]]]:
+    """(unit key, methods) for the units of one program: a unit per method, or all in one."""
+    groups = [(m,) for m in spec.methods] if job.cfg.external_weights else [spec.methods]
+    return [(unit_key(job.common, {m: _method_settings(job, spec.block, m) for m in group}), group)
+            for group in groups]
+
+
+def _export(job: _Job, specs: list[_ProgramSpec], out_dir: Path, side_stem: str,
+            workers: int | None) -> tuple[dict[str, ExportResult], tuple[int, int]]:
+    """Lower what the cache lacks, then write every program's files into ``out_dir``."""
+    tracker, cfg = job.tracker, job.cfg
+    units_of = {spec.name: _units(job, spec) for spec in specs}
+    wanted: dict[str, tuple[_ProgramSpec, tuple[str, ...]]] = {}  # key -> (first program wanting it, methods)
+    for spec in specs:
+        for key, methods in units_of[spec.name]:
+            wanted.setdefault(key, (spec, methods))
+    found = {key: job.cache.find(key) for key in wanted}
+    missing = [key for key, unit in found.items() if unit is None]
+    n_workers = default_workers(len(missing)) if workers is None else max(1, workers)
+    tracker.plan_methods(sum(len(wanted[key][1]) for key in missing), parallel=min(n_workers, max(1, len(missing))))
+    if missing:
+        jobs = [UnitJob(key=key, program=_program_label(wanted[key][0]), recipe=job.recipe(),
+                        block=(wanted[key][0].block.first_layer, wanted[key][0].block.last_layer),
+                        methods=wanted[key][1], eval_batch_size=cfg.eval_batch_size, length_buckets=cfg.buckets(),
+                        external_weights=cfg.external_weights) for key in missing]
+        found.update(lower_units(jobs, job.cache, tracker, workers=n_workers))
+    release_bases()
+    weights = {unit.weights_sha256 for unit in found.values()}
+    if len(weights) > 1:
+        raise RuntimeError(f"the lowered methods disagree on the frozen weights ({len(weights)} different files); "
+                           f"clear {job.cache.root / 'programs'} and export again")
+
+    tracker.begin("write", f"writing {len(specs)} program(s) to {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shared = _write_shared_files(job, found, out_dir, side_stem, with_lora_a=any(_has_eval(s) for s in specs))
+    results = {}
+    for spec in specs:
+        units = [found[key] for key, _ in units_of[spec.name]]
+        results[spec.name] = _write_program(job, spec, units, out_dir, shared,
+                                            from_cache=all(key not in missing for key, _ in units_of[spec.name]))
+    tracker.end("write", f"wrote {', '.join(r.manifest_path.name for r in results.values())}")
+    return results, (len(missing), len(wanted) - len(missing))
+
+
+def _has_eval(spec: _ProgramSpec) -> bool:
+    return any(base_method(m) == "eval" for m in spec.methods)
+
+
+def _program_label(spec: _ProgramSpec) -> str:
+    return spec.name.removeprefix("block-")
+
+
+def _write_shared_files(job: _Job, units: dict, out_dir: Path, side_stem: str, with_lora_a: bool) -> dict[str, Path]:
+    """The weights, data and A's files every program of the call reads; role -> path."""
+    files: dict[str, Path] = {}
+    unit = next(iter(units.values()))
+    if unit.weights is not None:
+        files["weights"] = out_dir / f"weights-{unit.weights_sha256[:12]}.ptd"
+        if not files["weights"].exists() or files["weights"].stat().st_size != unit.weights.stat().st_size:
+            place_file(unit.weights, files["weights"])
+    from shared.task_data import save_splits
+
+    files["data"] = out_dir / f"{side_stem}.data.npz"
+    save_splits(files["data"], {name: (s.input_ids, s.lengths, s.labels) for name, s in job.splits.items()})
+    if with_lora_a:
+        files["lora_a"] = out_dir / f"{side_stem}.lora_a.npz"
+        with open(files["lora_a"], "wb") as f:
+            np.savez(f, **{path: a.numpy() for path, a in job.adapter.a_by_path.items()})
+    return files
+
+
+def _write_program(job: _Job, spec: _ProgramSpec, units: list, out_dir: Path, shared: dict[str, Path],
+                   from_cache: bool) -> ExportResult:
+    cfg, task, lora = job.cfg, job.task, job.lora
+    method_files: dict[str, Path] = {}
+    for unit in units:
+        name = f"{spec.name}.pte" if len(units) == 1 and len(unit.methods) > 1 else f"{spec.name}.{unit.methods[0]}.pte"
+        shutil.copyfile(unit.program, out_dir / name)
+        for method in unit.methods:
+            method_files[method] = out_dir / name
+    files = {role: path for role, path in shared.items() if role != "lora_a" or _has_eval(spec)}
+    sha256 = {path.name: sha256_file(path) for path in {*files.values(), *method_files.values()}
+              if path.suffix != ".ptd"}
+    if "weights" in files:  # named by its content: the cache verified it when it stored the file
+        sha256[files["weights"].name] = units[0].weights_sha256
     manifest = Manifest(
-        model_id=loaded.model_id, task=task.name, num_layers=num_layers,
-        trainable_layers=list(lora_cfg.layers), target_modules=list(lora_cfg.target_modules),
+        model_id=job.loaded.model_id, task=task.name, num_layers=job.loaded.model.config.num_hidden_layers,
+        trainable_layers=list(lora.layers), target_modules=list(lora.target_modules),
         rank=cfg.rank, alpha=cfg.alpha, q=cfg.q, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
-        seq_len=cfg.seq_len, labels=list(task.labels), verbalizer_token_ids=list(verbalizer_ids),
-        class_bias=program.class_bias.tolist(), loss=cfg.loss,
-        prefix_sharing=cfg.prefix_sharing, b_size=adapter.b_size, b_layout=adapter.layout,
-        methods=list(cfg.methods) + [bucket_method(t, m) for m in BUCKETED_METHODS if m in cfg.methods
-                                     for t in _buckets(cfg)],
-        step_buckets=_bucket_map(cfg, "step"), eval_buckets=_bucket_map(cfg, "eval"),
+        seq_len=cfg.seq_len, labels=list(task.labels), verbalizer_token_ids=list(job.verbalizer_ids),
+        class_bias=list(job.class_bias), loss=cfg.loss, prefix_sharing=cfg.prefix_sharing,
+        b_size=job.adapter.b_size, b_layout=job.adapter.layout, methods=list(spec.methods),
+        step_buckets=_bucket_map(cfg, spec.methods, "step"), eval_buckets=_bucket_map(cfg, spec.methods, "eval"),
         lr=cfg.suggested_lr(), eps=cfg.suggested_eps(), batches=cfg.suggested_batches(),
         files={role: path.name for role, path in files.items()},
-        sha256={path.name: sha256_file(path) for path in files.values()},
-        peft_config=_peft_config_dict(lora_cfg, loaded.model_id),
-        export_seconds=round(time.perf_counter() - start, 2), cache_key=key, base_weights=cfg.base_weights,
+        method_files={method: path.name for method, path in method_files.items()},
+        sha256=sha256, peft_config=_peft_config_dict(lora, job.loaded.model_id),
+        export_seconds=round(job.elapsed(), 2), cache_key=digest(sorted(unit.key for unit in units)),
+        base_weights=cfg.base_weights, block=spec.block.to_dict(), job_key=job.job_key,
     )
-    manifest_path = out.parent / f"{stem}.manifest.json"
+    manifest_path = out_dir / f"{spec.name}.manifest.json"
     manifest.save(manifest_path)
-    seconds = time.perf_counter() - start
-    sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in files.values())
-    progress(f"Wrote {manifest_path} ({sizes}) in {seconds:.1f} s")
     return ExportResult(manifest_path=manifest_path, manifest=manifest, from_cache=from_cache,
-                        seconds=seconds, files=files)
+                        seconds=job.elapsed(), files=files, method_files=method_files)
 
 
-def _base_weights_id(cfg: ExportConfig) -> str:
-    """fp32, or int8 with its recipe: an int8 recipe change makes new logits and new programs."""
-    if cfg.base_weights != "int8":
-        return cfg.base_weights
-    return f"int8:{INT8_RECIPE}:alpha={cfg.int8_smoothing:g}:prompts={cfg.smoothing_examples}"
-
-
-def _cached_class_bias(program: PrgeProgram, train, cfg: ExportConfig, weights_fingerprint: str,
-                       verbalizer_ids: list[int], cache_root: Path, progress: Callable[[str], None]) -> list[float]:
-    """The median calibration bias, measured once per model and prompts (~20-30 s for SmolLM2).
-
-    It is measured at b = 0, where no LoRA term contributes, so it depends on the
-    base weights, the calibration prompts and the answer tokens only: every block set,
-    q and batch size of one model and task shares it. It must be known before the
-    program's cache key (the key holds it), so without this cache an export that finds
-    its program lowered would still run 256 prompts through the model.
-    """
-    n = min(cfg.calibration_examples, len(train.labels))
-    key_parts = hashlib.sha256()
-    for part in (CALIBRATION_FORMAT, weights_fingerprint, _base_weights_id(cfg), cfg.loss,
-                 json.dumps(verbalizer_ids), str(train.input_ids[:n].shape)):
-        key_parts.update(str(part).encode() + b"\0")
-    key_parts.update(np.ascontiguousarray(train.input_ids[:n]).tobytes())
-    key_parts.update(np.ascontiguousarray(train.lengths[:n]).tobytes())
-    path = cache_root / "calibration" / f"{key_parts.hexdigest()[:24]}.json"
-    try:
-        bias = json.loads(path.read_text())["class_bias"]
-        if isinstance(bias, list) and len(bias) == len(verbalizer_ids):
-            progress(f"  calibration found in the cache ({path.name})")
-            return [float(v) for v in bias]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # absent or unreadable: measure it again
-    with _Ticker(progress, f"calibrating the verbalizer on {n} training prompts"):
-        bias = median_class_bias(program, train, limit=n).tolist()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, json.dumps({"class_bias": bias, "examples": n}).encode())
-    return bias
-
-
-def _buckets(cfg: ExportConfig) -> tuple[int, ...]:
-    """The length buckets that apply: shorter than seq_len, only when a method gets variants."""
-    if not set(BUCKETED_METHODS) & set(cfg.methods):
-        return ()
-    return tuple(sorted({t for t in cfg.length_buckets if 1 <= t < cfg.seq_len}))
-
-
-def _bucket_map(cfg: ExportConfig, method: str) -> dict[str, str]:
+def _bucket_map(cfg: ExportConfig, methods: Sequence[str], method: str) -> dict[str, str]:
     """Sequence length (a JSON key) -> the ``method`` variant for it; empty without ``method``."""
-    if method not in cfg.methods:
+    if method not in methods:
         return {}
-    return {str(t): bucket_method(t, method) for t in _buckets(cfg)} | {str(cfg.seq_len): method}
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of the model's fp32 weights: a strided sample of every tensor, so the same
-    model always gives the same value, and a fine-tuned copy almost surely not, without
-    hashing 500 MB."""
-    fingerprint = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        fingerprint.update(name.encode())
-        flat = tensor.detach().reshape(-1)
-        fingerprint.update(flat[:: max(1, flat.numel() // 4096)].numpy().tobytes())
-    return fingerprint.hexdigest()
-
-
-class Int8RowEmbedding(torch.nn.Module):
-    """An embedding table held as int8 rows with one fp32 scale per row.
-
-    ExecuTorch's portable ``embedding`` kernel gathers int8 rows as readily as fp32
-    ones, so the lookup stays one gather; the rows are widened and scaled after it,
-    on [bs, T, H] values only. A quarter of the fp32 table's bytes (SmolLM2: 28 MB
-    instead of 113 MB) on the device, in the shared weights file.
-    """
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        weight = weight.detach().float()  # [V, H]
-        row_scale = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0  # [V, 1]
-        self.num_embeddings, self.embedding_dim = weight.shape
-        self.register_buffer("weight_int8", torch.round(weight / row_scale).clamp(-127, 127).to(torch.int8))  # [V, H]
-        self.register_buffer("row_scale", row_scale)  # [V, 1]
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = torch.nn.functional.embedding(input_ids, self.weight_int8).to(torch.float32)  # [..., H]
-        return rows * torch.nn.functional.embedding(input_ids, self.row_scale)  # [..., H] * [..., 1]
-
-
-def int8_base(model: torch.nn.Module, adapter: AdapterTensors, train, cfg: ExportConfig,
-              progress: Callable[[str], None] = lambda _m: None) -> tuple[torch.nn.Module, AdapterTensors]:
-    """The int8 copy of ``model`` an int8 program wraps, and the adapter it holds.
-
-    With ``cfg.int8_smoothing`` > 0, SmoothQuant scales measured on the first
-    ``cfg.smoothing_examples`` training prompts are folded in before quantising; the
-    smoothed linears then read x / s, so the program's A's become A diag(s) and x Aᵀ
-    stays what it was. ``adapter`` (the A's the PEFT adapter gets) is left unchanged.
-
-    Args:
-        model: the fp32 model (not changed).
-        adapter: the adapter built on it.
-        train: the tokenised training split (``shared.task_data.Split``).
-        cfg: the export settings.
-        progress: receives one-line stage messages.
-
-    Returns:
-        The int8 model and the program's adapter.
-    """
-    ranges = None
-    n = min(cfg.smoothing_examples, len(train.labels))
-    if cfg.int8_smoothing > 0 and n == 0:
-        progress("  no training prompts to measure activation ranges on: int8 without smoothing")
-    elif cfg.int8_smoothing > 0:
-        with _Ticker(progress, f"measuring activation ranges on {n} training prompts (SmoothQuant)"):
-            ranges = input_ranges(model, train.input_ids[:n], train.lengths[:n])
-    with _Ticker(progress, "quantising the frozen decoder linears and the embedding to int8"):
-        quantized, scales = quantize_base_weights(model, ranges, cfg.int8_smoothing,
-                                                  trained=frozenset((s.layer, s.module) for s in adapter.layout))
-    return quantized, scale_lora_a(adapter, scales)
-
-
-def quantize_base_weights(model: torch.nn.Module, ranges: dict | None = None, alpha: float = 0.5,
-                          trained: frozenset[tuple[int, str]] = frozenset()
-                          ) -> tuple[torch.nn.Module, dict[tuple[int, str], torch.Tensor]]:
-    """A copy of ``model`` whose frozen weights are int8: decoder linears and the embedding.
-
-    Linears (torchao): per-output-channel symmetric int8 weights with dynamic per-token
-    int8 activations, the pattern XNNPACK's partitioner takes as one quantised GEMM;
-    with ``ranges``, SmoothQuant scales are folded in first (export.smoothing).
-    The embedding: :class:`Int8RowEmbedding`. The head stays fp32: the verbalizer loss
-    keeps only its answer words' rows (SmolLM2 ties it to the embedding; the fp32
-    original stays as the head's weight, the copy's input embedding becomes int8).
-    The copy keeps the caller's model (benchmarks reuse it) in fp32.
-
-    Args:
-        model: the fp32 model.
-        ranges: activation ranges from ``export.smoothing.input_ranges``; None: no smoothing.
-        alpha: SmoothQuant's migration strength.
-        trained: (layer, module) pairs with a LoRA-FA adapter.
-
-    Returns:
-        The int8 copy, and the smoothing scales (empty without ``ranges``) that the
-        program's A's must take (``export.smoothing.scale_lora_a``).
-    """
-    import copy
-
-    quantized = copy.deepcopy(model)
-    scales = smooth_(quantized, ranges, alpha, trained) if ranges is not None and alpha > 0 else {}
-    quantize_linears_int8(quantized, lambda fqn: ".layers." in f".{fqn}")
-    quantized.model.embed_tokens = Int8RowEmbedding(quantized.model.embed_tokens.weight)
-    return quantized, scales
-
-
-def quantize_linears_int8(module: torch.nn.Module, include: Callable[[str], bool] = lambda fqn: True) -> None:
-    """Make ``module``'s linears (those whose name ``include`` accepts) int8, in place.
-
-    Per-output-channel symmetric int8 weights with dynamic per-token int8 activations
-    (torchao), the pattern XNNPACK's partitioner lowers to one quantised GEMM.
-    """
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-    from torchao.quantization.granularity import PerAxis
-
-    quantize_(module, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
-              filter_fn=lambda child, fqn: isinstance(child, torch.nn.Linear) and include(fqn))
-
-
-def cache_key(cfg: ExportConfig, model_id: str, model: torch.nn.Module, weights_fingerprint: str,
-              lora_cfg: LoraFaConfig, verbalizer_ids: list[int], class_bias: list[float]) -> str:
-    """Key of a lowered program: the model's content, its layers, shapes and settings, the toolchain."""
-    import executorch
-
-    settings = {
-        "format": PROGRAM_FORMAT, "model_id": model_id, "weights": weights_fingerprint,
-        "base_weights": _base_weights_id(cfg),
-        "config": model.config.to_json_string(use_diff=False),
-        "lora": asdict(lora_cfg), "verbalizer": verbalizer_ids, "class_bias": class_bias,
-        "prge": asdict(cfg.prge()), "eval_batch_size": cfg.eval_batch_size, "methods": list(cfg.methods),
-        "length_buckets": list(_buckets(cfg)),
-        "external_weights": cfg.external_weights,
-        "torch": torch.__version__, "executorch": getattr(executorch, "__version__", "?"),
-    }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _write_cache_entry(et_program, target: Path, external_weights: bool) -> None:
-    """Write program.pte (+ weights.ptd) into the cache atomically: temp dir, then rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{time.time_ns()}"
-    tmp.mkdir()
-    try:
-        et_program.save(str(tmp / "program.pte"))
-        if external_weights:
-            et_program.write_tensor_data_to_file(str(tmp))
-            written = sorted(tmp.glob("*.ptd"))
-            if len(written) != 1:
-                raise RuntimeError(f"expected one weights file, the exporter wrote {[p.name for p in written]}")
-            written[0].rename(tmp / "weights.ptd")
-            (tmp / "weights.sha256").write_text(sha256_file(tmp / "weights.ptd"))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return {str(t): bucket_method(t, method) for t in cfg.buckets()} | {str(cfg.seq_len): method}
 
 
 def _peft_config_dict(lora_cfg: LoraFaConfig, model_id: str) -> dict:
@@ -567,28 +572,3 @@ def _peft_config_dict(lora_cfg: LoraFaConfig, model_id: str) -> dict:
     config.base_model_name_or_path = model_id
     data = config.to_dict()
     return json.loads(json.dumps(data, default=lambda value: sorted(value) if isinstance(value, set) else str(value)))
-
-
-class _Ticker:
-    """Prints a stage's start, a line every `every` seconds while it runs, and its duration."""
-
-    def __init__(self, progress: Callable[[str], None], what: str, every: float = 15.0) -> None:
-        self.progress, self.what, self.every = progress, what, every
-        self._done = threading.Event()
-
-    def __enter__(self) -> "_Ticker":
-        self.start = time.perf_counter()
-        self.progress(f"  {self.what} ...")
-        self._thread = threading.Thread(target=self._tick, daemon=True)
-        self._thread.start()
-        return self
-
-    def _tick(self) -> None:
-        while not self._done.wait(self.every):
-            self.progress(f"  {self.what} ... {time.perf_counter() - self.start:.0f} s")
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-        if exc[0] is None:
-            self.progress(f"  {self.what}: done in {time.perf_counter() - self.start:.1f} s")

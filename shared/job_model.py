@@ -8,9 +8,9 @@ the model's L; block programs give the blocks) and a probe measurement
 own measured profile (`shared.probe.profile_from_probe`), not from the job.
 
 **Memory model** (`MemoryModel`; bytes of resident memory a program adds to an
-idle agent).  Measured on a tiny Llama (4 layers, hidden 512, T 64), with the
-probe's terms beside each program's peak RSS (`tests/shared/test_job_model.py`
-and the README say how well it predicts):
+idle agent).  Built from programs' peak RSS beside the probe's terms on a tiny
+Llama (4 layers, hidden 512, T 64) and SmolLM2; docs/planner.md has the table
+of predicted beside measured (within 6 %):
 
 * *runtime*: opening the first program and its first call (thread pool and
   XNNPACK set-up): the probe's ``open_bytes`` plus the ``run_bytes`` of its
@@ -33,7 +33,7 @@ and the README say how well it predicts):
   SmolLM2 top-8 program's delegates: 297, 95 and 14 MB of weights), so loading
   the 22 layers below the top 8 peaks at 44 layers' worth: SmolLM2 fp32's step
   method peaked at 736.5 MiB while loading and settled at 601.6 after its first
-  call (the model: 748 and 601).
+  call (the model: 749 and 601).
 
 With ``resident_methods`` methods loaded at once (the trainer's bound, default
 1), the last three terms count that many times: loading a second method of the

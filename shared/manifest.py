@@ -1,14 +1,21 @@
 """The manifest that travels with every P-RGE program.
 
 It says what the program computes and how to call it, so the device agent can
-run a `.pte` with nothing but the ExecuTorch runtime and numpy: input and output
-order, shapes, the layout of the flat trainable vector ``b``, the model and task
-it was built for, hyperparameters, and the sha256 of every file it needs.
+run its methods with nothing but the ExecuTorch runtime and numpy: input and output
+order, shapes, the layout of the job's flat trainable vector ``b``, the block this
+program trains, the job it belongs to, the model and task it was built for,
+hyperparameters, and the sha256 of every file it needs.
+
+A *job* is one adapter; ``b_layout`` is its whole layout and ``b_size`` = P its
+length; ``block`` (``shared.blocks.BlockSpan.to_dict``) is the contiguous slice
+``b[offset:offset + size]`` (P_blk = size) this program perturbs and updates, and
+``job_key`` is equal for every program of one job (its block programs and its eval
+program), so a coordinator can refuse a manifest from another job.
 
 Method signatures (all float tensors float32, all index tensors int64):
 
-* ``step``:  (input_ids [bs, T], lengths [bs], labels [bs], b [P], z [q, P], lr [1], eps [1])
-             -> (b_new [P], loss [1], g [q])
+* ``step``:  (input_ids [bs, T], lengths [bs], labels [bs], b [P] the global b,
+             z [q, P_blk], lr [1], eps [1]) -> (b_blk_new [P_blk], loss [1], g [q])
 * ``eval``:  (input_ids [eval_bs, T], lengths [eval_bs], b [P]) -> (class_logits [eval_bs, C])
 * ``loss``:  (input_ids [bs, T], lengths [bs], labels [bs], b [P]) -> (loss [1])   (optional)
 * ``step_rng``: as ``step`` without ``z``, drawn in the graph (optional)
@@ -25,7 +32,9 @@ from typing import Any
 
 from shared.errors import InputError
 
-MANIFEST_VERSION = 1
+# 2: block programs (z and the update on the block's slice; block and job_key always
+# written), one .pte per method (method_files). Older manifests are refused: re-export.
+MANIFEST_VERSION = 2
 BATCH_ORDERS = ("shuffled", "stratified")  # the trainer's batch orders a manifest may suggest
 
 
@@ -94,8 +103,13 @@ class Manifest:
     # the training split's class shares); manifests written before it was suggested: shuffled.
     batches: str = "shuffled"
     # The block this program trains (``shared.blocks.BlockSpan.to_dict``): a contiguous range of
-    # the job's trainable layers and its slice of ``b``; None: every trainable layer.
+    # the job's trainable layers and its slice of ``b``; always written (every layer for a
+    # single-device or an eval program). None only in hand-made manifests: every trainable layer.
     block: dict[str, int] | None = None
+    # Equal for every program of one job (model, weights, task, adapter, calibration, q, bs, T).
+    job_key: str = ""
+    # method -> the .pte beside the manifest that holds it (several methods may share one file).
+    method_files: dict[str, str] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
 
     def to_json(self) -> str:
@@ -110,15 +124,35 @@ class Manifest:
             raise InputError(f"{source}: not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise InputError(f"{source}: expected a JSON object")
-        if data.get("version") != MANIFEST_VERSION:
-            raise InputError(f"{source}: manifest version {data.get('version')!r}, this deftly reads {MANIFEST_VERSION}")
+        version = data.get("version")
+        if isinstance(version, int) and not isinstance(version, bool) and version < MANIFEST_VERSION:
+            raise InputError(f"{source}: manifest version {version}, written by an older deftly; this deftly reads "
+                             f"version {MANIFEST_VERSION} (block programs): export the program again with "
+                             f"`deftly export`")
+        if version != MANIFEST_VERSION:
+            raise InputError(f"{source}: manifest version {version!r}, this deftly reads {MANIFEST_VERSION}")
         if data.get("batches", "shuffled") not in BATCH_ORDERS:
             raise InputError(f"{source}: batches {data['batches']!r}, expected one of {', '.join(BATCH_ORDERS)}")
         try:
             data["b_layout"] = [BSlot(**{**slot, "shape": tuple(slot["shape"])}) for slot in data["b_layout"]]
-            return cls(**data)
+            manifest = cls(**data)
         except (TypeError, KeyError) as exc:
             raise InputError(f"{source}: malformed manifest ({exc})") from None
+        unknown = sorted(set(manifest.method_files) - set(manifest.methods))
+        if unknown:
+            raise InputError(f"{source}: method_files names {unknown}, which are not among its methods {manifest.methods}")
+        return manifest
+
+    def check_job(self, job_key: str, where: str = "manifest") -> None:
+        """Refuse a program of another job than ``job_key`` (e.g. a block program for another adapter).
+
+        Raises:
+            InputError: naming both jobs.
+        """
+        if self.job_key != job_key:
+            raise InputError(f"{where}: the program belongs to job {self.job_key[:12] or '(none)'}, not to job "
+                             f"{job_key[:12]} (another model, task, adapter or calibration): export the job's "
+                             f"programs together")
 
     def save(self, path: Path) -> None:
         path.write_text(self.to_json())
@@ -130,7 +164,14 @@ class Manifest:
         return cls.from_json(path.read_text(), source=str(path))
 
     def file(self, role: str, manifest_path: Path) -> Path:
-        """Absolute path of a file the manifest names by role ("program", "data", "weights", ...)."""
+        """Absolute path of a file the manifest names by role ("data", "weights", "lora_a", ...)."""
         if role not in self.files:
             raise InputError(f"{manifest_path}: manifest names no {role!r} file")
         return manifest_path.parent / self.files[role]
+
+    def method_file(self, method: str, manifest_path: Path) -> Path:
+        """Absolute path of the ``.pte`` that holds ``method``."""
+        if method not in self.method_files:
+            raise InputError(f"{manifest_path}: manifest names no file for method {method!r} "
+                             f"(it has {sorted(self.method_files)})")
+        return manifest_path.parent / self.method_files[method]

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
 
     from export.probe import ProbeResult
-    from export.program import ExportConfig, ExportResult
+    from export.program import ExportConfig, ExportResult, PlanExport
     from shared.probe import ProbeManifest
 
 # A short prompt in the task's format; its next-token logits are the parity reference.
@@ -80,10 +80,7 @@ class TinyProgram:
     export: ExportResult  # paths and manifest of the exported files
     loaded: LoadedModel  # the eager model it was exported from (parity and PEFT references)
     config: ExportConfig
-
-    @property
-    def pte(self) -> Path:
-        return self.export.files["program"]
+    pte: Path  # the --out it was exported to: names the program (its manifest lies beside it)
 
 
 @pytest.fixture(scope="session")
@@ -97,9 +94,38 @@ def tiny_program(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer) ->
     config = ExportConfig(model="tiny", layers="1-1", seq_len=32, methods=("step", "eval"), length_buckets=(16,))
     loaded = tiny_llama(num_layers=2, hidden_size=64, tokenizer=smollm2_tokenizer)
     out = tmp_path_factory.mktemp("tiny-program") / "step.pte"
-    result = export_program(config, out, cache_dir=tmp_path_factory.mktemp("program-cache"),
-                            progress=lambda _m: None, loaded=loaded)
-    return TinyProgram(export=result, loaded=loaded, config=config)
+    result = export_program(config, out, cache_dir=tmp_path_factory.mktemp("program-cache"), loaded=loaded)
+    return TinyProgram(export=result, loaded=loaded, config=config, pte=out)
+
+
+@dataclass
+class TinyPlan:
+    plan: PlanExport  # three one-layer block programs (layers 1, 2, 3) and the eval program
+    whole: ExportResult  # the single-device program of the same job (every layer, step and eval)
+    loaded: LoadedModel
+    config: ExportConfig
+    events: list  # the plan export's ExportProgress events
+    cache_dir: Path  # the export cache both were lowered into
+
+
+@pytest.fixture(scope="session")
+def tiny_plan(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer) -> TinyPlan:
+    """A 4-layer, hidden-64 random Llama; the job trains layers 1-3, cut into one block per layer.
+
+    The plan is lowered by two worker processes; the single-device program is exported
+    after it into the same cache, so it finds the plan's ``eval`` lowered. Tests must
+    not modify these files: copy the directory first.
+    """
+    from export.program import ExportConfig, export_plan, export_program
+
+    config = ExportConfig(model="tiny", layers="1-3", seq_len=32, length_buckets=(), calibrate="none")
+    loaded = tiny_llama(num_layers=4, hidden_size=64, tokenizer=smollm2_tokenizer)
+    cache = tmp_path_factory.mktemp("plan-cache")
+    events: list = []
+    plan = export_plan(config, [(1, 1), (2, 2), (3, 3)], tmp_path_factory.mktemp("tiny-plan"), cache_dir=cache,
+                       on_progress=events.append, loaded=loaded, workers=2)
+    whole = export_program(config, tmp_path_factory.mktemp("tiny-whole") / "whole.pte", cache_dir=cache, loaded=loaded)
+    return TinyPlan(plan=plan, whole=whole, loaded=loaded, config=config, events=events, cache_dir=cache)
 
 
 @dataclass

@@ -204,9 +204,9 @@ def mezo_step(program: PrgeProgram, input_ids: torch.Tensor, lengths: torch.Tens
         for i in range(q):
             z = z_of(i)  # [P]
             work.add_(z, alpha=eps)  # b + eps·z_i
-            loss_plus = float(program.copy_losses(input_ids, lengths, labels, work.unsqueeze(0))[0])
+            loss_plus = float(program.copy_losses(input_ids, lengths, labels, work)[0])
             work.add_(z, alpha=-2 * eps)  # b − eps·z_i
-            loss_minus = float(program.copy_losses(input_ids, lengths, labels, work.unsqueeze(0))[0])
+            loss_minus = float(program.copy_losses(input_ids, lengths, labels, work)[0])
             work.copy_(b)  # back to b exactly: every g_i is taken at the same point
             grads.append((loss_plus - loss_minus) / (2 * eps))
             total += loss_plus + loss_minus
@@ -244,7 +244,7 @@ def first_order_step(program: PrgeProgram, input_ids: torch.Tensor, lengths: tor
         The batch loss before the update.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = program.copy_losses(input_ids, lengths, labels, b.unsqueeze(0))[0]  # [] the same forward as P-RGE's
+    loss = program.copy_losses(input_ids, lengths, labels, b)[0]  # [] the same forward as P-RGE's
     loss.backward()
     optimizer.step()
     return float(loss.detach())

@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> dict:
     from export.lora import AdapterTensors
     from export.models import load_model, load_tokenizer, tiny_llama
     from export.prge import PrgeConfig, PrgeProgram
+    from desktop.cli.export import ProgressLine
     from export.program import DEFAULT_EPS, ExportConfig, export_program
 
     started = time.perf_counter()
@@ -119,14 +120,14 @@ def run(args: argparse.Namespace) -> dict:
     else:
         loaded = load_model(args.model, cache_dir=args.cache_dir, progress=say)
     top = export_program(replace(base, methods=("step", "eval", "loss")), runs / "top" / "step.pte",
-                         cache_dir=args.cache_dir, progress=say, loaded=loaded)
+                         cache_dir=args.cache_dir, on_progress=ProgressLine(plain=True), loaded=loaded)
     every = export_program(replace(base, layers="all", methods=("step",), length_buckets=()), runs / "all" / "step.pte",
-                           cache_dir=args.cache_dir, progress=say, loaded=loaded)
+                           cache_dir=args.cache_dir, on_progress=ProgressLine(plain=True), loaded=loaded)
     et_top, et_all = Program(top.manifest_path), Program(every.manifest_path)
     et_fp32 = None
     if int8:  # the fp32 program of the same block, timed in the same rounds
         top_fp32 = export_program(replace(base, base_weights="fp32", methods=("step", "eval", "loss")),
-                                  runs / "top_fp32" / "step.pte", cache_dir=args.cache_dir, progress=say, loaded=loaded)
+                                  runs / "top_fp32" / "step.pte", cache_dir=args.cache_dir, on_progress=ProgressLine(plain=True), loaded=loaded)
         et_fp32 = Program(top_fp32.manifest_path)
     manifest = et_top.manifest
     splits = et_top.load_data()
@@ -209,7 +210,7 @@ def run(args: argparse.Namespace) -> dict:
         "batch_speedup": seconds["et_sequential_2q"] / seconds["et_step"],
         "rss_train_over_infer": rss_train / rss_infer,
         "rss_train_over_fo": rss_train / rss_fo,
-        "program_bytes": top.files["program"].stat().st_size,
+        "program_bytes": sum(path.stat().st_size for path in set(top.method_files.values())),
         "weights_bytes": top.files["weights"].stat().st_size,
         "seconds_per_step": seconds,
         "gflop_per_step": gflop,
@@ -387,7 +388,7 @@ class MlpGemms:
         """A torch module computing the chain, its linears int8 (as `--weights int8`) or fp32."""
         import torch
 
-        from export.program import quantize_linears_int8
+        from export.int8 import quantize_linears_int8
 
         def linear(weight):
             layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
@@ -418,11 +419,10 @@ class MlpGemms:
         """Write the chain as an ExecuTorch program lowered to XNNPACK, taking x [rows, hidden]."""
         import torch
 
-        from export.program import build_program
+        from export.lowering import lower_unit
 
         example = (torch.zeros(rows, self.ups[0].shape[1]),)
-        lowered = build_program({"forward": (self.module(weights), example)}, external_weights=False,
-                                progress=lambda _: None)
+        lowered = lower_unit({"forward": (self.module(weights), example)}, external_weights=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(lowered.buffer)
         return path

@@ -14,6 +14,7 @@ BENCHMARKS = {
     "agent": ("desktop.bench.agent", "the device agent: transfers, resume, metric latency, memory, fuzz, faults"),
     "e2e": ("desktop.bench.e2e", "a simulated 3-device lab trains SmolLM2 with the engine: prediction error, gain"),
     "scale": ("desktop.bench.scale", "one engine drives 10, 30 and 100 agents: its overhead per round"),
+    "lowering": ("desktop.bench.lowering", "a plan's programs from a cold and a warm cache, and where lowering time goes"),
     "ui": ("desktop.bench.ui", "100 devices streaming into the dashboard: worst frame, dropped points"),
 }
 

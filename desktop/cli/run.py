@@ -22,7 +22,7 @@ from pathlib import Path
 
 from desktop.engine import Engine, EngineConfig, JobSpec, load_job
 from desktop.engine.events import (
-    DeviceBack, DeviceError, DeviceLost, DeviceProfiled, DeviceStatus, ExportProgress, Notice, PhaseChanged,
+    DeviceBack, DeviceError, DeviceLost, DeviceProfiled, DeviceStatus, ExportUpdate, Notice, PhaseChanged,
     PlanMade, RoundMerged, RoundStarted, RunFinished, StepReceived,
 )
 
@@ -136,7 +136,7 @@ class PlainView:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._export_stage = ""
+        self._export_stage: tuple = ()
 
     def line(self, text: str) -> None:
         print(text, flush=True)
@@ -158,10 +158,12 @@ class PlainView:
             for a in plan.assignments:
                 self.line(f"  {a.name}: " + (f"block {a.block} (layers {a.first_layer}-{a.last_layer}), share "
                                              f"{a.share:.2f}, predicted {a.round_s:.2f} s" if a.block else "idle"))
-        elif isinstance(event, ExportProgress):
-            if event.stage != self._export_stage:
-                self._export_stage = event.stage
-                self.line(f"  export {event.program}: {event.stage}")
+        elif isinstance(event, ExportUpdate):
+            p = event.progress
+            if p.state in ("start", "end", "skip") and (p.stage, p.program, p.method) != self._export_stage:
+                self._export_stage = (p.stage, p.program, p.method)
+                left = "" if p.remaining_s is None else f", ~{p.remaining_s:.0f} s left"
+                self.line(f"  export {p.fraction:4.0%}: {p.message}{left}")
         elif isinstance(event, RoundStarted):
             self.line(f"round {event.round}/{state.rounds}: {len(event.devices)} device(s)")
         elif isinstance(event, StepReceived):
@@ -221,8 +223,9 @@ class LiveView(PlainView):
         state = self.engine.state
         accuracy = f"{state.accuracy[-1][1]:.3f}" if state.accuracy else "-"
         rows = [f"{state.phase}: round {state.round}/{state.rounds}, global accuracy {accuracy}"
-                + (f"  [export {state.export.program}: {state.export.stage[:50]}]"
-                   if state.phase == "exporting" and state.export else "")]
+                + (f"  [export {state.export.fraction:.0%}: {state.export.message[:60]}]"
+                   if state.export and state.export.fraction < 1 and state.phase in ("exporting", "discovering")
+                   else "")]
         for d in state.devices.values():
             loss = d.loss.last()
             rate = d.step_rate

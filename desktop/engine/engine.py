@@ -61,7 +61,7 @@ from desktop.engine import profiles as profile_cache
 from desktop.engine.discovery import Advert, Browser, parse_address
 from desktop.engine.events import (
     DeviceBack, DeviceError, DeviceGone, DeviceLost, DeviceProfiled, DeviceRoundDone, DeviceSeen, DeviceStatus,
-    EngineEvent, EventBus, ExportProgress, Notice, PhaseChanged, PlanMade, PlanView, RoundMerged, RoundStarted,
+    EngineEvent, EventBus, Notice, PhaseChanged, PlanMade, PlanView, RoundMerged, RoundStarted,
     RunFinished, StepReceived, TransferProgress,
 )
 from desktop.engine.exports import ExportRequest, ExportResult, block_key, run_export
@@ -793,20 +793,23 @@ class Engine:
         if not models:
             raise InputError("no device has a profile measured with this job's probe: nothing to predict memory from")
         memory = max(models, key=lambda m: max(m.at_depths()))
-        return job_from_manifests([self.manifest], memory, self.config.local_steps, name=self.config.job.name,
+        # The eval program covers every layer; without its block the planner chooses the blocks.
+        whole = replace(self.manifest, block=None)
+        return job_from_manifests([whole], memory, self.config.local_steps, name=self.config.job.name,
                                   probe=self.probe, sources=[str(self.eval_manifest_path)])
 
     async def _export_blocks(self, plan: PlanView) -> None:
-        need = tuple((a.first_layer, a.last_layer) for a in plan.active()
-                     if block_key(a.first_layer, a.last_layer) not in self.programs)
-        if not need:
+        """The plan's block programs (those of earlier plans are kept; the exporter takes the rest from its cache)."""
+        blocks = sorted({(a.first_layer, a.last_layer) for a in plan.active()})
+        if all(block_key(*block) in self.programs for block in blocks):
             return
-        self._phase("exporting", f"{len(need)} block program(s)")
+        self._phase("exporting", f"{len(blocks)} block program(s)")
         result = await self._export(ExportRequest(job=self.config.job, out_dir=str(self.run_dir.programs_dir),
-                                                  cache_dir=_str(self.config.cache_dir), blocks=need))
-        self.programs.update({key: Path(path) for key, path in result.blocks.items()})
-        self._emit(Notice(f"exported {len(need)} block program(s): {result.from_cache} from the cache, "
-                          f"{result.lowered} lowered, {result.seconds:.1f} s"))
+                                                  cache_dir=_str(self.config.cache_dir), blocks=tuple(blocks)))
+        # Keep the paths already shipped: a program's files may be replaced under the same names.
+        self.programs = {**{key: Path(path) for key, path in result.blocks.items()}, **self.programs}
+        self._emit(Notice(f"exported {len(blocks)} block program(s): {result.from_cache} method(s) from the "
+                          f"cache, {result.lowered} lowered, in {result.seconds:.1f} s"))
 
     def _cut_shards(self, devices: list[_Device]) -> None:
         """Shards for the devices without their own data: cut once per run, disjoint, kept in shards/."""

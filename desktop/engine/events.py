@@ -22,6 +22,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
+from export.progress import ExportProgress
 from shared.events import Round, Step
 from shared.profiles import DeviceProfile
 from shared.records import to_plain
@@ -140,16 +141,10 @@ class PlanMade:
 
 
 @dataclass(frozen=True)
-class ExportProgress:
-    """Programs being exported for a plan (the exporter's structured progress, passed through)."""
+class ExportUpdate:
+    """Programs being exported for a plan: the exporter's own progress record, passed through."""
 
-    stage: str  # what runs now, e.g. "lowering"
-    program: str  # which program, e.g. "block L0-14" or "eval"
-    fraction: float | None = None  # of the whole export, when the exporter can say
-    elapsed_s: float = 0.0
-    left_s: float | None = None  # its estimate of what is left
-    method: str | None = None
-    detail: str = ""
+    progress: ExportProgress  # stage, state, fraction of the whole export, elapsed, estimate of what is left
     kind = "export"
 
 
@@ -255,11 +250,11 @@ class RunFinished:
     kind = "finished"
 
 
-EngineEvent = Union[PhaseChanged, DeviceSeen, DeviceGone, DeviceStatus, DeviceProfiled, PlanMade, ExportProgress,
+EngineEvent = Union[PhaseChanged, DeviceSeen, DeviceGone, DeviceStatus, DeviceProfiled, PlanMade, ExportUpdate,
                     TransferProgress, RoundStarted, StepReceived, DeviceRoundDone, RoundMerged, DeviceLost,
                     DeviceBack, DeviceError, Notice, RunFinished]
 ENGINE_EVENT_TYPES: dict[str, type] = {cls.kind: cls for cls in (
-    PhaseChanged, DeviceSeen, DeviceGone, DeviceStatus, DeviceProfiled, PlanMade, ExportProgress, TransferProgress,
+    PhaseChanged, DeviceSeen, DeviceGone, DeviceStatus, DeviceProfiled, PlanMade, ExportUpdate, TransferProgress,
     RoundStarted, StepReceived, DeviceRoundDone, RoundMerged, DeviceLost, DeviceBack, DeviceError, Notice,
     RunFinished)}
 

@@ -1,12 +1,16 @@
 """The export worker: ``python -m desktop.engine.export_worker REQUEST.json`` (run by ``exports.run_export``).
 
 Reads an :class:`desktop.engine.exports.ExportRequest`, loads the model once,
-exports what it asks for through the exporter's own calls (which take every
-lowered program from the export cache when they can), and writes one JSON
-object per line to stdout: ``{"progress": ExportProgress}`` as it goes, then
-``{"result": ExportResult}``, or ``{"error": message}`` for input the exporter
-refused (exit status 2). Everything else (library warnings) goes to stderr,
-which the engine sends to a log file.
+exports what it asks for through the exporter's own calls (each takes every
+lowered method from the export cache when it can), and writes one JSON object
+per line to stdout: ``{"progress": export.progress.ExportProgress}`` as it goes,
+then ``{"result": ExportResult}``, or ``{"error": message}`` for input the
+exporter refused (exit status 2). Everything else (library warnings) goes to
+stderr, which the engine sends to a log file.
+
+Where the files go, under the request's ``out_dir``: ``job/`` the job's eval
+program and ``probe/`` its probe (asked for once, before any plan), ``plan/``
+the block programs of the latest plan with their own copy of the eval program.
 """
 from __future__ import annotations
 
@@ -16,14 +20,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from desktop.engine.events import ExportProgress
 from desktop.engine.exports import ExportRequest, ExportResult, block_key
+from shared.blocks import BlockSpan
 from shared.errors import InputError
 from shared.records import from_plain, to_plain
 
 
-def _say(key: str, record) -> None:
-    sys.stdout.write(json.dumps({key: to_plain(record) if not isinstance(record, str) else record}) + "\n")
+def _say(key: str, value) -> None:
+    sys.stdout.write(json.dumps({key: value}) + "\n")
     sys.stdout.flush()
 
 
@@ -35,52 +39,51 @@ def main(argv: list[str]) -> int:
     except InputError as exc:
         _say("error", str(exc))
         return 2
-    _say("result", replace(result, seconds=time.perf_counter() - start))
+    _say("result", to_plain(replace(result, seconds=time.perf_counter() - start)))
     return 0
 
 
 def export(request: ExportRequest, start: float) -> ExportResult:
     from export.models import load_model
-    from export.program import ExportConfig, export_program
+    from export.program import ExportConfig, export_plan, export_program
+    from export.progress import ExportProgress
 
     out = Path(request.out_dir)
     cache_dir = Path(request.cache_dir) if request.cache_dir else None
-    current = {"program": "model"}
 
-    def progress(line: str) -> None:
-        _say("progress", ExportProgress(stage=line.strip(), program=current["program"],
-                                        elapsed_s=time.perf_counter() - start))
+    def progress(event: ExportProgress) -> None:
+        _say("progress", to_plain(event))
 
-    loaded = load_model(request.job.model or ExportConfig().model, cache_dir=cache_dir, progress=progress)
+    def note(program: str):
+        """The probe and the model loader report lines of text: passed on as running notes."""
+        return lambda line: progress(ExportProgress(stage="load" if program == "model" else "write", state="running",
+                                                    fraction=0.0, elapsed_s=time.perf_counter() - start,
+                                                    remaining_s=None, message=line.strip(), program=program))
+
     base = ExportConfig(**request.job.export_settings())
+    base.check()
+    loaded = load_model(base.model, cache_dir=cache_dir, progress=note("model"))
     found = lowered = 0
-
-    def one(name: str, cfg, file: str) -> str:
-        nonlocal found, lowered
-        current["program"] = name
-        result = export_program(cfg, out / file, cache_dir=cache_dir, progress=progress, loaded=loaded)
-        found, lowered = found + result.from_cache, lowered + (not result.from_cache)
-        return str(result.manifest_path)
-
     probe = evaluation = None
+    blocks: dict[str, str] = {}
+    if request.eval:
+        result = export_program(replace(base, methods=("eval",)), out / "job" / "eval.pte", cache_dir=cache_dir,
+                                on_progress=progress, loaded=loaded)
+        evaluation = str(result.manifest_path)
+        found, lowered = found + result.from_cache, lowered + (not result.from_cache)
     if request.probe:
         from export.probe import export_probe
 
-        current["program"] = "probe"
-        probe = str(export_probe(base, out / "probe", cache_dir=cache_dir, progress=progress,
-                                 loaded=loaded).manifest_path)
-    if request.eval:
-        evaluation = one("eval", replace(base, methods=("eval",)), "eval.pte")
-    blocks: dict[str, str] = {}
-    for first, last in request.blocks:
-        blocks[block_key(first, last)] = one(f"block L{first}-{last}", _block_config(base, first, last),
-                                             f"block-{first}-{last}.pte")
+        result = export_probe(base, out / "probe", cache_dir=cache_dir, progress=note("probe"), loaded=loaded)
+        probe = str(result.manifest_path)
+        found, lowered = found + result.from_cache, lowered + (not result.from_cache)
+    if request.blocks:
+        plan = export_plan(base, list(request.blocks), out / "plan", cache_dir=cache_dir, on_progress=progress,
+                           loaded=loaded)
+        for first, last in request.blocks:
+            blocks[block_key(first, last)] = str(plan.blocks[BlockSpan(first, last, 0, 0).name].manifest_path)
+        found, lowered = found + plan.cached, lowered + plan.lowered
     return ExportResult(probe=probe, eval=evaluation, blocks=blocks, from_cache=found, lowered=lowered)
-
-
-def _block_config(base, first: int, last: int):
-    """The exporter's settings for the program that trains layers first..last of the job."""
-    raise InputError(f"block L{first}-{last}: this build of the exporter has no block programs yet")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Lowering a program takes torch, transformers and ExecuTorch's exporter, whole
 minutes on a cold cache and more than a gigabyte of memory. The engine keeps
 its event loop (the agents' heartbeats, the metrics, the views) responsive by
 running the exporter in a separate process (``desktop.engine.export_worker``):
-the request goes in as a JSON file, progress comes back as JSON lines that
-become :class:`desktop.engine.events.ExportProgress` events, and the result is
+the request goes in as a JSON file, progress comes back as JSON lines (the
+exporter's ``export.progress.ExportProgress`` records) that become
+:class:`desktop.engine.events.ExportUpdate` events, and the result is
 the exported manifests' paths. The exporter's own warnings go to
 ``<run>/export.log``, not to the operator's terminal.
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from desktop.engine.events import ExportProgress
+from desktop.engine.events import ExportUpdate
 from desktop.engine.job import JobSpec
 from shared.errors import InputError
 from shared.records import from_plain, to_plain
@@ -46,8 +47,8 @@ class ExportResult:
     probe: str | None = None
     eval: str | None = None
     blocks: dict[str, str] = field(default_factory=dict)
-    from_cache: int = 0  # programs that were found lowered in the cache
-    lowered: int = 0  # programs that had to be lowered
+    from_cache: int = 0  # programs (or, for a plan, lowered units) found in the cache
+    lowered: int = 0  # ... that had to be lowered
     seconds: float = 0.0
 
 
@@ -55,7 +56,7 @@ def block_key(first_layer: int, last_layer: int) -> str:
     return f"{first_layer}-{last_layer}"
 
 
-async def run_export(request: ExportRequest, on_progress: Callable[[ExportProgress], None],
+async def run_export(request: ExportRequest, on_progress: Callable[[ExportUpdate], None],
                      log_path: Path | None = None) -> ExportResult:
     """Export in a worker process; progress as events; the result once it is done.
 
@@ -82,7 +83,9 @@ async def run_export(request: ExportRequest, on_progress: Callable[[ExportProgre
                 except json.JSONDecodeError:
                     continue  # a stray print from a library: not ours
                 if "progress" in message:
-                    on_progress(from_plain(ExportProgress, message["progress"], "export progress"))
+                    from export.progress import ExportProgress
+
+                    on_progress(ExportUpdate(from_plain(ExportProgress, message["progress"], "export progress")))
                 elif "result" in message:
                     result = from_plain(ExportResult, message["result"], "export result")
                 elif "error" in message:

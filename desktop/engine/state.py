@@ -20,9 +20,10 @@ import numpy as np
 
 from desktop.engine.events import (
     DeviceBack, DeviceError, DeviceGone, DeviceLost, DeviceProfiled, DeviceRoundDone, DeviceSeen, DeviceStatus,
-    EngineEvent, ExportProgress, Notice, PhaseChanged, PlanMade, PlanView, RoundMerged, RoundStarted, RunFinished,
+    EngineEvent, ExportUpdate, Notice, PhaseChanged, PlanMade, PlanView, RoundMerged, RoundStarted, RunFinished,
     StepReceived, TransferProgress,
 )
+from export.progress import ExportProgress
 from shared.profiles import DeviceProfile
 
 SERIES_CAPACITY = 8192  # points kept per device series; older ones roll off
@@ -128,7 +129,7 @@ class EngineState:
     round_seconds: list[tuple[int, float]] = field(default_factory=list)  # (round, wall seconds)
     lost: list[tuple[int | None, str]] = field(default_factory=list)  # (round, device) for every loss
     errors: list[ErrorNote] = field(default_factory=list)
-    export: ExportProgress | None = None
+    export: ExportProgress | None = None  # the exporter's latest progress record
     notices: list[str] = field(default_factory=list)
     finished: RunFinished | None = None
 
@@ -212,8 +213,8 @@ def _plan(state: EngineState, event: PlanMade) -> None:
         view.predicted_round_s = part.round_s if part and part.block else None
 
 
-def _export(state: EngineState, event: ExportProgress) -> None:
-    state.export = event
+def _export(state: EngineState, event: ExportUpdate) -> None:
+    state.export = event.progress
 
 
 def _transfer(state: EngineState, event: TransferProgress) -> None:
@@ -286,7 +287,7 @@ def _finished(state: EngineState, event: RunFinished) -> None:
 
 _HANDLERS = {
     PhaseChanged: _phase, DeviceSeen: _seen, DeviceGone: _gone, DeviceStatus: _status, DeviceProfiled: _profiled,
-    PlanMade: _plan, ExportProgress: _export, TransferProgress: _transfer, RoundStarted: _round_started,
+    PlanMade: _plan, ExportUpdate: _export, TransferProgress: _transfer, RoundStarted: _round_started,
     StepReceived: _step, DeviceRoundDone: _device_round, RoundMerged: _merged, DeviceLost: _lost,
     DeviceBack: _back, DeviceError: _error, Notice: _notice, RunFinished: _finished,
 }

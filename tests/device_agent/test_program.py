@@ -74,7 +74,7 @@ def q1_program(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer) -> P
     config = ExportConfig(model="tiny", layers="1-1", q=1, seq_len=32, methods=("step", "step_rng"),
                           length_buckets=(), calibrate="none")
     out = tmp_path_factory.mktemp("q1-program") / "step.pte"
-    export_program(config, out, cache_dir=tmp_path_factory.mktemp("q1-cache"), progress=lambda _m: None,
+    export_program(config, out, cache_dir=tmp_path_factory.mktemp("q1-cache"),
                    loaded=tiny_llama(num_layers=2, hidden_size=64, tokenizer=smollm2_tokenizer))
     return Program(out)
 
@@ -188,10 +188,11 @@ def test_pte_and_manifest_paths_name_the_same_program(tiny_program) -> None:
         resolve_manifest_path(manifest.with_name("absent.pte"))
 
 
-@pytest.mark.parametrize("role", ["program", "weights", "data", "lora_a"])
+@pytest.mark.parametrize("role", ["step", "eval_t16", "weights", "data", "lora_a"])
 def test_a_changed_file_is_an_input_error_naming_it(tiny_program, tmp_path: Path, role: str) -> None:
     manifest_path = copy_program(tiny_program, tmp_path / "prog")
-    name = tiny_program.export.manifest.files[role]
+    manifest = tiny_program.export.manifest
+    name = manifest.files[role] if role in manifest.files else manifest.method_files[role]
     path = manifest_path.parent / name
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
@@ -212,6 +213,7 @@ def test_a_method_the_program_lacks_is_an_input_error(tiny_program, tmp_path: Pa
     manifest_path = copy_program(tiny_program, tmp_path / "prog")
     data = json.loads(manifest_path.read_text())
     data["methods"] = ["step"]
+    data["method_files"] = {"step": data["method_files"]["step"]}
     manifest_path.write_text(json.dumps(data))
     program = Program(manifest_path)
     with pytest.raises(InputError, match="no 'eval(_t16)?' method"):
@@ -282,3 +284,61 @@ def test_accuracy_with_another_calibration_bias(tiny_program) -> None:
         assert program.accuracy(split, b, limit=n, class_bias=bias) == pytest.approx(expected)
     with pytest.raises(ValueError, match="class_bias"):
         program.accuracy(split, b, limit=n, class_bias=np.zeros(len(own) + 1, np.float32))
+
+
+# -- block programs: what a program refuses ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def block_program(tiny_plan) -> Program:
+    return Program(tiny_plan.plan.blocks["L2"].manifest_path)
+
+
+def _step_args(program: Program):
+    train = program.load_data()["train"]
+    bs = program.batch_size
+    return train.input_ids[:bs], train.lengths[:bs], train.labels[:bs]
+
+
+def test_a_block_program_knows_its_block_and_takes_the_global_b(block_program: Program) -> None:
+    assert (block_program.block.first_layer, block_program.block.last_layer) == (2, 2)
+    assert 0 < block_program.block_size < block_program.b_size
+    assert block_program.block.offset == block_program.block_size  # layer 1's block comes first
+    b = np.zeros(block_program.b_size, np.float32)
+    z = np.random.default_rng(0).standard_normal((block_program.q, block_program.block_size), dtype=np.float32)
+    b_blk, loss, g = block_program.step(*_step_args(block_program), b, z, 0.1, 1e-2)
+    assert b_blk.shape == (block_program.block_size,) and g.shape == (block_program.q,) and loss > 0
+
+
+def test_a_global_b_of_the_wrong_size_is_an_input_error(block_program: Program) -> None:
+    z = np.zeros((block_program.q, block_program.block_size), np.float32)
+    block_slice = np.zeros(block_program.block_size, np.float32)  # the block's slice where the global b belongs
+    with pytest.raises(InputError, match=rf"b \(the job's global b, .*\): shape \({block_program.block_size},\), "
+                                         rf"this job's adapter needs \[{block_program.b_size}\]"):
+        block_program.step(*_step_args(block_program), block_slice, z, 0.1, 1e-2)
+
+
+def test_a_z_over_the_whole_b_is_an_input_error_naming_the_block(block_program: Program) -> None:
+    b = np.zeros(block_program.b_size, np.float32)
+    z = np.zeros((block_program.q, block_program.b_size), np.float32)
+    with pytest.raises(InputError, match=rf"z: shape .*block L2 takes \[{block_program.q}, {block_program.block_size}\]"):
+        block_program.step(*_step_args(block_program), b, z, 0.1, 1e-2)
+
+
+def test_a_manifest_from_another_job_is_refused(tiny_plan, tiny_program) -> None:
+    job = tiny_plan.plan.job_key
+    Program(tiny_plan.plan.blocks["L1"].manifest_path, job_key=job)  # the same job: accepted
+    with pytest.raises(InputError, match=rf"belongs to job {tiny_program.export.manifest.job_key[:12]}, not to job {job[:12]}"):
+        Program(tiny_program.export.manifest_path, job_key=job)
+
+
+def test_a_block_outside_the_layout_is_refused(tiny_plan, tmp_path: Path) -> None:
+    source = tiny_plan.plan.blocks["L3"].manifest_path
+    shutil.copytree(source.parent, tmp_path / "plan")
+    manifest_path = tmp_path / "plan" / source.name
+    data = json.loads(manifest_path.read_text())
+    for block, message in [({**data["block"], "first_layer": 0, "last_layer": 0}, "layer 0 is not a trainable layer"),
+                           ({**data["block"], "offset": data["block"]["offset"] + 1}, "do not match the manifest's layout")]:
+        manifest_path.write_text(json.dumps({**data, "block": block}))
+        with pytest.raises(InputError, match=message):
+            Program(manifest_path)

@@ -81,3 +81,19 @@ def test_a_second_export_comes_from_the_cache(tiny_probe, tiny_program, tmp_path
 def test_unknown_weights_are_an_input_error(tiny_program) -> None:
     with pytest.raises(InputError, match="--weights 'int4'"):
         probe_modules(tiny_program.loaded.model, replace(tiny_program.config, base_weights="int4"), [1, 2])
+
+
+@pytest.mark.slow
+def test_an_int8_probe_quantises_its_layer_like_int8_programs(tiny_program, tmp_path: Path) -> None:
+    # ~1 min on 2 cores: the int8 layer is flattened before lowering, as in int8 programs.
+    from device_agent.profile import measure_profile
+
+    config = replace(tiny_program.config, base_weights="int8")
+    result = export_probe(config, tmp_path / "probe", cache_dir=tmp_path / "cache", progress=lambda _m: None,
+                          loaded=tiny_program.loaded)
+    assert result.manifest.base_weights == "int8"
+    weights = (tmp_path / "probe" / result.manifest.files["weights"]).stat().st_size
+    layer = sum(p.numel() for p in tiny_program.loaded.model.model.layers[1].parameters())
+    assert weights < 2 * layer  # int8 weights (+ scales), not 4 bytes a weight
+    profile = measure_profile(tmp_path / "probe", "d", 1e6, repeats=2)
+    assert profile.measurement.probe == result.manifest.probe_id

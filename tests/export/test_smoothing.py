@@ -9,7 +9,7 @@ import torch
 
 from export.lora import AdapterTensors, LoraFaConfig
 from export.prge import PrgeConfig, PrgeProgram
-from export.program import quantize_base_weights
+from export.int8 import quantize_base_weights
 from export.smoothing import input_ranges, scale_lora_a, smooth_
 
 T = 16
@@ -99,12 +99,12 @@ def test_smoothing_brings_int8_logits_closer_to_fp32(tiny_model) -> None:
 
 
 def test_int8_base_without_training_prompts_quantises_without_smoothing(tiny_model) -> None:
-    from export.program import ExportConfig, int8_base
+    from export.int8 import int8_base
     from shared.task_data import Split
 
     empty = Split(input_ids=np.zeros((0, T), np.int64), lengths=np.zeros(0, np.int64), labels=np.zeros(0, np.int64))
     adapter = AdapterTensors.build(tiny_model.model, LoraFaConfig(rank=4, layers=(3,)))
     messages: list[str] = []
-    _, program_adapter = int8_base(tiny_model.model, adapter, empty, ExportConfig(base_weights="int8"), messages.append)
+    _, program_adapter = int8_base(tiny_model.model, adapter, empty, smoothing=0.5, note=messages.append)
     assert any("int8 without smoothing" in m for m in messages)
     assert all(torch.equal(program_adapter.a_by_path[p], adapter.a_by_path[p]) for p in adapter.a_by_path)
