@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 from desktop.engine.events import (
     DeviceBack, DeviceError, DeviceGone, DeviceLost, DeviceProfiled, DeviceRoundDone, DeviceSeen, DeviceStatus,
-    ExportProgress, Notice, PhaseChanged, PlanMade, RoundMerged, RoundStarted, RunFinished, StepReceived,
+    ExportUpdate, Notice, PhaseChanged, PlanMade, RoundMerged, RoundStarted, RunFinished, StepReceived,
     TransferProgress,
 )
 from desktop.engine.state import EngineState
@@ -85,7 +85,10 @@ class DashboardModel:
     def exporting(self, quiet_s: float) -> bool:
         """Whether an export is under way: the phase says so, or the exporter spoke within ``quiet_s``
         (the job's eval program and probe export while devices are still being found)."""
-        if self.state.export is None or self.state.phase in ("done", "stopped", "failed"):
+        export = self.state.export
+        if export is None or self.state.phase in ("done", "stopped", "failed"):
+            return False
+        if export.stage == "done" and export.state == "end":
             return False
         recent = self.export_at is not None and self._clock() - self.export_at < quiet_s
         return self.state.phase == "exporting" or recent
@@ -134,7 +137,7 @@ class DashboardModel:
                 changes.devices.update(event.devices)
         elif isinstance(event, PhaseChanged):
             changes.phase = True
-        elif isinstance(event, ExportProgress):
+        elif isinstance(event, ExportUpdate):
             changes.export = True
             self.export_at = self._clock()
         elif isinstance(event, DeviceError):

@@ -2,9 +2,9 @@
 
 * :class:`PhaseStrip`: discover → pair → profile → plan → export → ship → train → finish, the current
   one highlighted, so an audience always sees what the machine is doing;
-* :class:`ExportBar`: the program being exported, its stage, elapsed and estimated time left (a busy
-  bar when the exporter cannot say a fraction) — the window keeps moving while the exporter works in
-  its own process;
+* :class:`ExportBar`: what the exporter does now, the fraction of the whole export, elapsed and
+  estimated time left (the exporter's own ``export.progress.ExportProgress``) — the window keeps
+  moving while the exporter works in its own process;
 * :class:`ResultsPanel`: where the adapter and the report were written, a button to open the folder,
   and the final accuracy beside the zero-shot one.
 """
@@ -99,15 +99,10 @@ class ExportBar(QWidget):
             self.setVisible(exporting)
         if not exporting:
             return
-        left = f", about {duration(progress.left_s)} left" if progress.left_s is not None else ""
-        method = f" ({progress.method})" if progress.method else ""
-        self.label.setText(f"Exporting {progress.program}{method}: {progress.stage} — "
+        left = f", about {duration(progress.remaining_s)} left" if progress.remaining_s is not None else ""
+        self.label.setText(f"Exporting: {progress.message or progress.stage} — {progress.fraction:.0%}, "
                            f"{duration(progress.elapsed_s)} so far{left}")
-        if progress.fraction is None:
-            self.bar.setRange(0, 0)  # busy: the exporter cannot say how far it is
-        else:
-            self.bar.setRange(0, 1000)
-            self.bar.setValue(round(progress.fraction * 1000))
+        self.bar.setValue(round(progress.fraction * 1000))
 
 
 class ResultsPanel(QWidget):

@@ -124,7 +124,7 @@ class Photographer:
             self.shoot("profiles")
         if state.plan is not None:
             self.shoot("plan")
-        if state.phase == "exporting" and state.export is not None and state.export.elapsed_s > 5:
+        if self.window.export.isVisible() and state.export is not None and state.export.elapsed_s > 5:
             self.shoot("export-progress")
         if any(d.status == "receiving" and (d.fraction or 0) > 0.2 for d in devices):
             self.shoot("shipping")

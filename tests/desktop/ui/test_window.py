@@ -133,7 +133,8 @@ def test_a_blocks_replicas_share_its_band_side_by_side(window, lab_events, qtbot
 
 
 def test_export_progress_shows_with_time_left_while_devices_are_found_and_goes_when_the_exporter_is_done(qtbot) -> None:
-    from desktop.engine.events import ExportProgress, PhaseChanged
+    from desktop.engine.events import ExportUpdate, PhaseChanged
+    from export.progress import ExportProgress
     from desktop.ui.model import DashboardModel
     from desktop.ui.progress import EXPORT_QUIET_S
     from desktop.ui.window import MainWindow
@@ -142,10 +143,10 @@ def test_export_progress_shows_with_time_left_while_devices_are_found_and_goes_w
     window = MainWindow(DashboardModel(clock=lambda: now[0]))
     qtbot.addWidget(window)
     window.show()
-    window.apply_events([PhaseChanged("discovering"),
-                         ExportProgress("lowering to XNNPACK", "eval", fraction=0.4, elapsed_s=65.0, left_s=97.0)])
+    window.apply_events([PhaseChanged("discovering"), ExportUpdate(ExportProgress(
+        "lower", "running", 0.4, 65.0, 97.0, "lowering step of block L22-24", program="L22-24", method="step"))])
     bar = window.export
-    assert bar.isVisible() and "Exporting eval: lowering to XNNPACK" in bar.label.text()
+    assert bar.isVisible() and "Exporting: lowering step of block L22-24 — 40%" in bar.label.text()
     assert "1 min 05 s so far, about 1 min 37 s left" in bar.label.text() and bar.bar.value() == 400
     now[0] += EXPORT_QUIET_S + 1  # the exporter went quiet: its programs are done
     qtbot.waitUntil(lambda: not bar.isVisible(), timeout=5_000)
