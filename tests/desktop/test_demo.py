@@ -14,9 +14,8 @@ from desktop.engine import JobSpec
 from shared.events import Round, Step, read_events
 
 
-def demo_settings(tiny_model_dir: Path, tiny_task: Path, export_cache: Path, tmp_path: Path, **overrides):
-    job = JobSpec(model=str(tiny_model_dir), task=str(tiny_task), layers="0-1", seq=32, q=2, bs=4, eval_bs=8)
-    base = dict(job=job, rounds=1, local_steps=2, eval_limit=16, test_limit=16, out=tmp_path / "demo",
+def demo_settings(tiny_job: JobSpec, export_cache: Path, tmp_path: Path, **overrides):
+    base = dict(job=tiny_job, rounds=1, local_steps=2, eval_limit=16, test_limit=16, out=tmp_path / "demo",
                 cache_dir=export_cache, agents_dir=tmp_path / "agents")
     return DemoSettings(**{**base, **overrides})
 
@@ -42,8 +41,8 @@ def test_without_a_display_the_demo_runs_headless_and_says_so(monkeypatch) -> No
 
 
 def test_the_demo_runs_headless_writes_its_report_with_a_dashboard_picture_and_stops_its_agents(
-        tiny_model_dir, tiny_task, export_cache, tmp_path, capsys) -> None:
-    settings = demo_settings(tiny_model_dir, tiny_task, export_cache, tmp_path, headless=True)
+        tiny_job, export_cache, tmp_path, capsys) -> None:
+    settings = demo_settings(tiny_job, export_cache, tmp_path, headless=True)
     assert run_demo(settings) == 0
     out = capsys.readouterr().out
     assert "starting 3 simulated agents" in out and "stopped the 3 agents the demo started" in out
@@ -63,10 +62,10 @@ def test_the_demo_runs_headless_writes_its_report_with_a_dashboard_picture_and_s
 
 
 def test_the_demo_runs_in_an_offscreen_window_and_closing_it_stops_its_agents(
-        qapp, tiny_model_dir, tiny_task, export_cache, tmp_path) -> None:
+        qapp, tiny_job, export_cache, tmp_path) -> None:
     from PySide6.QtCore import QTimer
 
-    settings = demo_settings(tiny_model_dir, tiny_task, export_cache, tmp_path, headless=False)
+    settings = demo_settings(tiny_job, export_cache, tmp_path, headless=False)
     seen = {}
 
     def watch(window) -> None:  # the audience watches until the run ends, then closes the window

@@ -20,12 +20,8 @@ from shared.events import Step, read_events
 RUN_S = 300_000  # ms: a tiny run's time on a loaded 2-core machine, with its first export
 
 
-def tiny_job(tiny_model_dir: Path, tiny_task: Path) -> JobSpec:
-    return JobSpec(model=str(tiny_model_dir), task=str(tiny_task), layers="0-1", seq=32, q=2, bs=4, eval_bs=8)
-
-
-def settings(tiny_model_dir, tiny_task, export_cache, out: Path, **overrides) -> EngineConfig:
-    base = dict(job=tiny_job(tiny_model_dir, tiny_task), out=out, rounds=2, local_steps=3, cache_dir=export_cache,
+def settings(tiny_job: JobSpec, export_cache: Path, out: Path, **overrides) -> EngineConfig:
+    base = dict(job=tiny_job, out=out, rounds=2, local_steps=3, cache_dir=export_cache,
                 discover=True, mdns_interfaces=("127.0.0.1",), eval_limit=16, test_limit=16, wait_s=120.0)
     return EngineConfig(**{**base, **overrides})
 
@@ -63,6 +59,13 @@ def start(dashboard: Dashboard, config: EngineConfig) -> None:
     dashboard.window.start_run(RunChoice(config.job, config.rounds, config.local_steps))
 
 
+def until_over(qtbot, window, timeout: int = RUN_S) -> None:
+    """Until the run has finished; a run that failed fails the test at once, with what the window said."""
+    state = window.model.state
+    qtbot.waitUntil(lambda: state.finished is not None or state.phase == "failed", timeout=timeout)
+    assert state.phase != "failed", f"the run failed: {window.status_error.text()}"
+
+
 def test_an_agent_on_loopback_gets_a_card_and_a_wrong_token_is_said_on_that_card(
         lab, dashboards, qtbot, tmp_path) -> None:
     # prepare: one agent advertised on 127.0.0.1; the desktop knows no token for it (the job is not run)
@@ -91,16 +94,16 @@ def test_an_agent_on_loopback_gets_a_card_and_a_wrong_token_is_said_on_that_card
 
 
 def test_what_real_agents_stream_is_what_the_plots_draw(
-        lab, dashboards, qtbot, tiny_model_dir, tiny_task, export_cache, tmp_path) -> None:
+        lab, dashboards, qtbot, tiny_job, export_cache, tmp_path) -> None:
     # prepare: two simulated devices of different classes, paired with their token
     lab.start([("plot-laptop", "laptop"), ("plot-phone", "midrange-phone")])
-    config = settings(tiny_model_dir, tiny_task, export_cache, tmp_path / "run", token="right-token", devices=2,
+    config = settings(tiny_job, export_cache, tmp_path / "run", token="right-token", devices=2,
                       zero_shot=True)
     dashboard = dashboards(config, lobby=False)
     window = dashboard.window
     # execute: the whole run, as the operator's Start asks it
     start(dashboard, config)
-    qtbot.waitUntil(lambda: window.model.state.finished is not None, timeout=RUN_S)
+    until_over(qtbot, window)
     window.live.redraw()
     # assert: every device's plotted losses, latencies and memory are its metrics, in order
     state = window.model.state
@@ -120,16 +123,17 @@ def test_what_real_agents_stream_is_what_the_plots_draw(
 
 
 def test_a_device_killed_mid_round_turns_red_and_the_plan_view_shows_the_replan(
-        lab, dashboards, qtbot, tiny_model_dir, tiny_task, export_cache, tmp_path) -> None:
+        lab, dashboards, qtbot, tiny_job, export_cache, tmp_path) -> None:
     # prepare: two devices; the phone is killed at its first step
     laptop, phone = lab.start([("lost-laptop", "laptop"), ("lost-phone", "midrange-phone")])
-    config = settings(tiny_model_dir, tiny_task, export_cache, tmp_path / "run", token="right-token", devices=2,
+    config = settings(tiny_job, export_cache, tmp_path / "run", token="right-token", devices=2,
                       rounds=2, patience_s=1.0)
     dashboard = dashboards(config, lobby=False)
     window = dashboard.window
     start(dashboard, config)
-    qtbot.waitUntil(lambda: (v := window.model.state.device_named("lost-phone")) is not None and len(v.loss) > 0,
-                    timeout=RUN_S)
+    qtbot.waitUntil(lambda: ((v := window.model.state.device_named("lost-phone")) is not None and len(v.loss) > 0)
+                    or window.model.state.phase == "failed", timeout=RUN_S)
+    assert window.model.state.phase != "failed", f"the run failed: {window.status_error.text()}"
     # execute
     phone.kill()
     # assert: its card turns red, the plan view re-plans without it, the run ends with the other
@@ -141,6 +145,6 @@ def test_a_device_killed_mid_round_turns_red_and_the_plan_view_shows_the_replan(
     assert "Re-planned from round 2" in window.plan.reason.text() and "lost-phone lost" in window.plan.reason.text()
     assert window.model.colour(view.id) not in window.plan.stack.layer_colours()
     assert [a.name for a in window.model.state.plan.active()] == ["lost-laptop"]
-    qtbot.waitUntil(lambda: window.model.state.finished is not None, timeout=RUN_S)
+    until_over(qtbot, window)
     assert window.model.state.finished.rounds_done == 2
     qtbot.waitUntil(lambda: "lost-phone lost: re-planned" in window.live.annotations(), timeout=10_000)
