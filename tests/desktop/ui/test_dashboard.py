@@ -148,3 +148,22 @@ def test_a_device_killed_mid_round_turns_red_and_the_plan_view_shows_the_replan(
     until_over(qtbot, window)
     assert window.model.state.finished.rounds_done == 2
     qtbot.waitUntil(lambda: "lost-phone lost: re-planned" in window.live.annotations(), timeout=10_000)
+
+
+def test_an_agent_added_by_address_with_its_token_gets_one_paired_card(lab, dashboards, qtbot, tmp_path) -> None:
+    # prepare: an agent that does not advertise (multicast blocked, as on many Wi-Fi networks)
+    (agent,) = lab.start([("addr-phone", "midrange-phone")], advertise=False)
+    lobby = EngineConfig(job=JobSpec(), out=tmp_path / "run", discover=True, mdns_interfaces=("127.0.0.1",),
+                         cache_dir=tmp_path / "cache")
+    dashboard = dashboards(lobby, lobby=True)
+    window = dashboard.window
+    # execute: the operator types its address with the token it printed
+    window.devices.address.setText(f"right-token@{agent.address}")
+    window.devices.add_button.click()
+    # assert: one card, named by the agent once it said who it is, paired
+    qtbot.waitUntil(lambda: any(v.name == "addr-phone" and v.status == "paired"
+                                for v in window.model.state.devices.values()), timeout=30_000)
+    qtbot.waitUntil(lambda: len(window.devices.cards) == 1
+                    and "addr-phone" in next(iter(window.devices.cards.values())).name.text(), timeout=10_000)
+    card = next(iter(window.devices.cards.values()))
+    assert "added by address" in card.where.text() and "SIMULATED · midrange-phone" in card.badge.text()
