@@ -16,6 +16,7 @@ BENCHMARKS = {
     "e2e": ("desktop.bench.e2e", "a simulated 3-device lab trains SmolLM2 with the engine: prediction error, gain"),
     "scale": ("desktop.bench.scale", "one engine drives 10, 30 and 100 agents: its overhead per round"),
     "lowering": ("desktop.bench.lowering", "a plan's programs from a cold and a warm cache, and where lowering time goes"),
+    "ui": ("desktop.bench.ui", "100 devices streaming into the dashboard: worst frame, dropped points"),
 }
 
 

@@ -98,10 +98,11 @@ def run(args: argparse.Namespace) -> int:
     config = config_from(args)
     config.check()
     plain = not sys.stdout.isatty() or bool(os.environ.get("CI"))
-    return asyncio.run(_drive(Engine(config), plain))
+    return asyncio.run(drive(Engine(config), plain))
 
 
-async def _drive(engine: Engine, plain: bool) -> int:
+async def drive(engine: Engine, plain: bool) -> int:
+    """Run ``engine`` with its progress in the terminal (``deftly run``, and ``deftly demo --headless``)."""
     view = PlainView(engine) if plain else LiveView(engine)
     engine.subscribe(view.on_event)
     loop = asyncio.get_running_loop()

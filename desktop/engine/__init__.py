@@ -3,7 +3,8 @@
 A view builds an :class:`Engine` from an :class:`EngineConfig`, subscribes to its
 typed events (``desktop.engine.events``) with a callback or a queue, reads its
 :class:`~desktop.engine.state.EngineState`, and calls ``run()``, ``stop()``,
-``pause()``, ``resume()``, ``begin()``, ``add_agent()`` or ``reprofile()``. See
+``pause()``, ``resume()``, ``begin()``, ``add_agent()`` or ``reprofile()`` (a dashboard:
+``open()`` first, ``run(config)`` at its Start, ``close()`` at the end). See
 ``desktop.engine.engine`` for the flow; ``desktop.engine.client`` is the desktop
 side of one agent connection, ``desktop.engine.local`` runs agent processes on
 this machine (tests, benchmarks, a simulated lab).

@@ -29,6 +29,10 @@ TXT_KEYS = {
     "version": ("version", "ver"),
     "simulated": ("simulated", "sim"),
     "tls_fingerprint": ("tls_fingerprint", "fingerprint", "fp", "tls"),
+    "arch": ("arch",),
+    "cores": ("cores",),
+    "memory_mb": ("mem", "memory_mb"),
+    "runtime": ("rt", "runtime"),
 }
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,10 @@ class Advert:
     tls_fingerprint: str | None = None
     via: str = "mdns"  # "mdns" or "address"
     service: str | None = None  # the mDNS service name, to match its removal
+    arch: str | None = None  # what the agent says of itself, for its card before it is paired
+    cores: int | None = None
+    memory_mb: float | None = None
+    runtime: str | None = None
 
     @property
     def address(self) -> str:
@@ -96,9 +104,12 @@ def advert_from_txt(properties: dict[bytes | str, bytes | str | None], host: str
 
     protocol = first("protocol")
     name = first("name") or (service.split(".")[0] if service else f"{host}:{port}")
+    cores, memory = first("cores"), first("memory_mb")
     return Advert(id=first("id"), name=name, host=host, port=port,
                   protocol=int(protocol) if protocol and protocol.isdigit() else None, version=first("version"),
-                  simulated=first("simulated"), tls_fingerprint=first("tls_fingerprint"), service=service)
+                  simulated=first("simulated"), tls_fingerprint=first("tls_fingerprint"), service=service,
+                  arch=first("arch"), cores=int(cores) if cores and cores.isdigit() else None,
+                  memory_mb=float(memory) if memory and memory.isdigit() else None, runtime=first("runtime"))
 
 
 class Browser:

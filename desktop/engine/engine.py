@@ -6,7 +6,10 @@ its events (:meth:`Engine.subscribe` for a plain callback, :meth:`Engine.events`
 for an asyncio queue), reads :attr:`Engine.state` (the state model, changed by
 the events alone) and may call, from the engine's loop or any thread:
 :meth:`add_agent`, :meth:`pause`, :meth:`resume`, :meth:`stop`, :meth:`reprofile`.
-:meth:`run` does the whole job and returns when the run is over.
+:meth:`run` does the whole job and returns when the run is over. A face that
+lets the operator see and pair devices before choosing the job (the dashboard)
+calls :meth:`open` first, which finds and pairs agents until :meth:`run` is
+given the job, and :meth:`close` when it goes away.
 
 The flow, one step per method below:
 
@@ -69,7 +72,7 @@ from desktop.engine.shards import shard_indices, shard_split, write_shard
 from desktop.engine.state import EngineState
 from shared.blocks import BlockSpan, merge_b
 from shared.errors import InputError
-from shared.events import Round, Step, Test
+from shared.events import Eval, Round, Step, Test
 from shared.hashing import sha256_file
 from shared.manifest import Manifest
 from shared.profiles import DeviceProfile, Job
@@ -109,6 +112,7 @@ class EngineConfig:
     eval_limit: int | None = None  # validation examples per round (default: the whole split)
     test_limit: int | None = None  # test examples at the end (default: all)
     test: bool = True  # evaluate the final adapter on the test split
+    zero_shot: bool = False  # evaluate the untrained adapter too (round 0), while round 1 trains
     reprofile: bool = False  # measure every device again even if a profile is cached
     cache_dir: Path | None = None  # export and profile caches (default ~/.cache/deftly)
     patience_s: float = LOST_PATIENCE_S  # a connection down this long: the device is lost
@@ -232,6 +236,9 @@ class Engine:
         self._syncer: asyncio.Task | None = None
         self._browser: Browser | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._finding = False  # the --agent addresses were taken and the browser started
+        self._zero_shot: asyncio.Task | None = None  # the untrained adapter's evaluation (config.zero_shot)
+        self._idle: asyncio.Event | None = None  # set while no run() is in progress
 
     # -- what a view may call -------------------------------------------------------------
 
@@ -301,24 +308,73 @@ class Engine:
 
     # -- the run ---------------------------------------------------------------------------
 
-    async def run(self) -> RunResult:
+    async def open(self) -> None:
+        """Find and pair agents now, before :meth:`run` is given the job (a dashboard's lobby).
+
+        Devices appear and pair as events (with a token from the config, the cache, or
+        typed later through :meth:`add_agent`); :meth:`run` then goes on with them.
+        """
+        self._start_loop()
+        self._take_pending_calls()
+        if not self._finding:
+            self._phase("discovering", "choose the job and start the run")
+            await self._start_finding()
+
+    async def close(self) -> None:
+        """The face is closing: stop a run in progress (it writes its adapter), let every agent go."""
+        if self._loop is None:
+            return
+        if self._idle is not None and not self._idle.is_set():
+            self.stop("the dashboard was closed")
+            await self._idle.wait()
+        await self._shutdown(stop_agents=True)
+
+    def _start_loop(self) -> None:
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def _take_pending_calls(self) -> None:
+        """The calls a view made before the loop ran (add_agent, stop, ...), in order."""
+        for fn in self._pending_calls:
+            fn()
+        self._pending_calls.clear()
+
+    async def run(self, config: EngineConfig | None = None) -> RunResult:
         """Do the whole run (see the module docstring); returns when it is over.
+
+        Args:
+            config: the run's settings, when they were chosen after :meth:`open` (the job of a
+                dashboard); None: the ones the engine was built with.
 
         Raises:
             InputError: bad settings, a job the exporter or the planner refuses, no device that
                 can train; every one names what and where.
         """
+        if config is not None:
+            if self.record is not None:
+                raise InputError("this engine has run already: a new run needs a new engine")
+            self.config = config
+            self.state.rounds, self.state.local_steps = config.rounds, config.local_steps
+            self.run_dir = RunDir(Path(config.out))
         self.config.check()
-        self._loop = asyncio.get_running_loop()
-        self._stop_event = asyncio.Event()
-        self._changed = asyncio.Event()
+        self._start_loop()
+        self._idle.clear()
+        try:
+            return await self._run()
+        finally:
+            self._idle.set()
+
+    async def _run(self) -> RunResult:
         stopped = False
         preparing: asyncio.Task | None = None
         try:
             self._open_run()
-            for fn in self._pending_calls:
-                fn()
-            self._pending_calls.clear()
+            self._take_pending_calls()
             self._syncer = asyncio.create_task(self._sync_loop())
             # The job's eval program and probe do not depend on the devices: export them meanwhile.
             preparing = asyncio.create_task(self._prepare_job())
@@ -375,17 +431,24 @@ class Engine:
 
     # -- 1. find and pair ----------------------------------------------------------------------
 
-    async def _find_devices(self) -> None:
-        self._phase("discovering")
+    async def _start_finding(self) -> None:
+        """Take the --agent addresses and start browsing (once, whether from open() or run())."""
+        self._finding = True
         for address in self.config.agents:
             host, port, token = parse_address(address)
             self._consider(Advert(None, f"{host}:{port}", host, port, via="address"), token)
-        for device in list(self._devices.values()):  # a resumed run's devices, by their last address
-            if device.link is None:
-                self._connect_soon(device)
         if self.config.discover:
             self._browser = Browser(self._seen, self._gone, list(self.config.mdns_interfaces or []) or None)
             await self._browser.start()
+
+    async def _find_devices(self) -> None:
+        self._phase("discovering")
+        if not self._finding:
+            await self._start_finding()
+        for device in list(self._devices.values()):  # a resumed run's devices, by their last address
+            if device.link is None and device.failed is None:
+                self._connect_soon(device)
+        self._remember_devices()  # the ones paired before the run (open()) go into its state
         wanted = self.config.devices or (len(self.config.agents) if not self.config.discover else None)
         if self.config.resume and self.record.devices and wanted is None:
             wanted = len(self.record.devices)
@@ -442,7 +505,8 @@ class Engine:
             if device.failed and advert.via == "address":
                 device.failed = None  # added again by the operator: try again
         self._emit(DeviceSeen(device.key, advert.name if advert.via == "mdns" else device.name, advert.address,
-                              advert.via, advert.simulated))
+                              advert.via, advert.simulated, arch=advert.arch, cores=advert.cores,
+                              memory_mb=advert.memory_mb, runtime=advert.runtime))
         if device.link is None:
             self._connect_soon(device)
 
@@ -484,7 +548,9 @@ class Engine:
             self._wake()
             return
         info = welcome.agent
+        was = None  # the key a view knew this device by until now ("host:port" for an address typed in)
         if info.id != device.key:
+            was = device.key
             other = self._devices.get(info.id)
             self._devices.pop(device.key, None)
             if other is not None and other is not device and other.link is None:
@@ -494,6 +560,7 @@ class Engine:
                 device = other
             elif other is not None and other is not device:
                 await client.close()  # already paired through another address
+                self._emit(DeviceSeen(other.key, other.name, other.address, other.via, other.simulated, was=was))
                 return
             device.key = info.id
             self._devices[info.id] = device
@@ -509,7 +576,8 @@ class Engine:
         if welcome.state.data_error and not device.private_data:
             self._emit(Notice(f"{device.name}: its own data is unusable ({welcome.state.data_error}); "
                               f"it trains on a shard"))
-        self._emit(DeviceSeen(device.key, info.name, device.address, device.via, info.simulated))
+        self._emit(DeviceSeen(device.key, info.name, device.address, device.via, info.simulated, arch=info.arch,
+                              cores=info.cores, memory_mb=info.memory_mb, runtime=info.runtime, was=was))
         self._emit(DeviceStatus(device.key, "paired",
                                 f"{info.runtime}, {info.arch}, {info.cores} cores, {info.memory_mb:.0f} MB"
                                 + (f", simulating {info.simulated}" if info.simulated else "")))
@@ -523,6 +591,8 @@ class Engine:
     def _remember_devices(self) -> None:
         """state.json: every paired device, so a resumed run finds them again."""
         record = self.record
+        if record is None:  # paired before the run began (open()): written when it does
+            return
         for d in self._devices.values():
             if d.agent_id is None:
                 continue
@@ -799,6 +869,11 @@ class Engine:
     async def _train(self) -> None:
         self._phase("training")
         r = self.record.completed_round + 1
+        if self.config.zero_shot and r == 1:
+            # The devices train round 1 meanwhile; its merge waits for this (the curve starts at round 0).
+            self._zero_shot = asyncio.create_task(self._zero_shot_eval())
+            self._tasks.add(self._zero_shot)
+            self._zero_shot.add_done_callback(self._tasks.discard)
         while r <= self.config.rounds:
             self._check_stop()
             changed = self._membership_change()
@@ -867,6 +942,9 @@ class Engine:
         updates = {span: np.mean(blocks, axis=0, dtype=np.float64).astype(np.float32) if len(blocks) > 1
                    else blocks[0] for span, blocks in returned.items()}
         merged = merge_b(base, self.manifest.b_layout, updates)
+        if self._zero_shot is not None:
+            await self._zero_shot
+            self._zero_shot = None
         accuracy, examples = await asyncio.to_thread(self._validate, merged)
         event = Round(r, accuracy, examples, loop.time() - started, measured,
                       {d.label: a.round_s for a, d in active if d.label in measured}, lost)
@@ -993,6 +1071,15 @@ class Engine:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _zero_shot_eval(self) -> None:
+        """The untrained adapter's validation accuracy: an Eval at step 0 in metrics.jsonl, round 0 for the views."""
+        start = time.perf_counter()
+        accuracy, examples = await asyncio.to_thread(self._validate, np.zeros_like(self.b))
+        seconds = time.perf_counter() - start
+        self.run_dir.write_events([Eval(step=0, split="validation", accuracy=accuracy, examples=examples,
+                                        seconds=seconds, round=0)])
+        self._emit(RoundMerged(Round(0, accuracy, examples, seconds)))
 
     def _validate(self, b: np.ndarray) -> tuple[float, int]:
         """The merged adapter's accuracy on the validation split, on this machine (a worker thread)."""

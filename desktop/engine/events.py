@@ -51,6 +51,11 @@ class DeviceSeen:
     address: str  # host:port
     via: str
     simulated: str | None = None  # the device class it simulates, if its advert says so
+    arch: str | None = None  # what the agent says of itself (advert or hello), for its card before any profile
+    cores: int | None = None
+    memory_mb: float | None = None  # physical memory, or the simulated device's limit
+    runtime: str | None = None  # e.g. "executorch 1.5.1"
+    was: str | None = None  # the key it was known by until its hello said its id (an address typed in)
     kind = "device_seen"
 
 
@@ -117,6 +122,7 @@ class PlanView:
     baselines: dict[str, float | None]  # baseline -> predicted round latency; None: infeasible
     planner_s: float  # wall time of the planner call
     job: str
+    layers: int = 0  # the model's decoder layers (a view draws the frozen ones too); 0: not known
 
     def active(self) -> tuple[Assignment, ...]:
         """The assignments that train a block, shallowest block first."""

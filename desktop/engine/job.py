@@ -19,6 +19,7 @@ a TOML file (``--job JOB.toml``), whose keys are the command's option names::
     weights = "fp32"             # or "int8"
     lr = 0.1                     # the run's learning rate (default: the program's suggestion)
     eps = 0.01
+    calibrate = "none"           # start from the uncalibrated model ("median": the calibrated zero-shot)
 
 Every key is optional; a key left out takes the exporter's default. Unknown
 keys and wrong types are an ``InputError`` naming the file and the key. This
@@ -37,6 +38,7 @@ from shared.errors import InputError
 from shared.records import to_plain
 
 WEIGHTS = ("fp32", "int8")
+CALIBRATIONS = ("median", "none")  # export.program.ExportConfig.calibrate
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class JobSpec:
     seed: int | None = None  # seeds the LoRA A's
     lr: float | None = None  # the run's learning rate; None: the program's suggestion
     eps: float | None = None  # the run's perturbation scale; None: the program's suggestion
+    calibrate: str | None = None  # "median" (start from the calibrated zero-shot) or "none"; None: the exporter's
 
     def check(self, where: str = "job") -> None:
         """Raises InputError naming the first field out of range."""
@@ -72,12 +75,14 @@ class JobSpec:
             raise InputError(f"{where}: eps must be positive, got {self.eps}")
         if self.lr is not None and not self.lr >= 0:
             raise InputError(f"{where}: lr must not be negative, got {self.lr}")
+        if self.calibrate is not None and self.calibrate not in CALIBRATIONS:
+            raise InputError(f"{where}: calibrate {self.calibrate!r}, expected one of {', '.join(CALIBRATIONS)}")
 
     def export_settings(self) -> dict[str, Any]:
         """The ``ExportConfig`` fields this job sets (the rest keep the exporter's defaults)."""
         names = {"model": "model", "task": "task", "layers": "layers", "q": "q", "bs": "batch_size",
                  "eval_bs": "eval_batch_size", "seq": "seq_len", "rank": "rank", "alpha": "alpha",
-                 "targets": "target_modules", "weights": "base_weights", "seed": "seed"}
+                 "targets": "target_modules", "weights": "base_weights", "seed": "seed", "calibrate": "calibrate"}
         out = {target: getattr(self, name) for name, target in names.items() if getattr(self, name) is not None}
         if "target_modules" in out:
             out["target_modules"] = list(out["target_modules"])
@@ -103,7 +108,7 @@ class JobSpec:
 _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "task": (str,), "layers": (str,), "q": (int,), "bs": (int,), "eval_bs": (int,), "seq": (int,),
     "rank": (int,), "alpha": (int, float), "targets": (list,), "weights": (str,), "seed": (int,),
-    "lr": (int, float), "eps": (int, float),
+    "lr": (int, float), "eps": (int, float), "calibrate": (str,),
 }
 
 

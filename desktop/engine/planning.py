@@ -107,7 +107,8 @@ def make_plan(profiles: Mapping[str, DeviceProfile], names: Mapping[str, str], j
         rows, round_s = _equal_random(fleet, job, blocks, ids, names, layout, seed)
     if replicas and any(r.block is None for r in rows):
         rows, round_s = _with_replicas(fleet, job, ids, rows, layout)
-    return PlanView(first_round, reason, policy, round_s, tuple(rows), baselines, planner_s, job.name)
+    return PlanView(first_round, reason, policy, round_s, tuple(rows), baselines, planner_s, job.name,
+                    job.layers)
 
 
 def _assignment(device: str, name: str, block: str | None, first: int | None, last: int | None, share: float,

@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from desktop.engine.rundir import RunDir
-from shared.events import Round, Step, Test, iter_events
+from shared.events import Eval, Round, Step, Test, iter_events
 
 PLOTS = {
     "loss": "loss.png",
@@ -41,6 +41,7 @@ def write_report(path: Path) -> Path:
     steps: dict[str, list[Step]] = defaultdict(list)
     rounds: list[Round] = []
     tests: list[Test] = []
+    zero_shot: Eval | None = None  # the untrained adapter's evaluation (the engine's zero_shot)
     if run.metrics_path.exists():
         for event in iter_events(run.metrics_path):
             if isinstance(event, Step) and event.device is not None:
@@ -49,6 +50,8 @@ def write_report(path: Path) -> Path:
                 rounds.append(event)
             elif isinstance(event, Test):
                 tests.append(event)
+            elif isinstance(event, Eval) and event.round == 0:
+                zero_shot = event
     plans = run.read_plans()
     state = json.loads(run.state_path.read_text()) if run.state_path.exists() else {}
     _plot_all(run.path, steps, rounds, names)
@@ -67,6 +70,9 @@ def write_report(path: Path) -> Path:
         lines += [f"Validation accuracy of the merged adapter after the last round: **{rounds[-1].accuracy:.3f}** "
                   f"(round {rounds[-1].round}, {rounds[-1].examples} examples; best {best.accuracy:.3f} in round "
                   f"{best.round})."]
+    if zero_shot is not None:
+        lines += [f"Before training (round 0) the adapter's validation accuracy was {zero_shot.accuracy:.3f} "
+                  f"({zero_shot.examples} examples)."]
     if tests:
         lines += [f"Test accuracy at the end: **{tests[-1].accuracy:.3f}** ({tests[-1].examples} examples)."]
     lines.append("")

@@ -27,6 +27,7 @@ from export.progress import ExportProgress
 from shared.profiles import DeviceProfile
 
 SERIES_CAPACITY = 8192  # points kept per device series; older ones roll off
+CLEARS_ERROR = ("paired", "profiled", "ready", "training")  # statuses after which a device's last error is stale
 
 
 class Series:
@@ -73,6 +74,10 @@ class DeviceView:
     detail: str = ""
     fraction: float | None = None  # while receiving
     simulated: str | None = None
+    arch: str | None = None
+    cores: int | None = None
+    memory_mb: float | None = None
+    runtime: str | None = None
     profile: DeviceProfile | None = None
     profile_cached: bool = False
     block: str | None = None  # in the current plan
@@ -116,6 +121,7 @@ class EngineState:
     devices: dict[str, DeviceView] = field(default_factory=dict)
     plan: PlanView | None = None
     plans: list[PlanView] = field(default_factory=list)  # every plan of the run, in order
+    labels: dict[str, str] = field(default_factory=dict)  # the plan's name of a device -> its id (metrics use names)
     round: int = 0  # the round running or last merged
     rounds: int = 0  # rounds asked for
     local_steps: int = 0
@@ -129,6 +135,10 @@ class EngineState:
 
     def device(self, device_id: str) -> DeviceView | None:
         return self.devices.get(device_id)
+
+    def device_named(self, device: str) -> DeviceView | None:
+        """A device by its id, or by the name the plan and the metrics know it by (a Step's ``device``)."""
+        return self.devices.get(device) or self.devices.get(self.labels.get(device, ""))
 
     def active_devices(self) -> list[DeviceView]:
         """Devices given a block by the current plan."""
@@ -148,11 +158,19 @@ def _phase(state: EngineState, event: PhaseChanged) -> None:
 
 
 def _seen(state: EngineState, event: DeviceSeen) -> None:
+    if event.was and event.was != event.device:  # one device, now known by its id: one card, not two
+        old = state.devices.pop(event.was, None)
+        if old is not None and event.device not in state.devices:
+            old.id = event.device
+            state.devices[event.device] = old
     view = state.devices.get(event.device)
     if view is None:
         view = state.devices[event.device] = DeviceView(event.device, event.name, event.address, event.via)
     view.name, view.address = event.name, event.address
     view.simulated = event.simulated or view.simulated
+    for name in ("arch", "cores", "memory_mb", "runtime"):
+        if getattr(event, name) is not None:
+            setattr(view, name, getattr(event, name))
     # mDNS only says "seen": a lost device stays lost until its connection is back.
     view.seen_by_mdns = view.seen_by_mdns or event.via == "mdns"
 
@@ -169,6 +187,8 @@ def _status(state: EngineState, event: DeviceStatus) -> None:
         return
     view.status, view.detail = event.status, event.detail
     view.fraction = event.fraction
+    if event.status in CLEARS_ERROR:  # the device got past what went wrong: its card stops saying so
+        view.error, view.advice = None, ""
     if event.round is not None:
         view.round = event.round
     if event.status == "training" and event.round is not None and view.round != event.round:
@@ -185,6 +205,7 @@ def _profiled(state: EngineState, event: DeviceProfiled) -> None:
 def _plan(state: EngineState, event: PlanMade) -> None:
     state.plan = event.plan
     state.plans.append(event.plan)
+    state.labels.update({a.name: a.device for a in event.plan.assignments})
     for view in state.devices.values():
         part = event.plan.of(view.id)
         view.block = part.block if part else None
@@ -212,7 +233,7 @@ def _round_started(state: EngineState, event: RoundStarted) -> None:
 
 def _step(state: EngineState, event: StepReceived) -> None:
     step = event.step
-    view = state.devices.get(step.device or "")
+    view = state.device_named(step.device or "")
     if view is None:
         return
     view.step = step.step
@@ -230,7 +251,7 @@ def _device_round(state: EngineState, event: DeviceRoundDone) -> None:
 
 
 def _merged(state: EngineState, event: RoundMerged) -> None:
-    state.round = event.round.round
+    state.round = max(state.round, event.round.round)  # round 0 (the untrained adapter) lands during round 1
     state.accuracy.append((event.round.round, event.round.accuracy))
     state.round_seconds.append((event.round.round, event.round.seconds))
 

@@ -1,10 +1,9 @@
-"""Fixtures for the engine's tests: a tiny model on disk, a small task, and real agents on loopback.
+"""Fixtures for the engine's tests: real agents on loopback (the tiny model and task: tests/desktop/conftest.py).
 
 The agents are real ``deftly-agent`` processes (``desktop.engine.local.LocalAgent``)
 listening on 127.0.0.1 with a port of their own choosing and advertising on
 127.0.0.1 only; every one is killed in the fixture's teardown, whatever the test
-did. The tiny model is saved as a Hugging Face directory so that the engine's
-export worker loads it the way it loads any local model.
+did.
 """
 from __future__ import annotations
 
@@ -13,43 +12,6 @@ from pathlib import Path
 import pytest
 
 from desktop.engine.local import LocalAgent
-from export.models import tiny_llama
-
-POSITIVE = ["warm", "funny", "sharp", "moving", "bright", "gripping", "tender", "clever"]
-NEGATIVE = ["flat", "dull", "tired", "clumsy", "hollow", "grating", "limp", "muddled"]
-THINGS = ["film", "script", "cast", "ending", "score", "story"]
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
-    """A 2-layer, hidden-64 random Llama with SmolLM2's tokenizer, saved as a Hugging Face directory."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    loaded = tiny_llama(num_layers=2, hidden_size=64, tokenizer=smollm2_tokenizer)
-    loaded.model.save_pretrained(folder)
-    smollm2_tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_task(tmp_path_factory) -> Path:
-    """A small review task (240 rows, two classes) as a task TOML beside its CSV."""
-    folder = tmp_path_factory.mktemp("tiny-task")
-    rows = ["review,sentiment"]
-    for i in range(240):
-        words, label = (POSITIVE, "positive") if i % 2 else (NEGATIVE, "negative")
-        rows.append(f'"A {words[i % 8]} {THINGS[i % 6]}, {words[(i // 8) % 8]} from start to end.",{label}')
-    (folder / "reviews.csv").write_text("\n".join(rows) + "\n")
-    (folder / "task.toml").write_text(
-        'name = "tiny_reviews"\ndata = "reviews.csv"\ntext_column = "review"\nlabel_column = "sentiment"\n'
-        'template = "Review: {text} Sentiment:"\nsplit_fractions = [0.6, 0.2, 0.2]\n\n'
-        '[verbalizer]\nnegative = " negative"\npositive = " positive"\n')
-    return folder / "task.toml"
-
-
-@pytest.fixture(scope="session")
-def export_cache(tmp_path_factory) -> Path:
-    """One export cache for the session: each program is lowered once, then found there."""
-    return tmp_path_factory.mktemp("export-cache")
 
 
 class Agents:

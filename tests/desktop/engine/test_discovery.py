@@ -32,6 +32,14 @@ def test_advert_reads_bytes_and_tolerates_missing_keys() -> None:
     assert (bare.id, bare.name, bare.protocol) == (None, "lab-laptop", None)
 
 
+def test_advert_reads_the_hardware_an_agent_advertises() -> None:
+    # The keys device_agent.advert writes: a card shows them before the device is paired.
+    advert = advert_from_txt({"arch": "aarch64", "cores": "4", "mem": "3072", "rt": "executorch 1.5.1"}, "h", 1)
+    assert (advert.arch, advert.cores, advert.memory_mb, advert.runtime) == ("aarch64", 4, 3072.0, "executorch 1.5.1")
+    odd = advert_from_txt({"cores": "many", "mem": "-1"}, "h", 1)
+    assert (odd.cores, odd.memory_mb) == (None, None)
+
+
 def test_browser_sees_a_service_registered_on_loopback_and_its_removal() -> None:
     from zeroconf import IPVersion, ServiceInfo
     from zeroconf.asyncio import AsyncZeroconf

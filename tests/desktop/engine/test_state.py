@@ -76,3 +76,49 @@ def test_events_are_records_with_a_kind() -> None:
     plain = engine_event_to_plain(DeviceStatus("a", "receiving", fraction=0.5))
     assert plain == {"kind": "device_status", "device": "a", "status": "receiving", "detail": "", "fraction": 0.5,
                      "round": None}
+
+
+def test_what_an_agent_says_of_itself_reaches_its_card_and_a_later_event_does_not_erase_it() -> None:
+    state = EngineState()
+    state.apply(DeviceSeen("a", "pi", "h:1", "mdns", arch="aarch64", cores=4, memory_mb=3072.0,
+                           runtime="executorch 1.5.1"))
+    state.apply(DeviceSeen("a", "pi", "h:1", "address"))  # an address typed in says nothing of the hardware
+    a = state.devices["a"]
+    assert (a.arch, a.cores, a.memory_mb, a.runtime) == ("aarch64", 4, 3072.0, "executorch 1.5.1")
+
+
+def test_a_device_that_pairs_after_an_error_no_longer_shows_it() -> None:
+    state = EngineState()
+    state.apply(DeviceSeen("a", "pi", "h:1", "mdns"))
+    state.apply(DeviceError("a", "pi: wrong token", "check the token"))
+    state.apply(DeviceStatus("a", "error", "wrong token"))
+    assert state.devices["a"].error == "pi: wrong token"
+    state.apply(DeviceStatus("a", "pairing"))
+    assert state.devices["a"].error == "pi: wrong token"  # still trying: the last error still holds
+    state.apply(DeviceStatus("a", "paired"))
+    assert (state.devices["a"].error, state.devices["a"].advice) == (None, "")
+    assert [e.message for e in state.errors] == ["pi: wrong token"]  # the run's history keeps it
+
+
+def test_steps_tagged_with_the_plans_name_of_a_device_reach_its_series() -> None:
+    # metrics.jsonl and the engine's StepReceived name a device as the plan does (its label), not by its id.
+    state = EngineState()
+    state.apply(DeviceSeen("id-a", "pi", "h:1", "mdns"))
+    state.apply(PlanMade(plan("id-a")))  # the plan calls it "ID-A"
+    state.apply(StepReceived(Step(1, 0.7, 0.1, 0.5, 32, 120.0, 0.1, device="ID-A", round=1)))
+    assert state.devices["id-a"].loss.view()[1].tolist() == [0.7]
+    assert state.device_named("ID-A") is state.devices["id-a"]
+
+
+def test_a_device_added_by_address_keeps_one_entry_once_its_id_is_known() -> None:
+    state = EngineState()
+    state.apply(DeviceSeen("10.0.0.2:8765", "10.0.0.2:8765", "10.0.0.2:8765", "address"))
+    state.apply(DeviceStatus("10.0.0.2:8765", "pairing"))
+    state.apply(DeviceSeen("id-a", "pi", "10.0.0.2:8765", "address", was="10.0.0.2:8765"))
+    assert list(state.devices) == ["id-a"]
+    assert (state.devices["id-a"].id, state.devices["id-a"].name, state.devices["id-a"].status) == \
+        ("id-a", "pi", "pairing")
+    # Found by mDNS under its id first, then typed in: the typed-in entry goes, the mDNS one stays.
+    state.apply(DeviceSeen("10.0.0.3:1", "10.0.0.3:1", "10.0.0.3:1", "address"))
+    state.apply(DeviceSeen("id-a", "pi", "10.0.0.2:8765", "mdns", was="10.0.0.3:1"))
+    assert list(state.devices) == ["id-a"]
