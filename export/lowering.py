@@ -322,7 +322,7 @@ def default_workers(units: int) -> int:
 
 
 def _stage_message(stage: str, program: str, method: str) -> str:
-    verb = {"export": "exporting", "lower": "lowering", "emit": "emitting"}[stage]
+    verb = {"export": "exporting", "lower": "lowering", "emit": "emitting", "store": "storing"}[stage]
     return f"{verb} {method}" + (f" of {program}" if program else "")
 
 
@@ -361,7 +361,12 @@ def _lower_and_store(job: UnitJob, cache: ProgramCache, on_stage: StageCallback)
         on_stage(stage, method, state, took)
 
     et_program = lower_unit(job.modules(), job.external_weights, timed)
-    return cache.store(job.key, et_program, job.methods, job.external_weights, seconds)
+    label = ",".join(job.methods)
+    timed("store", label, "start", None)
+    started = time.perf_counter()
+    unit = cache.store(job.key, et_program, job.methods, job.external_weights, seconds)
+    timed("store", label, "end", time.perf_counter() - started)
+    return unit
 
 
 _worker_events = None  # the queue a worker reports its stages on (set by _init_worker)

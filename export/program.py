@@ -53,6 +53,7 @@ from shared.blocks import BlockSpan, block_span, spans_for, whole_span
 from shared.errors import InputError
 from shared.hashing import sha256_file
 from shared.manifest import BATCH_ORDERS, Manifest
+from shared.task_data import save_splits
 
 # 6: block programs (z and the update on the block's slice, the job's whole layout in the
 # manifest), one .pte per method, weights tagged without a second export. 5: eval_t<T>
@@ -270,6 +271,7 @@ def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
     if out.suffix != ".pte":
         raise InputError(f"--out {out}: the program file must end in .pte")
     cfg.check()
+    _check_workers(workers)
     stem = out.name[:-len(".pte")]
     job = _prepare(cfg, cache_dir, on_progress, loaded, methods=len(_with_buckets(cfg, cfg.methods)))
     block = job.span(cfg.block)
@@ -300,6 +302,7 @@ def export_plan(cfg: ExportConfig, blocks: Sequence[tuple[int, int]], out_dir: P
             outside the job.
     """
     cfg.check()
+    _check_workers(workers)
     if not blocks:
         raise InputError("a plan needs at least one block")
     step_methods = tuple(m for m in cfg.methods if m in STEP_METHODS) or ("step",)
@@ -313,6 +316,11 @@ def export_plan(cfg: ExportConfig, blocks: Sequence[tuple[int, int]], out_dir: P
     job.tracker.finish(f"Wrote {len(specs)} programs to {out_dir} in {job.elapsed():.1f} s")
     return PlanExport(blocks={spec.block.name: results[spec.name] for spec in specs[:-1]}, eval=eval_result,
                       job_key=job.job_key, seconds=job.elapsed(), lowered=counts[0], cached=counts[1])
+
+
+def _check_workers(workers: int | None) -> None:
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+        raise InputError(f"--workers {workers!r}: expected 1 or more (or none: one per core, as memory allows)")
 
 
 def _with_buckets(cfg: ExportConfig, methods: tuple[str, ...]) -> tuple[str, ...]:
@@ -471,7 +479,7 @@ def _export(job: _Job, specs: list[_ProgramSpec], out_dir: Path, side_stem: str,
             wanted.setdefault(key, (spec, methods))
     found = {key: job.cache.find(key) for key in wanted}
     missing = [key for key, unit in found.items() if unit is None]
-    n_workers = default_workers(len(missing)) if workers is None else max(1, workers)
+    n_workers = default_workers(len(missing)) if workers is None else workers
     tracker.plan_methods(sum(len(wanted[key][1]) for key in missing), parallel=min(n_workers, max(1, len(missing))))
     if missing:
         jobs = [UnitJob(key=key, program=_program_label(wanted[key][0]), recipe=job.recipe(),
@@ -513,8 +521,6 @@ def _write_shared_files(job: _Job, units: dict, out_dir: Path, side_stem: str, w
         files["weights"] = out_dir / f"weights-{unit.weights_sha256[:12]}.ptd"
         if not files["weights"].exists() or files["weights"].stat().st_size != unit.weights.stat().st_size:
             place_file(unit.weights, files["weights"])
-    from shared.task_data import save_splits
-
     files["data"] = out_dir / f"{side_stem}.data.npz"
     save_splits(files["data"], {name: (s.input_ids, s.lengths, s.labels) for name, s in job.splits.items()})
     if with_lora_a:
