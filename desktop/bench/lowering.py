@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
     results = {
         "model": loaded.model_id, "layers": args.layers, "blocks": [list(b) for b in blocks],
         "methods_lowered": cold.lowered, "methods_cached_on_warm": warm.cached,
-        "workers": args.workers, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "workers": cold.workers, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "plan_programs_cold_s": round(cold.seconds, 1),
         "plan_programs_warm_s": round(warm.seconds, 2),
         "serial_s": round(serial, 1),
