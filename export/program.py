@@ -64,6 +64,7 @@ DEFAULT_BATCHES = {"fp32": "shuffled", "int8": "stratified"}
 # What --weights int8 quantises, in the cache key of int8 programs only: change it when the
 # recipe changes, so int8 programs are lowered again and fp32 ones stay cached.
 INT8_RECIPE = "decoder-linears-qd8-per-channel+embedding-int8-rows+smoothquant"
+DELEGATES = ("xnnpack", "portable")
 METHODS = {"step": PrgeStep, "step_rng": PrgeStepInGraphNoise, "eval": PrgeEval, "loss": PrgeLoss}
 
 
@@ -93,6 +94,10 @@ class ExportConfig:
     # prompts fit in 32 tokens).  Buckets at or above seq_len are ignored.
     length_buckets: tuple[int, ...] = (32,)
     external_weights: bool = True  # frozen weights in a shared .ptd instead of inside the .pte
+    # "xnnpack": the linears, bmm, softmax and elementwise ops go to the XNNPACK delegate;
+    # "portable": no delegate, every operator on ExecuTorch's portable kernels (slow), for a
+    # runtime where XNNPACK cannot start, e.g. an emulated CPU whose cpuinfo it cannot read.
+    delegate: str = "xnnpack"
     calibrate: str = "median"  # "median": per-class logit bias from training prompts (export.calibration); "none"
     calibration_examples: int = 256  # training prompts the bias is measured on
     # "fp32", or "int8": the frozen linears of the decoder layers as int8 weights with
@@ -196,13 +201,14 @@ def method_modules(program: PrgeProgram, methods: tuple[str, ...], eval_batch_si
 
 
 def build_program(methods: dict[str, tuple[torch.nn.Module, tuple]], external_weights: bool = True,
-                  progress: Callable[[str], None] = print):
+                  progress: Callable[[str], None] = print, delegate: str = "xnnpack"):
     """Lower P-RGE methods to one ExecuTorch program.
 
     Args:
         methods: method name -> (module, example inputs), from :func:`method_modules`.
         external_weights: tag the frozen base weights for a separate ``.ptd``.
         progress: receives one-line stage messages.
+        delegate: "xnnpack", or "portable" (no delegate; see ``ExportConfig.delegate``).
 
     Returns:
         An ``ExecutorchProgramManager`` (call ``save`` / ``write_tensor_data_to_file``).
@@ -231,8 +237,9 @@ def build_program(methods: dict[str, tuple[torch.nn.Module, tuple]], external_we
             exported[name] = ep
 
     # 4. lower: XNNPACK takes the linears, bmm, softmax and elementwise ops.
-    with _Ticker(progress, f"lowering {len(exported)} method(s) to XNNPACK"):
-        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
+    partitioner = [XnnpackPartitioner()] if delegate == "xnnpack" else None
+    with _Ticker(progress, f"lowering {len(exported)} method(s) to {'XNNPACK' if partitioner else 'portable kernels'}"):
+        edge = to_edge_transform_and_lower(exported, partitioner=partitioner,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
 
     # 5. emit the ExecuTorch program; non-delegated base weights go external too.
@@ -281,6 +288,8 @@ def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
         raise InputError(f"--weights {cfg.base_weights!r}: expected fp32 or int8")
     if cfg.batches is not None and cfg.batches not in BATCH_ORDERS:
         raise InputError(f"--batches {cfg.batches!r}: choose from {', '.join(BATCH_ORDERS)}")
+    if cfg.delegate not in DELEGATES:
+        raise InputError(f"delegate {cfg.delegate!r}: expected one of {', '.join(DELEGATES)}")
     if not 0 <= cfg.int8_smoothing <= 1:
         raise InputError(f"--int8-smoothing {cfg.int8_smoothing:g}: expected a value between 0 and 1")
 
@@ -313,7 +322,7 @@ def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
         progress(f"Exporting {loaded.model_id}, layers {list(lora_cfg.layers)}, q={cfg.q}, bs={cfg.batch_size}, "
                  f"T={cfg.seq_len}, methods {list(cfg.methods)}")
         modules = method_modules(program, cfg.methods, cfg.eval_batch_size, _buckets(cfg))
-        et_program = build_program(modules, cfg.external_weights, progress)
+        et_program = build_program(modules, cfg.external_weights, progress, cfg.delegate)
         _write_cache_entry(et_program, cached, cfg.external_weights)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -536,6 +545,8 @@ def cache_key(cfg: ExportConfig, model_id: str, model: torch.nn.Module, weights_
         "external_weights": cfg.external_weights,
         "torch": torch.__version__, "executorch": getattr(executorch, "__version__", "?"),
     }
+    if cfg.delegate != "xnnpack":  # only then: every XNNPACK program already cached keeps its key
+        settings["delegate"] = cfg.delegate
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 BENCHMARKS = {
     "plan": ("desktop.bench.plan", "planner exactness, dual-ascent gap, speed, gain over baselines"),
     "prge": ("desktop.bench.prge", "P-RGE in ExecuTorch vs MeZO, eager P-RGE and first-order LoRA"),
+    "install": ("desktop.bench.install", "the device agent's install, built the documented way, per platform"),
 }
 
 
