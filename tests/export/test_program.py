@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -243,3 +244,33 @@ def test_an_unknown_batch_order_is_refused(tiny_program, tmp_path) -> None:
     with pytest.raises(InputError, match="--batches 'sorted': choose from shuffled, stratified"):
         export_program(ExportConfig(model="tiny", layers="1-1", batches="sorted"), tmp_path / "x.pte",
                        loaded=tiny_program.loaded, progress=lambda _m: None)
+
+
+def test_an_unknown_delegate_is_refused(tiny_program, tmp_path) -> None:
+    with pytest.raises(InputError, match="delegate 'gpu': expected one of xnnpack, portable"):
+        export_program(replace(tiny_program.config, delegate="gpu"), tmp_path / "x.pte", loaded=tiny_program.loaded,
+                       progress=lambda _m: None)
+
+
+def test_a_portable_program_has_no_delegate_and_steps_as_the_xnnpack_one(tiny_program, tmp_path) -> None:
+    import numpy as np
+
+    from device_agent.program import Program
+
+    cache = tmp_path / "cache"
+    portable = export_program(replace(tiny_program.config, delegate="portable"), tmp_path / "portable" / "step.pte",
+                              cache_dir=cache, loaded=tiny_program.loaded, progress=lambda _m: None)
+    assert b"XnnpackBackend" in tiny_program.pte.read_bytes()
+    assert b"XnnpackBackend" not in portable.files["program"].read_bytes()
+    assert portable.manifest.cache_key != tiny_program.export.manifest.cache_key  # never served from its cache
+
+    programs = [Program(tiny_program.pte), Program(portable.files["program"])]
+    train = programs[0].load_data()["train"]
+    bs, q, size = programs[0].batch_size, programs[0].q, programs[0].b_size
+    z = np.random.default_rng(0).standard_normal((q, size), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal(size, dtype=np.float32) * 0.01
+    (b_x, loss_x, g_x), (b_p, loss_p, g_p) = (p.step(train.input_ids[:bs], train.lengths[:bs], train.labels[:bs],
+                                                      b, z, 0.1, 0.01) for p in programs)
+    assert loss_p == pytest.approx(loss_x, abs=1e-5)
+    np.testing.assert_allclose(g_p, g_x, atol=1e-4)
+    np.testing.assert_allclose(b_p, b_x, atol=1e-5)
