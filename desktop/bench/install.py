@@ -19,11 +19,12 @@ programs (one XNNPACK-delegated, one on portable kernels only), and records per 
 `install_mb` is, per machine, the smallest variant in which a program ran (its MiB,
 its name, whether emulated, the date): the figure `deftly bench agent` reports.
 
-The host is always measured. `--root DIR` adds a Debian root of another architecture,
+The host is measured unless `--no-host`. `--root DIR` adds a Debian root of another architecture,
 run with ``chroot`` through the kernel's binfmt_misc and qemu-user (README, "Run an
 agent on a Raspberry Pi / phone / laptop", says how to make one); its pip reaches
-PyPI itself, so it installs what a Raspberry Pi would. Under emulation XNNPACK cannot
-read the CPU (cpuinfo), so there the portable program is the one that can run.
+PyPI itself, so it installs what a Raspberry Pi would. cpuinfo cannot read an emulated
+CPU from the host's /sys, so the root gets a stand-in (`Platform._cpu_sysfs`); step
+times under emulation mean nothing.
 Platforms not measured in a run keep their last entry, with its date.
 """
 from __future__ import annotations
@@ -129,7 +130,7 @@ class Platform:
     def scratch(self) -> str:
         """A directory of the platform's for the bench's venvs and files."""
         if self.root is None:
-            return str(Path.home() / ".cache" / "deftly" / "bench-install")
+            return str(Path.home() / ".cache" / "deftly" / "bench-install" / "host")
         return "/var/tmp/deftly-bench-install"
 
     def __enter__(self) -> Platform:
@@ -143,12 +144,29 @@ class Platform:
                 self.host_path(inside).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(cert, self.host_path(inside))
                 self.env["PIP_CERT"] = inside
-            for source, target, how in (("proc", "proc", ["-t", "proc"]), ("/dev", "dev", ["--bind"])):
+            for source, target, how in (("proc", "proc", ["-t", "proc"]), ("/dev", "dev", ["--bind"]),
+                                        (str(self._cpu_sysfs()), "sys", ["--bind", "-o", "ro"])):
                 mountpoint = self.root / target
                 mountpoint.mkdir(exist_ok=True)
                 subprocess.run(["mount", *how, source, str(mountpoint)], check=True)
                 self.mounts.append(mountpoint)
         return self
+
+    def _cpu_sysfs(self) -> Path:
+        """A stand-in /sys holding only devices/system/cpu/{possible,present,online} and a cpuN per core.
+
+        cpuinfo (XNNPACK's, and ExecuTorch's threadpool's) reads those lists. Without them, under
+        qemu-user, XNNPACK does not start and the threadpool's failed start crashes the portable
+        kernels (a segfault in the first step); with the host's own /sys bound, the CPU probe of
+        torch's oneDNN crashes instead (both seen here). With this stand-in both programs run.
+        """
+        cpu = self.host_path(self.scratch()) / "cpu-sysfs" / "devices" / "system" / "cpu"
+        cores = os.cpu_count() or 1
+        for index in range(cores):
+            (cpu / f"cpu{index}").mkdir(parents=True, exist_ok=True)
+        for name in ("possible", "present", "online"):
+            (cpu / name).write_text(f"0-{cores - 1}\n" if cores > 1 else "0\n")
+        return cpu.parents[2]
 
     def __exit__(self, *exc) -> None:
         while self.mounts:
@@ -314,6 +332,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", type=Path, action="append", default=[],
                         help="a Debian root of another architecture to measure too, through chroot + qemu-user "
                              "(repeatable; README says how to make one)")
+    parser.add_argument("--no-host", action="store_true",
+                        help="measure only the --root platforms (the host's last entry is kept)")
     parser.add_argument("--python", default=None,
                         help="the host's Python to build the venvs with (default: the one running deftly)")
     parser.add_argument("--torch-index", default=None,
@@ -435,7 +455,10 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out_dir) / "install.json"
     platforms = json.loads(out.read_text()).get("platforms", {}) if out.exists() else {}
     host_python = args.python or getattr(sys, "_base_executable", sys.executable)
-    for root in [None, *args.root]:
+    roots = ([] if args.no_host else [None]) + list(args.root)
+    if not roots:
+        raise InputError("--no-host without --root: nothing to measure")
+    for root in roots:
         with Platform(host_python if root is None else "/usr/bin/python3", root) as platform_:
             entry = measure_platform(platform_, wheel, programs, references, variants, args.torch_index)
         platforms[entry["machine"]] = entry
