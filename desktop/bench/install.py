@@ -43,6 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from shared.errors import InputError
 
@@ -396,8 +397,11 @@ def measure_variant(platform_: Platform, scratch: str, wheel: str, variant: str,
 
 
 def measure_platform(platform_: Platform, wheel: Path, programs: dict[str, Path], references: dict[str, dict],
-                     variants: list[str], torch_index: str | None) -> dict:
-    """Stage the wheel, the requirements and the programs on the platform, then measure each variant."""
+                     variants: list[str], torch_index: str | None, done: Callable[[dict], None]) -> dict:
+    """Stage the wheel, the requirements and the programs on the platform, then measure each variant.
+
+    ``done(entry)`` is called after each variant, so a long run that is stopped keeps what it measured.
+    """
     scratch = platform_.scratch()
     staged = platform_.host_path(scratch)
     staged.mkdir(parents=True, exist_ok=True)
@@ -423,6 +427,7 @@ def measure_platform(platform_: Platform, wheel: Path, programs: dict[str, Path]
     for variant in variants:
         entry["variants"][variant] = measure_variant(platform_, scratch, wheel.name, variant, paths, references,
                                                      torch_index)
+        done(entry)
     return entry
 
 
@@ -454,14 +459,26 @@ def run(args: argparse.Namespace) -> dict:
 
     out = Path(args.out_dir) / "install.json"
     platforms = json.loads(out.read_text()).get("platforms", {}) if out.exists() else {}
+
+    def write(entry: dict) -> None:
+        platforms[entry["machine"]] = entry
+        write_results(platforms, out)
+
     host_python = args.python or getattr(sys, "_base_executable", sys.executable)
     roots = ([] if args.no_host else [None]) + list(args.root)
     if not roots:
         raise InputError("--no-host without --root: nothing to measure")
     for root in roots:
         with Platform(host_python if root is None else "/usr/bin/python3", root) as platform_:
-            entry = measure_platform(platform_, wheel, programs, references, variants, args.torch_index)
-        platforms[entry["machine"]] = entry
+            measure_platform(platform_, wheel, programs, references, variants, args.torch_index, write)
+    results = json.loads(out.read_text())
+    return {"install_mb": results["install_mb"],
+            "ran": {machine: {variant: {name: p["ran"] for name, p in v["programs"].items()}
+                              for variant, v in entry["variants"].items()} for machine, entry in platforms.items()}}
+
+
+def write_results(platforms: dict[str, dict], out: Path) -> None:
+    """install.json (and its PNG) from every platform's entry."""
     results = {
         "benchmark": "install",
         "requirements": REQUIREMENTS.name,
@@ -472,9 +489,6 @@ def run(args: argparse.Namespace) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     draw(results, out.with_suffix(".png"))
-    return {"install_mb": results["install_mb"],
-            "ran": {machine: {variant: {name: p["ran"] for name, p in v["programs"].items()}
-                              for variant, v in entry["variants"].items()} for machine, entry in platforms.items()}}
 
 
 def draw(results: dict, path: Path) -> None:
