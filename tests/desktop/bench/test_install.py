@@ -2,6 +2,7 @@
 and (slow) a fresh venv built exactly as the README says, running a real program."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ from desktop.bench.install import (
     read_pins,
     selfcheck,
     venv_mb,
+    write_results,
 )
 from shared.errors import InputError
 
@@ -135,3 +137,27 @@ def test_a_venv_built_the_documented_way_runs_a_program(tiny_program, tmp_path) 
     reference = run_program(tiny_program.pte)  # the same check in the development environment
     assert output_difference(check["run"], reference) < 1e-5
     assert np.isfinite(check["run"]["loss"]) and check["run"]["b_step_norm"] > 0
+
+
+def _variant(mb: float, ran: bool) -> dict:
+    return {"venv_mb": mb, "packages_mb": {"torch": mb * 0.7, "numpy": 60.0}, "program_ran": ran,
+            "programs": {"portable": {"ran": ran}}}
+
+
+def test_install_mb_is_the_lightest_variant_that_ran_a_program(tmp_path) -> None:
+    platforms = {
+        "aarch64": {"date": "2026-12-01", "emulated": True,
+                    "variants": {"documented": _variant(1100.0, False), "torch_with_deps": _variant(4800.0, True)}},
+        "x86_64": {"date": "2026-12-01", "emulated": False,
+                   "variants": {"documented": _variant(999.0, True), "extra_with_deps": _variant(1530.0, True)}},
+        "riscv64": {"date": "2026-12-01", "emulated": True, "variants": {"documented": _variant(900.0, False)}},
+    }
+    out = tmp_path / "install.json"
+    write_results(platforms, out)
+    results = json.loads(out.read_text())
+    assert results["install_mb"] == {
+        "aarch64": {"mb": 4800.0, "variant": "torch_with_deps", "emulated": True, "date": "2026-12-01"},
+        "riscv64": None,
+        "x86_64": {"mb": 999.0, "variant": "documented", "emulated": False, "date": "2026-12-01"},
+    }
+    assert results["platforms"] == platforms and out.with_suffix(".png").stat().st_size > 0
