@@ -44,6 +44,11 @@ from shared.errors import InputError
 WEIGHTS_TAG = "weights"
 METHODS = {"step": PrgeStep, "step_rng": PrgeStepInGraphNoise, "eval": PrgeEval, "loss": PrgeLoss}
 BUCKETED_METHODS = ("step", "eval")  # the methods that get a variant per length bucket
+# "xnnpack": the linears, bmm, softmax and elementwise ops go to the XNNPACK delegate;
+# "portable": no delegate, every operator on ExecuTorch's portable kernels (slower), for a
+# runtime where XNNPACK cannot start, e.g. an emulated CPU whose cpuinfo it cannot read.
+DELEGATES = ("xnnpack", "portable")
+DEFAULT_DELEGATE = "xnnpack"
 # A worker lowering SmolLM2 reached 2.9 GiB resident (the shared model's 538 MB included;
 # its parent 1.6 GiB): never start more workers than the available memory holds.
 WORKER_MEMORY_BYTES = 3 << 30
@@ -142,13 +147,15 @@ def tag_base_weights(ep: torch.export.ExportedProgram) -> int:
 
 
 def lower_unit(methods: MethodModules, external_weights: bool = True,
-               on_stage: StageCallback = lambda *_: None):
+               on_stage: StageCallback = lambda *_: None, delegate: str = DEFAULT_DELEGATE):
     """Lower one unit of P-RGE methods to one ExecuTorch program.
 
     Args:
         methods: method name -> (module, example inputs), from :func:`method_modules`.
         external_weights: tag the frozen base weights for a separate ``.ptd``.
         on_stage: called as (stage, method, "start"|"end", seconds) around each stage.
+        delegate: one of :data:`DELEGATES`: "xnnpack", or "portable" (no delegate: every
+            operator on ExecuTorch's portable kernels; see ``ExportConfig.delegate``).
 
     Returns:
         An ``ExecutorchProgramManager`` (call ``save`` / ``write_tensor_data_to_file``).
@@ -172,9 +179,11 @@ def lower_unit(methods: MethodModules, external_weights: bool = True,
                     tag_base_weights(ep)
                 exported[name] = ep
 
-        # 3. lower: XNNPACK takes the linears, bmm, softmax and elementwise ops.
+        # 3. lower: XNNPACK takes the linears, bmm, softmax and elementwise ops (portable: nothing
+        #    is delegated; the frozen weights then go external through external_constants alone).
+        partitioner = [XnnpackPartitioner()] if delegate == "xnnpack" else None
         with _stage(on_stage, "lower", label):
-            edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
+            edge = to_edge_transform_and_lower(exported, partitioner=partitioner,
                                                compile_config=EdgeCompileConfig(_check_ir_validity=False))
 
         # 4. emit the ExecuTorch program; non-delegated base weights go external too.
@@ -254,6 +263,7 @@ class UnitJob:
     eval_batch_size: int
     length_buckets: tuple[int, ...]
     external_weights: bool
+    delegate: str = DEFAULT_DELEGATE
 
     def modules(self) -> MethodModules:
         """Stage 1 for this unit: its methods wrapped, built from the recipe."""
@@ -374,7 +384,7 @@ def _lower_and_store(job: UnitJob, cache: ProgramCache, on_stage: StageCallback)
             seconds[f"{stage}:{method}"] = round(took, 3)
         on_stage(stage, method, state, took)
 
-    et_program = lower_unit(job.modules(), job.external_weights, timed)
+    et_program = lower_unit(job.modules(), job.external_weights, timed, job.delegate)
     label = ",".join(job.methods)
     timed("store", label, "start", None)
     started = time.perf_counter()

@@ -45,8 +45,9 @@ from export.cache import ProgramCache, cached_class_bias, digest, model_fingerpr
 from export.calibration import median_class_bias
 from export.int8 import BASE_WEIGHTS, base_weights_id, smoothing_ranges
 from export.lora import AdapterTensors, LoraFaConfig, parse_layers, peft_config
-from export.lowering import (BUCKETED_METHODS, METHODS, ProgramRecipe, UnitJob, base_method, bucket_method,
-                             default_workers, lower_units, recipe_program, release_bases)
+from export.lowering import (BUCKETED_METHODS, DEFAULT_DELEGATE, DELEGATES, METHODS, ProgramRecipe, UnitJob,
+                             base_method, bucket_method, default_workers, lower_units, recipe_program,
+                             release_bases)
 from export.prge import PrgeConfig, PrgeProgram
 from export.progress import Callback, ProgressTracker
 from shared.blocks import BlockSpan, block_span, spans_for, whole_span
@@ -106,6 +107,9 @@ class ExportConfig:
     # prompts fit in 32 tokens).  Buckets at or above seq_len are ignored.
     length_buckets: tuple[int, ...] = (32,)
     external_weights: bool = True  # frozen weights in a shared .ptd instead of inside the .pte
+    # "xnnpack", or "portable": no delegate, for a runtime where XNNPACK cannot start (an
+    # emulated CPU); see export.lowering.DELEGATES. In the cache keys only when not the default.
+    delegate: str = DEFAULT_DELEGATE
     calibrate: str = "median"  # "median": per-class logit bias from training prompts (export.calibration); "none"
     calibration_examples: int = 256  # training prompts the bias is measured on
     # "fp32", or "int8": the frozen linears of the decoder layers as int8 weights with
@@ -146,6 +150,8 @@ class ExportConfig:
             raise InputError(f"--batches {self.batches!r}: choose from {', '.join(BATCH_ORDERS)}")
         if not 0 <= self.int8_smoothing <= 1:
             raise InputError(f"--int8-smoothing {self.int8_smoothing:g}: expected a value between 0 and 1")
+        if self.delegate not in DELEGATES:
+            raise InputError(f"delegate {self.delegate!r}: expected one of {', '.join(DELEGATES)}")
         if self.calibrate not in CALIBRATIONS:
             raise InputError(f"--calibrate {self.calibrate!r}: expected median or none")
         if self.calibrate == "median" and self.loss != "verbalizer":
@@ -442,10 +448,12 @@ def _prepare(cfg: ExportConfig, cache_dir: Path | None, on_progress: Callback | 
         "config": model.config.to_json_string(use_diff=False), "lora": asdict(lora), "verbalizer": verbalizer_ids,
         "class_bias": job.class_bias, "loss": cfg.loss, "external_weights": cfg.external_weights, **toolchain(),
     }
-    # Equal for every program of one job, whatever its block or methods: a coordinator
-    # refuses a manifest from another job by it.
-    job.job_key = digest({**job.common, "external_weights": None, "task": task.name, "q": cfg.q,
-                          "batch_size": cfg.batch_size, "seq_len": cfg.seq_len})
+    if cfg.delegate != DEFAULT_DELEGATE:  # only then: every XNNPACK unit already cached keeps its key
+        job.common["delegate"] = cfg.delegate
+    # Equal for every program of one job, whatever its block, methods or delegate: a coordinator
+    # refuses a manifest from another job by it (a portable program computes the same step).
+    job.job_key = digest({**{k: v for k, v in job.common.items() if k != "delegate"}, "external_weights": None,
+                          "task": task.name, "q": cfg.q, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len})
     return job
 
 
@@ -491,7 +499,7 @@ def _export(job: _Job, specs: list[_ProgramSpec], out_dir: Path, side_stem: str,
         jobs = [UnitJob(key=key, program=_program_label(wanted[key][0]), recipe=job.recipe(),
                         block=(wanted[key][0].block.first_layer, wanted[key][0].block.last_layer),
                         methods=wanted[key][1], eval_batch_size=cfg.eval_batch_size, length_buckets=cfg.buckets(),
-                        external_weights=cfg.external_weights) for key in missing]
+                        external_weights=cfg.external_weights, delegate=cfg.delegate) for key in missing]
         found.update(lower_units(jobs, job.cache, tracker, workers=n_workers))
     release_bases()
     weights = {unit.weights_sha256 for unit in found.values()}

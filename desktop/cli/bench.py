@@ -17,6 +17,7 @@ BENCHMARKS = {
     "scale": ("desktop.bench.scale", "one engine drives 10, 30 and 100 agents: its overhead per round"),
     "lowering": ("desktop.bench.lowering", "a plan's programs from a cold and a warm cache, and where lowering time goes"),
     "ui": ("desktop.bench.ui", "100 devices streaming into the dashboard: worst frame, dropped points"),
+    "install": ("desktop.bench.install", "the device agent's install, built the documented way, per platform"),
 }
 
 

@@ -257,6 +257,41 @@ def test_an_unknown_batch_order_is_refused(tiny_program, tmp_path) -> None:
                        loaded=tiny_program.loaded)
 
 
+def test_an_unknown_delegate_is_refused() -> None:
+    with pytest.raises(InputError, match="delegate 'gpu': expected one of xnnpack, portable"):
+        ExportConfig(delegate="gpu").check()
+
+
+def test_a_portable_program_has_no_delegate_and_steps_as_the_xnnpack_one(tiny_program, tmp_path) -> None:
+    import numpy as np
+    from dataclasses import replace
+
+    from device_agent.program import Program
+
+    # The step method only (no buckets, no eval), lowered in this process: what an emulated device runs.
+    config = replace(tiny_program.config, delegate="portable", methods=("step",), length_buckets=())
+    portable = export_program(config, tmp_path / "portable" / "step.pte", cache_dir=tmp_path / "cache",
+                              loaded=tiny_program.loaded, workers=1)
+    assert b"XnnpackBackend" in tiny_program.export.method_files["step"].read_bytes()
+    assert b"XnnpackBackend" not in portable.method_files["step"].read_bytes()
+    # the frozen weights still go to the shared .ptd: the step file holds only the program's own constants
+    assert portable.method_files["step"].stat().st_size < portable.files["weights"].stat().st_size / 2
+    # never served from the XNNPACK program's cache entries, but the same job
+    assert portable.manifest.cache_key != tiny_program.export.manifest.cache_key
+    assert portable.manifest.job_key == tiny_program.export.manifest.job_key
+
+    programs = [Program(tiny_program.pte), Program(portable.manifest_path)]
+    train = programs[0].load_data()["train"]
+    bs, q, size = programs[0].batch_size, programs[0].q, programs[0].b_size
+    z = np.random.default_rng(0).standard_normal((q, size), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal(size, dtype=np.float32) * 0.01
+    (b_x, loss_x, g_x), (b_p, loss_p, g_p) = (p.step(train.input_ids[:bs], train.lengths[:bs], train.labels[:bs],
+                                                      b, z, 0.1, 0.01) for p in programs)
+    assert loss_p == pytest.approx(loss_x, abs=1e-5)
+    np.testing.assert_allclose(g_p, g_x, atol=1e-4)
+    np.testing.assert_allclose(b_p, b_x, atol=1e-5)
+
+
 def test_an_older_manifest_is_refused_with_a_message_to_export_again(tiny_program, tmp_path) -> None:
     data = json.loads(tiny_program.export.manifest_path.read_text())
     old = tmp_path / "old.manifest.json"

@@ -1,0 +1,166 @@
+"""The agent's documented install: requirements-agent.txt against the `agent` extra, the bench's measures,
+and (slow) a fresh venv built exactly as the README says, running a real program."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+from packaging.requirements import Requirement
+
+from desktop.bench.install import (
+    REPO,
+    REQUIREMENTS,
+    Platform,
+    build_agent_venv,
+    canonical,
+    disk_bytes,
+    output_difference,
+    package_sizes,
+    project_wheel,
+    read_pins,
+    selfcheck,
+    venv_mb,
+    write_results,
+)
+from shared.errors import InputError
+
+
+def _agent_extra() -> list[Requirement]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return [Requirement(line) for line in project["optional-dependencies"]["agent"]]
+
+
+def test_the_file_pins_every_distribution_of_the_agent_extra_at_a_version_it_admits() -> None:
+    pins = read_pins()
+    for requirement in _agent_extra():
+        key = canonical(requirement.name)
+        assert key in pins, f"{REQUIREMENTS.name} has no pin for {requirement.name} (the agent extra has it)"
+        assert requirement.specifier.contains(pins[key].version, prereleases=True), \
+            f"{REQUIREMENTS.name} pins {key}=={pins[key].version}; the agent extra asks {requirement}"
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_every_other_pin_is_a_declared_dependency_of_a_pinned_distribution(machine: str) -> None:
+    # Nothing in the file beyond the extra but what its distributions need (ifaddr for zeroconf,
+    # typing-extensions for torch), read from their metadata in this environment.
+    pins = read_pins()
+    extra = {canonical(r.name) for r in _agent_extra()}
+    needed = set()
+    for name in extra:
+        for line in metadata.requires(name) or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate(
+                    {"extra": "", "platform_machine": machine, "platform_system": "Linux", "sys_platform": "linux"}):
+                needed.add(canonical(requirement.name))
+    assert set(pins) - extra <= needed, f"pinned, but neither in the extra nor needed by it: {set(pins) - extra - needed}"
+
+
+def test_a_line_it_cannot_read_is_refused_with_its_number(tmp_path) -> None:
+    path = tmp_path / "requirements.txt"
+    path.write_text("# comment\nnumpy==2.4.6  # why\ntorch>=2.10\n")
+    with pytest.raises(InputError, match=r"requirements.txt:3: 'torch>=2.10' is not name==version"):
+        read_pins(path)
+    path.write_text("numpy==2.4.6\nNumPy==2.4.5\n")
+    with pytest.raises(InputError, match=r"requirements.txt:2: NumPy is pinned twice"):
+        read_pins(path)
+    path.write_text("\n# only\nTyping_Extensions==4.16.0\n")
+    assert list(read_pins(path)) == ["typing-extensions"] and read_pins(path)["typing-extensions"].version == "4.16.0"
+
+
+def test_disk_bytes_counts_what_du_counts(tmp_path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "big").write_bytes(b"x" * 3_000_000)
+    (tmp_path / "small").write_bytes(b"y" * 10)
+    (tmp_path / "a" / "link").hardlink_to(tmp_path / "a" / "big")  # du counts an inode once
+    du_kib = int(subprocess.run(["du", "-sk", str(tmp_path)], capture_output=True, text=True).stdout.split()[0])
+    assert disk_bytes(tmp_path) == du_kib * 1024
+    assert venv_mb(tmp_path) == round(du_kib / 1024, 1)
+
+
+def test_package_sizes_sum_each_distributions_recorded_files(tmp_path) -> None:
+    site = tmp_path / "lib" / "python3.11" / "site-packages"
+    (site / "pkg").mkdir(parents=True)
+    (site / "pkg" / "mod.so").write_bytes(b"z" * (3 * 2**20))
+    info = site / "pkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: Pkg\nVersion: 1.0\n\nlong description: x\n")
+    (info / "RECORD").write_text("pkg/mod.so,sha256=abc,3145728\npkg-1.0.dist-info/METADATA,,\n"
+                                 "pkg-1.0.dist-info/RECORD,,\npkg/gone.py,,\n")
+    sizes, versions = package_sizes(tmp_path)
+    assert sizes == {"Pkg": 3.0} and versions == {"Pkg": "1.0"}
+
+
+def test_output_difference_is_the_largest_over_every_output() -> None:
+    run = {"loss": 0.5, "b_step_norm": 1.0, "g": [0.1, 0.2], "logits": [[1.0, 2.0]]}
+    other = {"loss": 0.5, "b_step_norm": 1.0, "g": [0.1, 0.25], "logits": [[1.0, 2.001]]}
+    assert output_difference(run, other) == pytest.approx(0.05)
+    assert output_difference(run, run) == 0
+    step_only = {"loss": 0.5, "b_step_norm": 1.0, "g": [0.1, 0.2]}  # a block program: no eval method
+    assert output_difference(step_only, step_only) == 0
+    assert output_difference(step_only, run) == float("inf")  # an output the reference has is missing
+
+
+@pytest.mark.slow
+def test_a_venv_built_the_documented_way_runs_a_program(tiny_program, tmp_path) -> None:
+    """README's commands on this machine: a fresh venv, torch alone with --no-deps (from $TORCH_INDEX if
+    set, as the Makefile's), `pip install --no-deps -r requirements-agent.txt` and the project with
+    --no-deps (pip's cache reused); then the program runs in it, from outside the working tree."""
+    from device_agent.selfcheck import run_program
+
+    host = Platform(getattr(sys, "_base_executable", sys.executable))
+    wheel = project_wheel(tmp_path / "wheel")
+    venv = tmp_path / "venv"
+    built = build_agent_venv(host, str(venv), str(wheel), str(REQUIREMENTS), "documented",
+                             os.environ.get("TORCH_INDEX") or None)
+
+    # Exactly the file's distributions (and the project, pip, setuptools): none of executorch's declared ones.
+    installed = {canonical(name) for name in package_sizes(venv)[1]}
+    expected = set(read_pins())
+    assert installed - {"deftly", "pip", "setuptools"} == expected, built["commands"]
+
+    program = tmp_path / "program"
+    shutil.copytree(tiny_program.pte.parent, program)
+    check = selfcheck(host, str(venv / "bin" / "python"), str(program / tiny_program.pte.name))
+    failed = {name: outcome for name, outcome in check.get("modules", {}).items() if outcome != "ok"}
+    assert check["returncode"] == 0 and not failed, (
+        f"the documented install ({REQUIREMENTS.name} with --no-deps) lacks what the agent needs: "
+        f"{failed or check.get('run', {}).get('error')}\n{check['stderr']}\n(add the distribution to "
+        f"{REQUIREMENTS.name}, and to the agent extra if device_agent imports it)")
+    assert Path(check["run"]["program"]).is_relative_to(program)
+    assert check["versions"]["torch"].split("+")[0] == read_pins()["torch"].version
+
+    reference = run_program(tiny_program.pte)  # the same check in the development environment
+    assert output_difference(check["run"], reference) < 1e-5
+    assert np.isfinite(check["run"]["loss"]) and check["run"]["b_step_norm"] > 0
+
+
+def _variant(mb: float, ran: bool) -> dict:
+    return {"venv_mb": mb, "packages_mb": {"torch": mb * 0.7, "numpy": 60.0}, "program_ran": ran,
+            "programs": {"portable": {"ran": ran}}}
+
+
+def test_install_mb_is_the_lightest_variant_that_ran_a_program(tmp_path) -> None:
+    platforms = {
+        "aarch64": {"date": "2026-12-01", "emulated": True,
+                    "variants": {"documented": _variant(1100.0, False), "torch_with_deps": _variant(4800.0, True)}},
+        "x86_64": {"date": "2026-12-01", "emulated": False,
+                   "variants": {"documented": _variant(999.0, True), "extra_with_deps": _variant(1530.0, True)}},
+        "riscv64": {"date": "2026-12-01", "emulated": True, "variants": {"documented": _variant(900.0, False)}},
+    }
+    out = tmp_path / "install.json"
+    write_results(platforms, out)
+    results = json.loads(out.read_text())
+    assert results["install_mb"] == {
+        "aarch64": {"mb": 4800.0, "variant": "torch_with_deps", "emulated": True, "date": "2026-12-01"},
+        "riscv64": None,
+        "x86_64": {"mb": 999.0, "variant": "documented", "emulated": False, "date": "2026-12-01"},
+    }
+    assert results["platforms"] == platforms and out.with_suffix(".png").stat().st_size > 0
