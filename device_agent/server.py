@@ -71,6 +71,7 @@ from shared.protocol_limits import (CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TIMEOU
                                     PROTOCOL_HEADER, TOKEN_HEADER, WS_PATH)
 
 log = logging.getLogger("deftly.agent")
+LINK_FILE = "link.json"  # the last link measurement, in the state dir
 
 
 @dataclass
@@ -132,7 +133,9 @@ class Agent:
         self._shard: TrainData | None = None
         self._offers: dict[str, int] = {}  # sha256 -> id of the offer its chunks answer
         self._arrivals: dict[str, tuple[float, int]] = {}  # sha256 -> (first chunk's arrival, bytes held then)
-        self._link_bytes_per_s: float | None = None  # measured on the last long enough transfer
+        # measured on the last long enough transfer; kept in the state dir, so a restarted agent that
+        # already holds a probe's files (nothing crosses the link again) can still be profiled
+        self._link_bytes_per_s: float | None = self._read_link()
         self._round_task: asyncio.Task | None = None
         self._round: RoundState | None = None
         self._control = _RoundControl()
@@ -383,6 +386,8 @@ class Agent:
             carried, seconds = have - first[1], arrived - first[0]  # after the first chunk: its bytes set the start
             if carried >= LINK_SAMPLE_BYTES and seconds > 0:
                 self._link_bytes_per_s = carried / seconds
+                write_bytes_atomic(self.state_dir / LINK_FILE, json.dumps({"bytes_per_s": carried / seconds,
+                                                                           "bytes": carried}).encode())
                 log.info("link measured on %d bytes: %.1f Mbit/s", carried, self._link_bytes_per_s * 8e-6)
         acks.put_nowait(ChunkAck(sha256=chunk.sha256, have=have, complete=complete))
 
@@ -394,6 +399,14 @@ class Agent:
         write_bytes_atomic(self.state_dir / "data.json", json.dumps({"shard": message.sha256}).encode())
         log.info("training data: shard %s… (%d examples)", message.sha256[:12], shard.summary.examples)
         await self._send(ws, DataReady(reply_to=message.id, data=shard.summary))
+
+    def _read_link(self) -> float | None:
+        """The link rate measured before this start (None: never measured, or the file is unreadable)."""
+        try:
+            rate = float(json.loads((self.state_dir / LINK_FILE).read_text())["bytes_per_s"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return rate if rate > 0 else None
 
     async def _on_profile(self, ws: ServerConnection, request: ProfileRequest) -> None:
         if await self._busy():

@@ -705,8 +705,18 @@ class Engine:
     async def _measure(self, device: _Device, probe_id: str) -> None:
         self._emit(DeviceStatus(device.key, "profiling", "running the probe program"))
         try:
-            sha, rate = await self._ship_probe(device)
-            response = await device.link.profile(sha, link_bytes_per_s=rate)
+            sha, rate, rough = await self._ship_probe(device)
+            try:
+                response = await device.link.profile(sha, link_bytes_per_s=rate)
+            except InputError as exc:  # desktop.engine.client.RequestFailed: the agent refused the request
+                if getattr(exc, "code", None) != "bad_request" or rate is not None or rough is None:
+                    raise
+                # the agent has no link rate of its own yet and the probe was too small to measure one
+                # well: take what its files crossed at, and say so
+                self._emit(Notice(f"{device.label}: link rate from a transfer of under "
+                                  f"{LINK_PROBE_MIN_BYTES >> 20} MiB (the probe's files): rough"))
+                rate = rough
+                response = await device.link.profile(sha, link_bytes_per_s=rate)
         except InputError as exc:
             self._leave_out(device, f"profiling failed: {exc}", getattr(exc, "code", "internal"))
             return
@@ -717,10 +727,11 @@ class Engine:
         device.reprofile = False
         self._set_profile(device, profile, cached=False)
 
-    async def _ship_probe(self, device: _Device) -> tuple[str, float | None]:
-        """The probe's files, then its manifest: (the manifest's sha256, the link rate measured on them).
+    async def _ship_probe(self, device: _Device) -> tuple[str, float | None, float | None]:
+        """The probe's files, then its manifest: (the manifest's sha256, the link rate measured on them, rough).
 
-        The rate is None when too little crossed the link to measure it (the agent held the files).
+        The rate is None when too little crossed the link to measure it well (a small probe, or the
+        agent held the files); rough is the rate of whatever did cross (None: nothing did).
         """
         assert self.probe is not None and self.probe_path is not None
         sent, seconds = 0, 0.0
@@ -729,8 +740,9 @@ class Engine:
                                                    sha256=self.probe.sha256.get(name))
             sent, seconds = sent + transfer.sent_bytes, seconds + transfer.seconds
         manifest = await device.link.send_file(self.probe_path, name=self.probe_path.name)
-        rate = sent / seconds if sent >= LINK_PROBE_MIN_BYTES and seconds > 0 else None
-        return manifest.sha256, rate
+        rough = sent / seconds if sent > 0 and seconds > 0 else None
+        rate = rough if sent >= LINK_PROBE_MIN_BYTES else None
+        return manifest.sha256, rate, rough
 
     def _set_profile(self, device: _Device, profile: DeviceProfile, cached: bool) -> None:
         device.profile, device.profile_cached = profile, cached

@@ -512,6 +512,10 @@ def test_a_profile_request_measures_the_device_with_the_probe_and_its_own_link(a
             measured = (await desk.profile(probe)).profile
             assert measured.name == "desk-pc" and measured.measured and measured.link_bytes_per_s > 0
             assert set(measured.measurement.method_s) == set(tiny_probe.manifest.methods)
+        await asyncio.to_thread(real.restart)  # SIGKILL, then the same command line again
+        async with client(real) as desk:  # it holds the probe's files: nothing crosses the link this time
+            again = (await desk.profile(await desk.send_probe(tiny_probe.manifest_path))).profile
+            assert again.link_bytes_per_s == pytest.approx(measured.link_bytes_per_s)  # kept across the restart
         async with client(simulated) as desk:
             reply = await desk.profile(await desk.send_probe(tiny_probe.manifest_path))
             assert reply.simulated == "phone" and reply.profile.link_bytes_per_s == 100e6 / 8
