@@ -87,7 +87,9 @@ async def one_run(addresses: list[str], job: JobSpec, out: Path, args: argparse.
     from shared.events import Round, read_events
 
     merged = [e for e in read_events(out / "metrics.jsonl") if isinstance(e, Round)]
-    return {"result": result, "rounds": merged, "plans": plans, "wall_s": time.monotonic() - started}
+    eval_data = engine.manifest.file("data", engine.eval_manifest_path)  # the job's tokenised splits
+    return {"result": result, "rounds": merged, "plans": plans, "wall_s": time.monotonic() - started,
+            "eval_data": eval_data}
 
 
 def prediction_table(rounds) -> list[dict]:
@@ -144,6 +146,21 @@ def draw(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def served_test_accuracy(adapter_dir: Path, data_path: Path, model: str | None) -> dict:
+    """The final adapter served with transformers + peft on the test split, with and without its class bias.
+
+    A user loading the adapter with PEFT alone gets ``without_bias``; ``with_bias`` is the
+    classifier deftly trained (``export.serving``).
+    """
+    from export.models import load_model
+    from export.serving import load_adapter, served_accuracy
+    from shared.task_data import load_splits
+
+    served = load_adapter(load_model(model or "smollm2").model, adapter_dir)
+    figures = served_accuracy(served, load_splits(data_path)["test"])
+    return {"with_bias": figures.with_bias, "without_bias": figures.without_bias, "examples": figures.examples}
+
+
 def run(args: argparse.Namespace) -> dict:
     job = JobSpec(model=args.model, task=args.task, layers=args.layers, seq=args.seq)
     with tempfile.TemporaryDirectory(prefix="deftly-e2e-") as tmp:
@@ -176,6 +193,7 @@ def run(args: argparse.Namespace) -> dict:
         "planner_gain_vs_equal_random": 1.0 - plan.round_s / random_plan.round_s,
         "accuracy_per_round": [r.accuracy for r in planned["rounds"]],
         "final_accuracy": {"validation": result.val_accuracy, "test": result.test_accuracy},
+        "served_test_accuracy": served_test_accuracy(Path(result.adapter), planned["eval_data"], args.model),
         "coop_json": None if coop is None else {k: coop.get(k) for k in ("cooperative_accuracy", "single_accuracy",
                                                                           "rounds", "local_steps")},
         "rounds": len(planned["rounds"]),

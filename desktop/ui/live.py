@@ -244,6 +244,10 @@ class AccuracyPlot:
             return
         rounds, accuracy = np.array(points, dtype=np.float64).T
         self.curve.setData(rounds, accuracy)
+        # At least ±0.01 around the points: a flat curve otherwise gets an axis of 1e-15 steps
+        low, high = float(accuracy.min()), float(accuracy.max())
+        pad = max(0.01, 0.1 * (high - low))
+        self.widget.setYRange(max(0.0, low - pad), min(1.0, high + pad), padding=0)
         if len(points) <= 20:
             self.widget.getPlotItem().getAxis("bottom").setTickSpacing(1, 1)  # whole rounds
         names = {d: v.name for d, v in state.devices.items()}
