@@ -1,0 +1,63 @@
+"""Data shards: the training split cut into disjoint, class-balanced parts, one per device.
+
+In a cooperative round every device trains its block on its own data, as the
+devices of a lab would hold different data. A device started with its own
+``--data`` keeps it (its rows never leave it); every other device gets a shard
+the desktop cuts from the task's training split.
+
+The cut is stratified: each class's rows are shuffled with ``seed`` and dealt
+round-robin, so every shard holds the split's class shares (within one row per
+class) and the shards are disjoint and together cover the split. Pure: arrays
+in, arrays out; :func:`write_shard` is the one function that writes a file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import InputError
+from shared.task_data import Split, save_splits
+
+
+def shard_indices(labels: np.ndarray, shards: int, seed: int = 0) -> list[np.ndarray]:
+    """Row indices of each shard: disjoint, covering every row, each at the classes' shares.
+
+    Args:
+        labels: [n] int64 class index per training row.
+        shards: how many shards (devices that take a shard).
+        seed: seeds the shuffle.
+
+    Returns:
+        ``shards`` arrays of row indices, each sorted.
+
+    Raises:
+        InputError: fewer rows than shards.
+    """
+    labels = np.asarray(labels)
+    if shards < 1:
+        raise InputError(f"data shards: need at least one shard, got {shards}")
+    if len(labels) < shards:
+        raise InputError(f"data shards: {len(labels)} training rows cannot be cut into {shards} shards "
+                         f"(each device needs at least one row)")
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(shards)]
+    dealt = 0  # rows dealt so far: the next class starts where the last one stopped, so sizes stay even
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))  # [n_label]
+        for k in range(shards):
+            parts[k].append(rows[(k - dealt) % shards::shards])
+        dealt += len(rows)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def shard_split(train: Split, indices: np.ndarray) -> Split:
+    """The rows ``indices`` of ``train``."""
+    return Split(train.input_ids[indices], train.lengths[indices], train.labels[indices])
+
+
+def write_shard(path: Path, shard: Split) -> Path:
+    """Write a shard as a task-data file holding one ``train`` split (what an agent trains on)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_splits(path, {"train": (shard.input_ids, shard.lengths, shard.labels)})
+    return path
