@@ -1,15 +1,12 @@
-"""What runs on a device: an exported P-RGE program loaded with ExecuTorch's runtime
-(`program`), the step-by-step trainer with its checkpoints and PEFT adapter
-(`trainer`) and the probe's profiler (`profile`), the modules other packages may
-use; and the agent, `deftly-agent` (`cli`): `server` (the WebSocket endpoint and
-rounds), `store` (files by sha256), `outbox` (metrics until acknowledged),
-`rounds` (the trainer a round at a time, checkpointed), `programs`, `data`,
-`tokenizer`, `advert`, `simulate`, `identity`.
+"""The headless agent that runs P-RGE programs on a device.
 
-Imports shared and exactly the packages of the `agent` extra in pyproject.toml:
-numpy, psutil, websockets, zeroconf, safetensors, tokenizers (a private text
-file, tokenised on the device), torch (only as the runtime's tensor type) and
-ExecuTorch's native extension `executorch.extension.pybindings` (never
-`executorch.exir` or `executorch.runtime`, which pull in the exporter).
-Never Qt, transformers, peft or `export/` (checked by tests/test_import_rules.py).
+Imports shared, ExecuTorch's native runtime extension (with torch as its tensor type),
+websockets, zeroconf, psutil, numpy and safetensors, and `tokenizers` when it tokenises
+a private text file: never Qt, transformers, peft or the exporter. Public entry points
+for other packages: `device_agent.trainer` (the step-by-step trainer and `deftly train`'s
+loop), `device_agent.program` and `device_agent.profile` (the probe's profiler). The agent program itself is `deftly-agent`
+(`device_agent.cli`); its parts: `server` (the WebSocket endpoint and rounds), `store`
+(files by sha256), `outbox` (metrics until acknowledged), `rounds` (the trainer a round
+at a time, checkpointed), `programs`, `data`, `tokenizer`, `advert`, `simulate`, `identity`; `host` runs several agents in one
+process (`deftly bench scale`).
 """

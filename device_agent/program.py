@@ -78,7 +78,9 @@ def verify_files(manifest: Manifest, manifest_path: Path) -> None:
         InputError: naming the first file that is absent, unlisted, or has another hash.
     """
     named = [(f"the {role} file", name) for role, name in manifest.files.items()]
-    named += [(f"the file of method {method}", name) for method, name in manifest.method_files.items()]
+    # A probe's manifest (shared.probe.ProbeManifest) names no per-method files.
+    named += [(f"the file of method {method}", name)
+              for method, name in getattr(manifest, "method_files", {}).items()]
     for what, name in named:
         if name not in manifest.sha256:
             raise InputError(f"{manifest_path}: {what}, {name}, has no sha256 in the manifest")

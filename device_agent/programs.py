@@ -1,4 +1,4 @@
-"""Programs from the file store: a directory view per manifest, loaded without re-hashing.
+"""Programs (and probes) from the file store: a directory view per manifest, loaded without re-hashing.
 
 A program arrives as separate files (its manifest, the ``.pte``, the shared
 ``.ptd`` weights, optionally a ``tokenizer.json``), each stored by sha256.
@@ -31,7 +31,7 @@ from shared.protocol import ProtocolError
 from device_agent.store import FileStore
 
 log = logging.getLogger("deftly.agent.programs")
-REQUIRED_ROLES = ("program", "weights")  # what a device needs to train; data, lora_a stay on the desktop
+REQUIRED_ROLES = ("weights",)  # beside its methods' .pte files, what a device needs; data, lora_a stay on the desktop
 MANIFEST_NAME = "program.manifest.json"
 
 
@@ -50,6 +50,19 @@ def read_manifest(store: FileStore, manifest_sha: str, reader=Manifest.from_json
         raise ProtocolError(str(exc), code="not_a_program") from None
 
 
+def needed_files(manifest: Manifest, manifest_sha: str) -> list[tuple[str, str]]:
+    """(what, file name) of every file a device needs to run the program: one ``.pte`` per method, the weights.
+
+    Raises:
+        ProtocolError: not_a_program (the manifest names no method file).
+    """
+    if not manifest.method_files:
+        raise ProtocolError(f"manifest {manifest_sha[:12]}…: names no program (.pte) file", code="not_a_program")
+    files = [(f"the file of method {method}", name) for method, name in manifest.method_files.items()]
+    files += [(f"the {role} file", manifest.files[role]) for role in REQUIRED_ROLES if role in manifest.files]
+    return list({name: (what, name) for what, name in files}.values())
+
+
 def program_view(store: FileStore, root: Path, manifest_sha: str) -> tuple[Path, Manifest]:
     """``root/<manifest_sha>/`` holding the program's manifest and its stored files under their names.
 
@@ -61,28 +74,26 @@ def program_view(store: FileStore, root: Path, manifest_sha: str) -> tuple[Path,
             (a file it needs is not stored: the error names each one).
     """
     manifest = read_manifest(store, manifest_sha)
-    return _view(store, root, manifest_sha, MANIFEST_NAME, manifest.files, manifest.sha256), manifest
+    return _view(store, root, manifest_sha, MANIFEST_NAME, needed_files(manifest, manifest_sha), manifest.sha256), manifest
 
 
 def probe_view(store: FileStore, root: Path, manifest_sha: str) -> Path:
     """As :func:`program_view`, for a probe program (``shared.probe.ProbeManifest``); returns its manifest's path."""
     probe = read_manifest(store, manifest_sha, reader=ProbeManifest.from_json)
-    return _view(store, root, manifest_sha, f"probe{PROBE_SUFFIX}", probe.files, probe.sha256)
+    if "program" not in probe.files:
+        raise ProtocolError(f"probe {manifest_sha[:12]}…: names no program (.pte) file", code="not_a_program")
+    needed = [(f"the {role} file", name) for role, name in probe.files.items()]
+    return _view(store, root, manifest_sha, f"probe{PROBE_SUFFIX}", needed, probe.sha256)
 
 
-def _view(store: FileStore, root: Path, manifest_sha: str, manifest_name: str, files: dict[str, str],
+def _view(store: FileStore, root: Path, manifest_sha: str, manifest_name: str, needed: list[tuple[str, str]],
           sha256: dict[str, str]) -> Path:
+    """Link the manifest and the stored files it names into ``root/<manifest_sha>/``; refuse a missing one."""
     missing = []
-    for role in REQUIRED_ROLES:
-        name = files.get(role)
-        if name is None:
-            if role == "program":
-                raise ProtocolError(f"manifest {manifest_sha[:12]}…: names no program (.pte) file", code="not_a_program")
-            continue
+    for what, name in needed:
         sha = sha256.get(name)
         if sha is None:
-            raise ProtocolError(f"manifest {manifest_sha[:12]}…: the {role} file {name} has no sha256",
-                                code="not_a_program")
+            raise ProtocolError(f"manifest {manifest_sha[:12]}…: {what}, {name}, has no sha256", code="not_a_program")
         if not store.has(sha):
             missing.append(f"{name} ({sha[:12]}…)")
     if missing:
@@ -107,8 +118,8 @@ def _link(source: Path, target: Path) -> None:
 
 
 def files_bytes(view_manifest: Path, manifest: Manifest) -> tuple[int, int]:
-    """Sizes of the program's ``.pte`` and its weights (0 without a weights file)."""
-    pte = manifest.file("program", view_manifest).stat().st_size
+    """Sizes of the program's ``.pte`` files (one per method) and its weights (0 without a weights file)."""
+    pte = sum((view_manifest.parent / name).stat().st_size for name in set(manifest.method_files.values()))
     weights = manifest.file("weights", view_manifest).stat().st_size if "weights" in manifest.files else 0
     return pte, weights
 
@@ -157,18 +168,18 @@ def load_program(view_manifest: Path, manifest: Manifest, one_thread: bool) -> A
         use_one_compute_thread()
     weights = manifest.file("weights", view_manifest) if "weights" in manifest.files else None
     try:
-        native_program = open_et_program(manifest.file("program", view_manifest), weights)
+        native_program = open_et_program(manifest.method_file("step", view_manifest), weights)
         meta = native_program.method_meta("step")
         takes = {i: tuple(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())}
     except RuntimeError as exc:
-        raise ProtocolError(f"program {manifest.files['program']}: ExecuTorch cannot load it or its step method "
+        raise ProtocolError(f"program {manifest.method_files['step']}: ExecuTorch cannot load it or its step method "
                             f"({str(exc)[:200]}): not a P-RGE program, or its weights are another export's",
                             code="not_a_program") from None
     span = program_block(manifest)
     claimed = {0: (manifest.batch_size, manifest.seq_len), 3: (manifest.b_size,), 4: (manifest.q, span.size)}
     for index, shape in claimed.items():
         if takes.get(index) != shape:
-            raise ProtocolError(f"program {manifest.files['program']}: its step takes input {index} of shape "
+            raise ProtocolError(f"program {manifest.method_files['step']}: its step takes input {index} of shape "
                                 f"{takes.get(index)}, its manifest (model {manifest.model_id}) says {shape}: the "
                                 f"manifest was written for another model or block", code="wrong_model")
     del native_program

@@ -23,6 +23,8 @@ State dir (``--state-dir``)::
     agent.log              what the agent did and refused
     store/                 files by sha256 (device_agent.store)
     programs/<sha>/        a directory view per program manifest (device_agent.programs)
+    probes/<sha>/          the same for a probe program (profile_request: device_agent.profile)
+    link.json              bytes received and the seconds they took: the link rate a profile reports
     outbox.jsonl, .acked   metrics and round results until acknowledged
     round.npz              the round in progress, after its last step (device_agent.rounds)
     sampler.json           where the batch order stands between rounds
@@ -39,7 +41,7 @@ import hmac
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Callable
@@ -480,12 +482,12 @@ class Agent:
             if self.memory_cap is not None:
                 need = estimated_need_bytes(self._process.memory_info().rss, *files_bytes(view_manifest, manifest))
                 if need > self.memory_cap:
-                    raise ProtocolError(f"program {manifest.files['program']} needs about {need / 2**20:.0f} MiB, "
+                    raise ProtocolError(f"program {manifest.method_files['step']} needs about {need / 2**20:.0f} MiB, "
                                         f"the {self.info.simulated} has {self.memory_cap / 2**20:.0f} MiB",
                                         code="memory")
             started = time.perf_counter()
             self._program = (request.program, load_program(view_manifest, manifest, one_thread=self.config.simulate is not None))
-            log.info("loaded program %s (%s) in %.2f s", manifest.files["program"], manifest.model_id,
+            log.info("loaded program %s (%s) in %.2f s", manifest.method_files["step"], manifest.model_id,
                      time.perf_counter() - started)
         data = self._shard or self._private.for_program(manifest, self._tokenizer(view_manifest, manifest))
         runner = self._runner

@@ -44,8 +44,8 @@ from shared.errors import InputError
 WEIGHTS_TAG = "weights"
 METHODS = {"step": PrgeStep, "step_rng": PrgeStepInGraphNoise, "eval": PrgeEval, "loss": PrgeLoss}
 BUCKETED_METHODS = ("step", "eval")  # the methods that get a variant per length bucket
-# A worker lowering SmolLM2 holds the shared model plus up to ~3 GiB of graphs and
-# serialised weights: never start more workers than the free memory holds.
+# A worker lowering SmolLM2 reached 2.9 GiB resident (the shared model's 538 MB included;
+# its parent 1.6 GiB): never start more workers than the available memory holds.
 WORKER_MEMORY_BYTES = 3 << 30
 TICK_SECONDS = 10.0  # a running stage reports this often
 
@@ -311,18 +311,32 @@ def lower_units(jobs: list[UnitJob], cache: ProgramCache, tracker: ProgressTrack
 
 
 def default_workers(units: int) -> int:
-    """Workers for ``units`` units: one per core, no more than the free memory holds, at least one."""
+    """Workers for ``units`` units: one per core, no more than the available memory holds, at least one."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        by_memory = max(1, free // WORKER_MEMORY_BYTES)
-    except (ValueError, OSError, AttributeError):
-        by_memory = 1
+    available = available_memory_bytes()
+    by_memory = cores if available is None else max(1, available // WORKER_MEMORY_BYTES)
     return max(1, min(units, cores, by_memory))
 
 
+def available_memory_bytes() -> int | None:
+    """Memory a new process can have without swapping: Linux's MemAvailable (free pages plus the
+    page cache it can drop; the free pages alone undercount it by the cache, gigabytes after
+    a few exports), else the free pages; None where neither is known."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _stage_message(stage: str, program: str, method: str) -> str:
-    verb = {"export": "exporting", "lower": "lowering", "emit": "emitting"}[stage]
+    verb = {"export": "exporting", "lower": "lowering", "emit": "emitting", "store": "storing"}[stage]
     return f"{verb} {method}" + (f" of {program}" if program else "")
 
 
@@ -361,7 +375,12 @@ def _lower_and_store(job: UnitJob, cache: ProgramCache, on_stage: StageCallback)
         on_stage(stage, method, state, took)
 
     et_program = lower_unit(job.modules(), job.external_weights, timed)
-    return cache.store(job.key, et_program, job.methods, job.external_weights, seconds)
+    label = ",".join(job.methods)
+    timed("store", label, "start", None)
+    started = time.perf_counter()
+    unit = cache.store(job.key, et_program, job.methods, job.external_weights, seconds)
+    timed("store", label, "end", time.perf_counter() - started)
+    return unit
 
 
 _worker_events = None  # the queue a worker reports its stages on (set by _init_worker)

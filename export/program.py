@@ -53,6 +53,7 @@ from shared.blocks import BlockSpan, block_span, spans_for, whole_span
 from shared.errors import InputError
 from shared.hashing import sha256_file
 from shared.manifest import BATCH_ORDERS, Manifest
+from shared.task_data import save_splits
 
 # 6: block programs (z and the update on the block's slice, the job's whole layout in the
 # manifest), one .pte per method, weights tagged without a second export. 5: eval_t<T>
@@ -232,6 +233,7 @@ class PlanExport:
     seconds: float
     lowered: int  # units lowered by this call
     cached: int  # units found in the cache
+    workers: int  # processes that lowered them side by side (1: this process; 0: nothing to lower)
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,7 @@ def export_program(cfg: ExportConfig, out: Path, cache_dir: Path | None = None,
     if out.suffix != ".pte":
         raise InputError(f"--out {out}: the program file must end in .pte")
     cfg.check()
+    _check_workers(workers)
     stem = out.name[:-len(".pte")]
     job = _prepare(cfg, cache_dir, on_progress, loaded, methods=len(_with_buckets(cfg, cfg.methods)))
     block = job.span(cfg.block)
@@ -300,6 +303,7 @@ def export_plan(cfg: ExportConfig, blocks: Sequence[tuple[int, int]], out_dir: P
             outside the job.
     """
     cfg.check()
+    _check_workers(workers)
     if not blocks:
         raise InputError("a plan needs at least one block")
     step_methods = tuple(m for m in cfg.methods if m in STEP_METHODS) or ("step",)
@@ -308,11 +312,17 @@ def export_plan(cfg: ExportConfig, blocks: Sequence[tuple[int, int]], out_dir: P
     spans = spans_for(job.adapter.layout, blocks)
     specs = [_ProgramSpec(f"block-{span.name}", span, _with_buckets(cfg, step_methods)) for span in spans]
     specs.append(_ProgramSpec("eval", whole_span(job.adapter.layout), _with_buckets(cfg, ("eval",))))
-    results, counts = _export(job, specs, Path(out_dir), side_stem=f"job-{job.job_key[:12]}", workers=workers)
+    results, (lowered, cached, used) = _export(job, specs, Path(out_dir), side_stem=f"job-{job.job_key[:12]}",
+                                              workers=workers)
     eval_result = results.pop("eval")
     job.tracker.finish(f"Wrote {len(specs)} programs to {out_dir} in {job.elapsed():.1f} s")
     return PlanExport(blocks={spec.block.name: results[spec.name] for spec in specs[:-1]}, eval=eval_result,
-                      job_key=job.job_key, seconds=job.elapsed(), lowered=counts[0], cached=counts[1])
+                      job_key=job.job_key, seconds=job.elapsed(), lowered=lowered, cached=cached, workers=used)
+
+
+def _check_workers(workers: int | None) -> None:
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+        raise InputError(f"--workers {workers!r}: expected 1 or more (or none: one per core, as memory allows)")
 
 
 def _with_buckets(cfg: ExportConfig, methods: tuple[str, ...]) -> tuple[str, ...]:
@@ -461,8 +471,12 @@ def _units(job: _Job, spec: _ProgramSpec) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def _export(job: _Job, specs: list[_ProgramSpec], out_dir: Path, side_stem: str,
-            workers: int | None) -> tuple[dict[str, ExportResult], tuple[int, int]]:
-    """Lower what the cache lacks, then write every program's files into ``out_dir``."""
+            workers: int | None) -> tuple[dict[str, ExportResult], tuple[int, int, int]]:
+    """Lower what the cache lacks, then write every program's files into ``out_dir``.
+
+    Returns:
+        The programs by name, and (units lowered, units found in the cache, workers used).
+    """
     tracker, cfg = job.tracker, job.cfg
     units_of = {spec.name: _units(job, spec) for spec in specs}
     wanted: dict[str, tuple[_ProgramSpec, tuple[str, ...]]] = {}  # key -> (first program wanting it, methods)
@@ -471,8 +485,8 @@ def _export(job: _Job, specs: list[_ProgramSpec], out_dir: Path, side_stem: str,
             wanted.setdefault(key, (spec, methods))
     found = {key: job.cache.find(key) for key in wanted}
     missing = [key for key, unit in found.items() if unit is None]
-    n_workers = default_workers(len(missing)) if workers is None else max(1, workers)
-    tracker.plan_methods(sum(len(wanted[key][1]) for key in missing), parallel=min(n_workers, max(1, len(missing))))
+    n_workers = min(default_workers(len(missing)) if workers is None else workers, len(missing))
+    tracker.plan_methods(sum(len(wanted[key][1]) for key in missing), parallel=max(1, n_workers))
     if missing:
         jobs = [UnitJob(key=key, program=_program_label(wanted[key][0]), recipe=job.recipe(),
                         block=(wanted[key][0].block.first_layer, wanted[key][0].block.last_layer),
@@ -494,7 +508,7 @@ def _export(job: _Job, specs: list[_ProgramSpec], out_dir: Path, side_stem: str,
         results[spec.name] = _write_program(job, spec, units, out_dir, shared,
                                             from_cache=all(key not in missing for key, _ in units_of[spec.name]))
     tracker.end("write", f"wrote {', '.join(r.manifest_path.name for r in results.values())}")
-    return results, (len(missing), len(wanted) - len(missing))
+    return results, (len(missing), len(wanted) - len(missing), n_workers)
 
 
 def _has_eval(spec: _ProgramSpec) -> bool:
@@ -513,8 +527,6 @@ def _write_shared_files(job: _Job, units: dict, out_dir: Path, side_stem: str, w
         files["weights"] = out_dir / f"weights-{unit.weights_sha256[:12]}.ptd"
         if not files["weights"].exists() or files["weights"].stat().st_size != unit.weights.stat().st_size:
             place_file(unit.weights, files["weights"])
-    from shared.task_data import save_splits
-
     files["data"] = out_dir / f"{side_stem}.data.npz"
     save_splits(files["data"], {name: (s.input_ids, s.lengths, s.labels) for name, s in job.splits.items()})
     if with_lora_a:

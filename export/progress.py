@@ -8,8 +8,9 @@ reads the stage durations (``seconds`` on finished stages).
 :class:`ProgressTracker` turns what the exporter does into those records. The work
 is weighted: each method to lower counts :data:`METHOD_WEIGHT` units split over its
 stages in the proportions measured on SmolLM2 (``bench/results/lowering.json``:
-torch.export ~5 %, to_edge and XNNPACK partitioning ~90 %, emitting ~5 %), and the
-preparation stages a fraction of one method each. The estimate of what is left is
+torch.export ~5 %, to_edge and XNNPACK partitioning ~90 %, emitting and storing
+~5 %), and each preparation stage the fraction of one method it took there
+(:data:`STAGE_WEIGHT`). The estimate of what is left is
 the time per unit seen so far times the units left; it is None until a stage has
 finished, because nothing measured stands behind a guess before that.
 
@@ -23,15 +24,16 @@ from typing import Callable
 
 # What an export does, in order. Preparation, once per export: load the model,
 # tokenise the task, quantise (int8 only), calibrate. Per method to lower: export
-# (torch.export, weights tagged), lower (to_edge + XNNPACK), emit (to_executorch,
-# the .pte and .ptd written to the cache). Then write the files beside the manifest.
-STAGES = ("load", "tokenise", "quantise", "calibrate", "export", "lower", "emit", "write", "done")
+# (torch.export, weights tagged), lower (to_edge + XNNPACK), emit (to_executorch),
+# store (the .pte and .ptd written into the cache). Then write the files beside the manifest.
+STAGES = ("load", "tokenise", "quantise", "calibrate", "export", "lower", "emit", "store", "write", "done")
 PREPARATION_STAGES = ("load", "tokenise", "quantise", "calibrate")
-METHOD_STAGES = ("export", "lower", "emit")
+METHOD_STAGES = ("export", "lower", "emit", "store")
 METHOD_WEIGHT = 1.0  # one method to lower
-METHOD_STAGE_SHARE = {"export": 0.06, "lower": 0.90, "emit": 0.04}  # of a method's weight
-PREPARATION_WEIGHT = 0.1  # each preparation stage, in methods (SmolLM2: 5-25 s against ~100 s a method)
-WRITE_WEIGHT = 0.05
+METHOD_STAGE_SHARE = {"export": 0.06, "lower": 0.88, "emit": 0.04, "store": 0.02}  # of a method's weight
+# Preparation and writing, in methods: on SmolLM2 a method lowers in ~100 s, loading takes
+# ~5 s, tokenising ~2 s, measuring the smoothing ranges ~15 s, calibrating ~30 s, writing ~1 s.
+STAGE_WEIGHT = {"load": 0.05, "tokenise": 0.02, "quantise": 0.15, "calibrate": 0.3, "write": 0.01}
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class ProgressTracker:
         self.on_progress = on_progress or silent
         self.clock = clock
         self.start = clock()
-        self.base = len(PREPARATION_STAGES) * PREPARATION_WEIGHT + WRITE_WEIGHT
+        self.base = sum(STAGE_WEIGHT.values())
         self.methods = 0  # methods to lower (expected, then known once the cache has been read)
         self.done = 0.0
         self._running: dict[tuple[str, str, str], tuple[float, float]] = {}  # key -> (started, weight)
@@ -158,9 +160,7 @@ class ProgressTracker:
 def _weight(stage: str) -> float:
     if stage in METHOD_STAGE_SHARE:
         return METHOD_WEIGHT * METHOD_STAGE_SHARE[stage]
-    if stage == "write":
-        return WRITE_WEIGHT
-    return PREPARATION_WEIGHT
+    return STAGE_WEIGHT.get(stage, 0.0)
 
 
 def _rounded(value: float | None) -> float | None:

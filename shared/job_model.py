@@ -197,6 +197,8 @@ def job_from_manifests(manifests: Sequence[Manifest], memory: MemoryModel, local
     blocks: tuple[Block, ...] = ()
     whole = whole_span(first.b_layout)
     spans = [program_block(m) for m in manifests if any(_is_step(method) for method in m.methods)]
+    if not spans and len(manifests) == 1 and program_block(first) == whole:
+        spans = [whole]  # the job's whole-job eval program describes the job as well: the planner chooses the blocks
     if not spans:
         raise InputError(f"{', '.join(sources)}: no step method; give the job's step programs, not only its eval")
     if not (len(spans) == 1 and spans[0] == whole):  # one whole-job program: the planner chooses the blocks

@@ -30,6 +30,7 @@ PROGRAM_LOAD_TIMEOUT_S = 300.0  # loading a program, or measuring with the probe
 RECONNECT_FIRST_S = 0.2  # first wait before reconnecting after a lost connection
 RECONNECT_CAP_S = 10.0  # the backoff doubles up to this wait
 RECONNECT_JITTER = 0.5  # each wait is scaled by a uniform factor in [1 - jitter, 1]
+LOST_PATIENCE_S = 30.0  # a device whose connection is down this long is lost: the engine re-plans without it
 OUTBOX_COMPACT_EVERY = 512  # rewrite the agent's metric outbox after this many acknowledged entries
 
 # -- the opening handshake -------------------------------------------------------------

@@ -9,7 +9,8 @@ Measures, in one run (`deftly bench lowering`):
 * `plan_programs_warm_s`: the same call again, every method found in the cache;
 * `breakdown`: per program and method, the seconds of each lowering stage as the
   worker measured it (export: torch.export and tagging the weights; lower: the edge
-  dialect and XNNPACK partitioning; emit: to_executorch and the cache entry), and
+  dialect and XNNPACK partitioning; emit: to_executorch; store: the .pte and the .ptd
+  written into the cache, with the weights' sha256), and
   `stage_share`, each stage's share of their sum;
 * `serial_s`: the sum of every method's stages, what one process lowering the same
   methods one after the other spends (the parallel speed-up is `serial_s / cold`);
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> dict:
     from desktop.cli.export import ProgressLine
     from export.models import load_model, load_tokenizer, tiny_llama
     from export.program import ExportConfig, export_plan, parse_blocks
+    from export.progress import METHOD_STAGES
 
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers {args.workers}: expected 1 or more")
@@ -72,15 +74,14 @@ def run(args: argparse.Namespace) -> dict:
     for event in cold_events:
         if event.state == "end" and event.method and event.seconds is not None:
             breakdown.setdefault(f"{event.program}/{event.method}", {})[event.stage] = event.seconds
-    stage_totals = {stage: sum(stages.get(stage, 0.0) for stages in breakdown.values()) for stage in
-                    ("export", "lower", "emit")}
+    stage_totals = {stage: sum(stages.get(stage, 0.0) for stages in breakdown.values()) for stage in METHOD_STAGES}
     serial = sum(stage_totals.values())
     preparation = {e.stage: e.seconds for e in cold_events
                    if e.state == "end" and not e.method and e.stage in ("load", "tokenise", "quantise", "calibrate")}
     results = {
         "model": loaded.model_id, "layers": args.layers, "blocks": [list(b) for b in blocks],
         "methods_lowered": cold.lowered, "methods_cached_on_warm": warm.cached,
-        "workers": args.workers, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "workers": cold.workers, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "plan_programs_cold_s": round(cold.seconds, 1),
         "plan_programs_warm_s": round(warm.seconds, 2),
         "serial_s": round(serial, 1),
@@ -108,7 +109,7 @@ def _plot(breakdown: dict[str, dict[str, float]], results: dict, path: Path) -> 
     names = list(breakdown)
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.8))
     left = [0.0] * len(names)
-    for stage, colour in (("export", "#8fb3d9"), ("lower", "#2f6db3"), ("emit", "#f0a04b")):
+    for stage, colour in (("export", "#8fb3d9"), ("lower", "#2f6db3"), ("emit", "#f0a04b"), ("store", "#b0b0b0")):
         values = [breakdown[n].get(stage, 0.0) for n in names]
         ax.barh(names, values, left=left, color=colour, label=stage)
         left = [a + b for a, b in zip(left, values)]

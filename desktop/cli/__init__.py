@@ -19,8 +19,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("desktop.cli.export", "export a P-RGE training program (.pte)"),
     "train": ("desktop.cli.train", "train locally with an exported program in ExecuTorch"),
     "bench": ("desktop.cli.bench", "run a benchmark and write bench/results/"),
-    "demo": ("desktop.cli.demo", "the main job: export and train with live progress"),
+    "demo": ("desktop.cli.demo", "three simulated devices train SmolLM2 together, live (the main job)"),
+    "dashboard": ("desktop.cli.dashboard", "the window: find, pair, plan and train agents, live"),
     "profile": ("desktop.cli.profile", "export the probe and measure this machine's profile"),
+    "run": ("desktop.cli.run", "train on a fleet of agents in rounds (the engine, headless)"),
 }
 
 

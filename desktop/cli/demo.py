@@ -1,74 +1,59 @@
-"""`deftly demo`: the main job as it stands today, end to end with live progress.
+"""`deftly demo`: three simulated devices on this machine train SmolLM2 together, shown live.
 
-1. plan: CRUNCH and the bandwidth split for a 3-device lab (Raspberry Pi 4, phone, laptop);
-2. export: SmolLM2's P-RGE program for Rotten Tomatoes (cached after the first run);
-3. train: the program in ExecuTorch on this machine, with validation accuracy;
-4. report: the PEFT adapter, metrics.jsonl and a PNG of the curves.
-
-Run again, it continues the same run (the checkpoint is resumed) instead of starting over.
+Starts three agents (Raspberry Pi 4, mid-range phone, laptop), opens the dashboard,
+which finds them by zeroconf, pairs, profiles, plans, exports, ships and trains in
+rounds; without a display it runs headless and writes runs/demo/report.md with the
+plots and a picture of the dashboard. Closing the window or Ctrl-C stops the agents
+it started. See desktop/demo.py.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+from desktop.demo import DemoSettings, run_demo
+from desktop.engine import JobSpec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="the main job: plan, export and train with live progress",
+    parser = subparsers.add_parser("demo", help="three simulated devices train SmolLM2 together, live",
                                    description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="P-RGE training steps (default 300)")
-    parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--eval-limit", type=int, default=300, help="validation examples per evaluation")
-    parser.add_argument("--layers", default=None, help="trainable layers (default: export's)")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the program and the run go")
+    face = parser.add_mutually_exclusive_group()
+    face.add_argument("--headless", action="store_const", const=True, dest="headless", default=None,
+                      help="no window: the run in the terminal, report.md with plots and a dashboard picture "
+                      "(the default when there is no display)")
+    face.add_argument("--window", action="store_const", const=False, dest="headless",
+                      help="the dashboard window (the default when there is a display)")
+    face.add_argument("--replay", type=Path, nargs="?", const=Path("runs/demo"), metavar="RUN",
+                      help="play a recorded run (default runs/demo) through the dashboard instead: no agents")
+    parser.add_argument("--speed", type=float, default=5.0, help="replay speed (default 5x)")
+    parser.add_argument("--presenter", action="store_true", help="full screen: plan and plots large, no controls")
+    job = parser.add_argument_group("what the curves show (the run's settings)")
+    job.add_argument("--rounds", type=int, default=DemoSettings.rounds)
+    job.add_argument("--local-steps", type=int, default=DemoSettings.local_steps, help="steps per device per round")
+    job.add_argument("--weights", choices=("fp32", "int8"), help="frozen weights of the programs (default fp32)")
+    job.add_argument("--no-calibration", action="store_true",
+                     help="start from the raw model, not the calibrated zero-shot (more of the curve is learning)")
+    job.add_argument("--lr", type=float, help="learning rate (default: the program's suggestion)")
+    job.add_argument("--eps", type=float, help="perturbation scale (default: the program's suggestion)")
+    job.add_argument("--layers", help="trainable layers: all | top:K | a-b (default: the exporter's)")
+    job.add_argument("--model", help="'smollm2' (embedded, the default) or a Hugging Face directory")
+    job.add_argument("--task", help="'rotten_tomatoes' (embedded, the default) or a task TOML")
+    job.add_argument("--eval-limit", type=int, default=DemoSettings.eval_limit,
+                     help="validation examples per round (default %(default)s)")
+    parser.add_argument("--out", type=Path, default=DemoSettings.out, help="the run directory (default runs/demo; "
+                        "a previous demo run there moves to runs/demo.previous)")
+    parser.add_argument("--cache-dir", type=Path, help="export and profile caches (default ~/.cache/deftly)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    if args.replay is not None:
+        from desktop.ui.app import open_replay
 
-    from desktop.cli import plan, train
-    from desktop.cli.export import ProgressLine
-    from desktop.report import plot_run
-    from export.program import ExportConfig, export_program
-
-    print("== 1/4 plan: which device trains which block ==")
-    plan.run(_parsed(plan, "plan", ["--fleet", str(ASSETS / "fleets" / "lab3.toml"),
-                                    "--job", str(ASSETS / "jobs" / "smollm2.toml")]))
-
-    print("\n== 2/4 export: SmolLM2's P-RGE training program ==")
-    cfg = ExportConfig()
-    if args.layers:
-        cfg = replace(cfg, layers=args.layers)
-    line = ProgressLine()
-    try:
-        exported = export_program(cfg, args.out / "step.pte", on_progress=line)
-    finally:
-        line.close()
-
-    print("\n== 3/4 train: the program in ExecuTorch, on this machine ==")
-    run_dir = args.out / "train"
-    resume = ["--resume"] if (run_dir / "checkpoint.npz").exists() else []
-    train.run(_parsed(train, "train", ["--program", str(exported.manifest_path), "--out", str(run_dir),
-                                       "--steps", str(args.steps), "--eval-every", str(args.eval_every),
-                                       "--eval-limit", str(args.eval_limit), *resume]))
-
-    print("\n== 4/4 report ==")
-    png = plot_run(run_dir / "metrics.jsonl", run_dir / "curves.png",
-                   title=f"P-RGE in ExecuTorch: {exported.manifest.model_id} on {exported.manifest.task}")
-    print(f"curves: {png}")
-    program_bytes = sum(path.stat().st_size for path in set(exported.method_files.values()))
-    weights = exported.files.get("weights")
-    shared = "" if weights is None else f"; the shared weights file is {weights.stat().st_size / 1e6:.0f} MB"
-    print(f"program: {exported.manifest_path} ({len(exported.method_files)} methods, {program_bytes / 1e6:.2f} MB{shared})")
-    return 0
-
-
-def _parsed(command, name: str, argv: list[str]) -> argparse.Namespace:
-    """``argv`` parsed by the ``name`` command's own parser, so every option it adds later
-    gets its default here too (a hand-built Namespace missed --resident-methods once)."""
-    parser = argparse.ArgumentParser(prog="deftly")
-    command.register(parser.add_subparsers())
-    return parser.parse_args([name, *argv])
+        return open_replay(args.replay, args.speed, presenter=args.presenter)
+    job = JobSpec(model=args.model, task=args.task, layers=args.layers, weights=args.weights, lr=args.lr,
+                  eps=args.eps, calibrate="none" if args.no_calibration else None)
+    return run_demo(DemoSettings(job=job, rounds=args.rounds, local_steps=args.local_steps, eval_limit=args.eval_limit,
+                                 out=args.out, cache_dir=args.cache_dir, headless=args.headless,
+                                 presenter=args.presenter))

@@ -501,15 +501,17 @@ class AgentClient:
                            on_progress: Callable[[str, int, int], None] | None = None) -> str:
         """Ship a program: the files its manifest names that a device needs, then the manifest.
 
-        The ``.pte``, the weights (sent once per model: every program of a model names
-        the same ``.ptd``) and a ``tokenizer`` if named; the data and the A's stay here.
+        Each method's ``.pte``, the weights (sent once per model: every program of a
+        model names the same ``.ptd``) and a ``tokenizer`` if named; the data and the
+        A's stay here.
 
         Returns:
             The manifest's sha256 (what StartRound names).
         """
         manifest = Manifest.load(Path(manifest_path))
-        return await self._send_bundle(Path(manifest_path), manifest.files, manifest.sha256,
-                                       ("program", "weights", "tokenizer"), on_progress)
+        names = [*manifest.method_files.values(),
+                 *(manifest.files[role] for role in ("weights", "tokenizer") if role in manifest.files)]
+        return await self._send_bundle(Path(manifest_path), names, manifest.sha256, on_progress)
 
     async def send_probe(self, manifest_path: Path) -> str:
         """Ship a probe program (``shared.probe.ProbeManifest``: its ``.pte`` and weights, then the manifest).
@@ -518,16 +520,14 @@ class AgentClient:
             The probe manifest's sha256 (what :meth:`profile` names).
         """
         probe = ProbeManifest.load(Path(manifest_path))
-        return await self._send_bundle(Path(manifest_path), probe.files, probe.sha256, ("program", "weights"), None)
+        return await self._send_bundle(Path(manifest_path), list(probe.files.values()), probe.sha256, None)
 
-    async def _send_bundle(self, manifest_path: Path, files: dict[str, str], sha256: dict[str, str],
-                           roles: tuple[str, ...], on_progress: Callable[[str, int, int], None] | None) -> str:
-        for role in roles:
-            if role in files:
-                name = files[role]
-                await self.send_file(manifest_path.parent / name, name=name, sha256=sha256.get(name),
-                                     on_progress=(lambda have, size, name=name: on_progress(name, have, size))
-                                     if on_progress else None)
+    async def _send_bundle(self, manifest_path: Path, names: list[str], sha256: dict[str, str],
+                           on_progress: Callable[[str, int, int], None] | None) -> str:
+        for name in dict.fromkeys(names):  # a file named twice crosses once
+            await self.send_file(manifest_path.parent / name, name=name, sha256=sha256.get(name),
+                                 on_progress=(lambda have, size, name=name: on_progress(name, have, size))
+                                 if on_progress else None)
         transfer = await self.send_file(manifest_path, name=manifest_path.name)
         return transfer.sha256
 
@@ -539,6 +539,17 @@ class AgentClient:
 
     # -- rounds ---------------------------------------------------------------------------------------
 
+    def _round_request(self, round: int, program: str, b: np.ndarray, k: int, lr: float, eps: float,
+                       seed: int) -> StartRound:
+        """The StartRound for a round, with its result future (kept across reconnects) made ready."""
+        b = np.asarray(b, dtype=np.float32).reshape(-1)
+        request = StartRound(id=self._take_id(), round=round, program=program, k=k, lr=float(lr), eps=float(eps),
+                             seed=seed, b_size=int(b.shape[0]), b=encode_f32(b))
+        if round not in self._rounds or self._rounds[round].done():
+            self._rounds[round] = asyncio.get_running_loop().create_future()
+        self._start_ids[request.id] = round
+        return request
+
     async def start_round(self, round: int, program: str, b: np.ndarray, k: int, lr: float, eps: float,
                           seed: int = 0) -> Status:
         """Ask for a round; returns once the agent has accepted it (then await :meth:`round_result`).
@@ -546,15 +557,35 @@ class AgentClient:
         Raises:
             AgentBusy: a round is running. RequestFailed: the request is wrong (e.g. b's size).
         """
-        b = np.asarray(b, dtype=np.float32).reshape(-1)
-        request = StartRound(id=self._take_id(), round=round, program=program, k=k, lr=float(lr), eps=float(eps),
-                             seed=seed, b_size=int(b.shape[0]), b=encode_f32(b))
-        if round not in self._rounds or self._rounds[round].done():
-            self._rounds[round] = asyncio.get_running_loop().create_future()
-        self._start_ids[request.id] = round
+        request = self._round_request(round, program, b, k, lr, eps, seed)
         status = await self._request(request, Status)
         self._round_requests[round] = request  # accepted: asked for again if a restart loses it
         return status
+
+    async def continue_round(self, round: int, program: str, b: np.ndarray, k: int, lr: float, eps: float,
+                             seed: int = 0) -> None:
+        """Take up a round asked for before this desktop restarted; then await :meth:`round_result`.
+
+        The agent may be running it still, or hold its result unacknowledged (then it arrives
+        with the replay): it is asked for again, with the same values, only if it does neither,
+        and the agent continues it from its last checkpointed step.
+        """
+        request = self._round_request(round, program, b, k, lr, eps, seed)
+        await self.wait_connected()
+        state = self.welcome.state
+        running = state.state != "idle" and state.round == round
+        # Its result is there to be replayed if anything is unacknowledged (by any client of this desktop).
+        finished = state.completed_round == round and state.last_seq > max(self.delivered_seq, state.acked_seq)
+        if not running and not finished:
+            await self._request(request, Status)
+        self._round_requests[round] = request  # awaited: asked for again if a restart loses it
+
+    def forget_round(self, round: int) -> None:
+        """Stop awaiting a round (the desktop gave up on it): it is not asked for again after a reconnect."""
+        self._round_requests.pop(round, None)
+        future = self._rounds.pop(round, None)
+        if future is not None and not future.done():
+            future.cancel()
 
     async def round_result(self, round: int, timeout_s: float | None = None) -> RoundDone:
         """The result of a round started with :meth:`start_round`, across reconnects and agent restarts."""

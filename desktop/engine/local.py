@@ -20,6 +20,30 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60.0  # a loaded 2-core machine can take a while to import numpy and websockets
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _libc_prctl():
+    """libc's prctl, looked up here in the parent: the child between fork and exec must only call it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl()
+
+
+def _die_with_parent() -> None:
+    """In the child between fork and exec: SIGTERM when the parent dies, so no agent outlives a killed demo.
+
+    (Linux sends it when the *thread* that started the agent ends: start agents from the main thread.)
+    """
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class LocalAgent:
@@ -46,7 +70,8 @@ class LocalAgent:
                    "--state-dir", str(self.state_dir), *self.args]
         self._stderr = open(self.stderr_path, "ab")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=REPO,
-                                        env={**os.environ, "PYTHONPATH": str(REPO)})
+                                        env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
+                                        preexec_fn=_die_with_parent if _PRCTL is not None else None)
         lines: list[str] = []
 
         def read_banner() -> None:  # the banner ends with the line about advertising

@@ -20,7 +20,7 @@ def test_bench_lowering_times_a_cold_and_a_warm_plan(tmp_path, smollm2_conversio
     assert results["methods_lowered"] == 6 and results["methods_cached_on_warm"] == 6
     assert set(results["breakdown"]) == {"L1/step", "L1/step_t16", "L2-3/step", "L2-3/step_t16", "eval/eval",
                                          "eval/eval_t16"}
-    assert all(set(stages) == {"export", "lower", "emit"} for stages in results["breakdown"].values())
+    assert all(set(stages) == {"export", "lower", "emit", "store"} for stages in results["breakdown"].values())
     assert results["serial_s"] == pytest.approx(sum(results["stage_seconds"].values()), abs=0.2)
     assert sum(results["stage_share"].values()) == pytest.approx(1.0, abs=0.01)
     assert 0 < results["plan_programs_warm_s"] < results["plan_programs_cold_s"]

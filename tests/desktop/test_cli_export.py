@@ -16,6 +16,7 @@ from desktop.cli import main
     (["--targets", ","], "--targets: name at least one target linear"),
     (["--int8-smoothing", "2"], "--int8-smoothing 2: expected a value between 0 and 1"),
     (["--loss", "vocab"], "--calibrate median needs --loss verbalizer"),
+    (["--workers", "0"], "--workers 0: expected 1 or more"),
 ])
 def test_a_bad_option_is_an_error_naming_it(tmp_path, capsys, argv, message) -> None:
     out = tmp_path / ("plan" if "--blocks" in argv else "x.pte")

@@ -34,7 +34,7 @@ class ProgramFiles:
 @pytest.fixture(scope="session")
 def agent_program(tiny_program, smollm2_tokenizer, tmp_path_factory) -> ProgramFiles:
     directory = tmp_path_factory.mktemp("agent-program")
-    source = tiny_program.export.files["program"].parent
+    source = tiny_program.export.manifest_path.parent
     for path in source.iterdir():
         shutil.copy2(path, directory / path.name)
     tokenizer = directory / "tokenizer.json"

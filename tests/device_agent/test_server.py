@@ -237,10 +237,11 @@ def test_a_pte_that_is_not_a_program_and_a_manifest_for_another_model_are_refuse
     agent = agents()
 
     def garbage_pte(directory: Path, manifest: Manifest) -> None:
-        (directory / manifest.files["program"]).write_bytes(b"this is not a flatbuffer" * 100)
+        (directory / manifest.method_files["step"]).write_bytes(b"this is not a flatbuffer" * 100)
 
     def other_model(directory: Path, manifest: Manifest) -> None:
         manifest.model_id = "some-other-model"
+        manifest.block = None  # a single-device program of that model: its block is all its layers
         manifest.b_size = 1024
         manifest.b_layout[-1] = type(manifest.b_layout[-1])(**{**manifest.b_layout[-1].__dict__, "shape": (64, 8)})
 

@@ -318,7 +318,7 @@ def test_a_plan_gives_each_device_its_step_and_the_coordinator_one_eval(tiny_pla
     # shared: one weights file and one data file for all four programs
     assert len({r.files["weights"] for r in (*plan.blocks.values(), plan.eval)}) == 1
     assert len({r.files["data"] for r in (*plan.blocks.values(), plan.eval)}) == 1
-    assert (plan.lowered, plan.cached) == (4, 0)
+    assert (plan.lowered, plan.cached, plan.workers) == (4, 0, 2)
     # the single-device program found the plan's eval lowered and lowered only its step
     assert sha256_file(tiny_plan.whole.method_files["eval"]) == sha256_file(plan.eval.method_files["eval"])
     # progress: every method's lowering was reported with its time, the fraction only grows
@@ -427,7 +427,7 @@ def test_a_second_export_of_the_plan_is_warm(tiny_plan, tmp_path) -> None:
     events: list = []
     again = export_plan(tiny_plan.config, [(1, 1), (2, 2), (3, 3)], tmp_path / "again", cache_dir=tiny_plan.cache_dir,
                         on_progress=events.append, loaded=tiny_plan.loaded)
-    assert (again.lowered, again.cached) == (0, 4) and not ended(events, "lower")
+    assert (again.lowered, again.cached, again.workers) == (0, 4, 0) and not ended(events, "lower")
     assert all(result.from_cache for result in (*again.blocks.values(), again.eval))
     for name, result in again.blocks.items():
         assert sha256_file(result.method_files["step"]) == sha256_file(tiny_plan.plan.blocks[name].method_files["step"])

@@ -30,7 +30,7 @@ def test_progress_moves_forward_and_estimates_only_after_a_measured_stage() -> N
     for method in ("step", "eval"):
         for stage in METHOD_STAGES:
             tracker.begin(stage, f"{stage} {method}", "L1", method)
-            clock.now += {"export": 0.5, "lower": 9.0, "emit": 0.5}[stage]
+            clock.now += {"export": 0.5, "lower": 8.5, "emit": 0.5, "store": 0.5}[stage]
             tracker.tick(stage, f"{stage} {method}", "L1", method)
             tracker.end(stage, f"{stage} {method}", "L1", method)
     tracker.begin("write", "writing")
@@ -41,7 +41,7 @@ def test_progress_moves_forward_and_estimates_only_after_a_measured_stage() -> N
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert events[-1].stage == "done" and events[-1].elapsed_s == 21.0
     lowered = [e for e in events if e.stage == "lower" and e.state == "end"]
-    assert [(e.method, e.seconds) for e in lowered] == [("step", 9.0), ("eval", 9.0)]
+    assert [(e.method, e.seconds) for e in lowered] == [("step", 8.5), ("eval", 8.5)]
     # after the first method the estimate is about the second method's time
     after_first = next(e for e in events if e.stage == "emit" and e.state == "end" and e.method == "step")
     assert 5.0 < after_first.remaining_s < 20.0

@@ -84,6 +84,8 @@ def test_block_manifests_give_the_blocks() -> None:
     parts = [_manifest(block=(22, 25)), _manifest(block=(26, 28)), _manifest(block=(29, 29)),
              _manifest(block=(22, 29), methods=["eval"])]  # the job's eval program is passed over
     assert job_from_manifests([_manifest(block=(22, 29))], model, local_steps=5).blocks == ()
+    # the whole job's eval program alone describes the job as well (the engine plans from it)
+    assert job_from_manifests([_manifest(block=(22, 29), methods=["eval"])], model, local_steps=5).blocks == ()
     job = job_from_manifests(parts[::-1], model, local_steps=5)
     assert [(b.first_layer, b.last_layer, b.payload_bytes) for b in job.blocks] == [
         (22, 25, 4 * 4 * 6144), (26, 28, 3 * 4 * 6144), (29, 29, 4 * 6144)]
@@ -94,7 +96,7 @@ def test_block_manifests_give_the_blocks() -> None:
     ([_manifest(block=(22, 25)), _manifest(block=(27, 29))], "no block holds trainable layers 26"),
     ([_manifest(block=(22, 25)), _manifest(block=(26, 29), model_id="other")], "manifest\\[1\\]: a program of another job"),
     ([_manifest(block=(22, 25)), _manifest(block=(22, 29))], "mix of block programs"),
-    ([_manifest(methods=["eval"])], "no step method"),
+    ([_manifest(block=(22, 25), methods=["eval"])], "no step method"),
     ([_manifest(layers=[22, 24])], "not contiguous"),
     ([], "no program manifests"),
 ])

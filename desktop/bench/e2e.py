@@ -1,0 +1,197 @@
+"""e2e: a simulated three-device lab training SmolLM2 on Rotten Tomatoes with the engine, on real agents.
+
+Measures, in one run (`deftly bench e2e`), on three ``deftly-agent`` processes
+over loopback simulating a Raspberry Pi 4, a mid-range phone and a laptop
+(``--simulate``: their compute speed on a simulated clock, memory cap and link
+rate; see the README's "Simulated devices"):
+
+* the planned run: ``--rounds`` rounds of ``--local-steps`` steps, the merged
+  adapter's validation accuracy each round, test accuracy at the end;
+* ``worst_prediction_error``: the largest |measured − predicted| / measured
+  round time over devices and rounds, with the table (``prediction``): measured
+  is the download until the agent took the round, its compute on the device's
+  clock, and the upload of its block; predicted is the plan's compute + comm;
+* the baseline run: the same agents and job with equal-size blocks matched at
+  random and equal link shares (``--policy equal_random``), ``--random-rounds``
+  rounds; ``gain_vs_equal_random`` = 1 − (the plan's measured round latency ÷
+  the baseline's), each the mean over rounds of the slowest device's round;
+* beside them the planner's own prediction of the same ratio, and
+  ``bench/results/coop.json``'s in-process accuracy for the cooperative job when
+  that file exists.
+
+``--model``/``--task``/``--layers`` run it on another job (the tests use a tiny model).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from desktop.engine import Engine, EngineConfig, JobSpec
+from desktop.engine.events import PlanMade
+from desktop.engine.local import LocalAgent
+
+ROOT = Path(__file__).resolve().parents[2]
+LAB = (("pi4", "pi4-4gb"), ("phone", "midrange-phone"), ("laptop", "laptop"))  # (name, device class)
+TOKEN = "bench-e2e"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the planned run (default 5)")
+    parser.add_argument("--random-rounds", type=int, default=2, help="rounds of the baseline run (default 2)")
+    parser.add_argument("--local-steps", type=int, default=10, help="steps per device per round (default 10)")
+    parser.add_argument("--eval-limit", type=int, default=300, help="validation examples per round (default 300)")
+    parser.add_argument("--test-limit", type=int, default=None, help="test examples at the end (default: all)")
+    parser.add_argument("--model", default=None, help="default: smollm2")
+    parser.add_argument("--task", default=None, help="default: rotten_tomatoes")
+    parser.add_argument("--layers", default=None, help="default: the exporter's (top:8)")
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="export and profile caches")
+    parser.add_argument("--work-dir", type=Path, default=None, help="agents' state and the runs (default: a "
+                        "temporary folder)")
+
+
+class Lab:
+    """Three agent processes (``desktop.engine.local.LocalAgent``); :meth:`close` ends them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.agents = root, []
+
+    def start(self) -> list[str]:
+        for name, device_class in LAB:
+            agent = LocalAgent(self.root / name, ["--name", name, "--token", TOKEN, "--simulate", device_class,
+                                                  "--no-advertise"])
+            self.agents.append(agent)
+            agent.start()
+        return [agent.address for agent in self.agents]
+
+    def close(self) -> None:
+        for agent in self.agents:
+            agent.stop()
+
+
+async def one_run(addresses: list[str], job: JobSpec, out: Path, args: argparse.Namespace, policy: str,
+                  rounds: int) -> dict:
+    engine = Engine(EngineConfig(job=job, out=out, rounds=rounds, local_steps=args.local_steps,
+                                 agents=tuple(addresses), token=TOKEN, policy=policy, seed=0,
+                                 eval_limit=args.eval_limit, test_limit=args.test_limit, test=policy == "planned",
+                                 cache_dir=args.cache_dir, wait_s=600.0))
+    plans = []
+    engine.subscribe(lambda e: plans.append(e.plan) if isinstance(e, PlanMade) else None)
+    started = time.monotonic()
+    result = await engine.run()
+    from shared.events import Round, read_events
+
+    merged = [e for e in read_events(out / "metrics.jsonl") if isinstance(e, Round)]
+    return {"result": result, "rounds": merged, "plans": plans, "wall_s": time.monotonic() - started}
+
+
+def prediction_table(rounds) -> list[dict]:
+    rows = []
+    for r in rounds:
+        for device, measured in sorted(r.measured_round_s.items()):
+            predicted = r.predicted_round_s.get(device, math.nan)
+            rows.append({"round": r.round, "device": device, "measured_s": measured, "predicted_s": predicted,
+                         "error": abs(measured - predicted) / measured if measured > 0 else math.nan})
+    return rows
+
+
+def round_latency(rounds) -> float:
+    """Mean over rounds of the slowest device's measured round."""
+    return sum(max(r.measured_round_s.values()) for r in rounds) / len(rounds)
+
+
+def draw(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
+    acc = results["accuracy_per_round"]
+    left.plot(range(1, len(acc) + 1), acc, "o-", color="C2", label="merged adapter, validation")
+    if results["final_accuracy"].get("test") is not None:
+        left.axhline(results["final_accuracy"]["test"], color="C3", ls="--",
+                     label=f"test at the end: {results['final_accuracy']['test']:.3f}")
+    left.set_xlabel("round")
+    left.set_ylabel("accuracy")
+    left.legend(fontsize=8)
+    left.set_title("cooperative training, global accuracy")
+    devices = sorted({row["device"] for row in results["prediction"]})
+    for i, device in enumerate(devices):
+        rows = [row for row in results["prediction"] if row["device"] == device]
+        middle.plot([r["round"] for r in rows], [r["measured_s"] for r in rows], "o-", color=f"C{i}",
+                    label=f"{device} measured")
+        middle.plot([r["round"] for r in rows], [r["predicted_s"] for r in rows], "x--", color=f"C{i}",
+                    label=f"{device} predicted")
+    middle.set_xlabel("round")
+    middle.set_ylabel("round time (s)")
+    middle.set_title(f"predicted vs measured (worst error {100 * results['worst_prediction_error']:.1f} %)")
+    middle.legend(fontsize=7)
+    bars = {"plan (measured)": results["plan_round_s"], "equal-bw random (measured)": results["random_round_s"],
+            "plan (predicted)": results["plan_predicted_round_s"],
+            "random (predicted)": results["random_predicted_round_s"]}
+    right.bar(range(len(bars)), list(bars.values()), color=["black", "C1", "grey", "C1"])
+    right.set_xticks(range(len(bars)), [k.replace(" (", "\n(") for k in bars], fontsize=8)
+    right.set_ylabel("round latency (s)")
+    right.set_title(f"gain vs equal-bandwidth random: {100 * results['gain_vs_equal_random']:.0f} %")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict:
+    job = JobSpec(model=args.model, task=args.task, layers=args.layers, seq=args.seq)
+    with tempfile.TemporaryDirectory(prefix="deftly-e2e-") as tmp:
+        work = Path(args.work_dir) if args.work_dir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        lab = Lab(work / "agents")
+        lab.root.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        try:
+            addresses = lab.start()
+            planned = asyncio.run(one_run(addresses, job, work / f"planned-{stamp}", args, "planned", args.rounds))
+            baseline = asyncio.run(one_run(addresses, job, work / f"random-{stamp}", args, "equal_random",
+                                           args.random_rounds))
+        finally:
+            lab.close()
+    table = prediction_table(planned["rounds"])
+    plan, random_plan = planned["plans"][0], baseline["plans"][0]
+    plan_round, random_round = round_latency(planned["rounds"]), round_latency(baseline["rounds"])
+    result = planned["result"]
+    coop_path = ROOT / "bench" / "results" / "coop.json"
+    coop = json.loads(coop_path.read_text()) if coop_path.exists() else None
+    results = {
+        "worst_prediction_error": max(row["error"] for row in table),
+        "prediction": table,
+        "gain_vs_equal_random": 1.0 - plan_round / random_round,
+        "plan_round_s": plan_round,
+        "random_round_s": random_round,
+        "plan_predicted_round_s": plan.round_s,
+        "random_predicted_round_s": random_plan.round_s,
+        "planner_gain_vs_equal_random": 1.0 - plan.round_s / random_plan.round_s,
+        "accuracy_per_round": [r.accuracy for r in planned["rounds"]],
+        "final_accuracy": {"validation": result.val_accuracy, "test": result.test_accuracy},
+        "coop_json": None if coop is None else {k: coop.get(k) for k in ("cooperative_accuracy", "single_accuracy",
+                                                                          "rounds", "local_steps")},
+        "rounds": len(planned["rounds"]),
+        "random_rounds": len(baseline["rounds"]),
+        "local_steps": args.local_steps,
+        "eval_limit": args.eval_limit,
+        "devices": [{"name": name, "simulates": device_class} for name, device_class in LAB],
+        "plan": [{"device": a.name, "block": a.block, "share": a.share, "predicted_round_s": a.round_s}
+                 for a in plan.assignments],
+        "random_plan": [{"device": a.name, "block": a.block, "share": a.share} for a in random_plan.assignments],
+        "job": plan.job,
+        "wall_s": {"planned": planned["wall_s"], "random": baseline["wall_s"]},
+        "simulated": True,
+    }
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "e2e.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    draw(results, out_dir / "e2e.png")
+    return results

@@ -1,0 +1,90 @@
+"""`deftly demo` end to end on the tiny model: three real agents, headless and in an offscreen window.
+
+The demo starts its own agents (``deftly-agent --simulate`` for a Pi 4, a mid-range
+phone and a laptop); each test checks that none is left running when it returns.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+
+from desktop.demo import LAB, DemoSettings, has_display, run_demo
+from desktop.engine import JobSpec
+from shared.events import Round, Step, read_events
+
+
+def demo_settings(tiny_job: JobSpec, export_cache: Path, tmp_path: Path, **overrides):
+    base = dict(job=tiny_job, rounds=1, local_steps=2, eval_limit=16, test_limit=16, out=tmp_path / "demo",
+                cache_dir=export_cache, agents_dir=tmp_path / "agents")
+    return DemoSettings(**{**base, **overrides})
+
+
+def agents_left(agents_dir: Path) -> list[psutil.Process]:
+    left = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "device_agent.cli" in " ".join(process.cmdline()) and str(agents_dir) in " ".join(process.cmdline()):
+                left.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return left
+
+
+def test_without_a_display_the_demo_runs_headless_and_says_so(monkeypatch) -> None:
+    for name in ("QT_QPA_PLATFORM", "DISPLAY", "WAYLAND_DISPLAY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("sys.platform", "linux")
+    assert not has_display()
+    monkeypatch.setenv("DISPLAY", ":99")
+    assert has_display()
+
+
+def test_the_demo_runs_headless_writes_its_report_with_a_dashboard_picture_and_stops_its_agents(
+        tiny_job, export_cache, tmp_path, capsys) -> None:
+    settings = demo_settings(tiny_job, export_cache, tmp_path, headless=True)
+    assert run_demo(settings) == 0
+    out = capsys.readouterr().out
+    assert "starting 3 simulated agents" in out and "stopped the 3 agents the demo started" in out
+    assert not agents_left(settings.agents_dir)
+    run = settings.out
+    events = read_events(run / "metrics.jsonl")
+    devices = {e.device for e in events if isinstance(e, Step)}
+    assert devices and devices <= {name for name, _cls in LAB}
+    assert [e.round for e in events if isinstance(e, Round)] == [1]
+    report = (run / "report.md").read_text()
+    assert "![dashboard](dashboard.png)" in report and "Before training (round 0)" in report
+    assert (run / "dashboard.png").stat().st_size > 20_000 and (run / "loss.png").stat().st_size > 5_000
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+    # A second demo moves the first aside instead of refusing the folder.
+    assert run_demo(settings) == 0
+    assert (tmp_path / "demo.previous" / "report.md").exists() and (run / "report.md").exists()
+
+
+def test_the_demo_runs_in_an_offscreen_window_and_closing_it_stops_its_agents(
+        qapp, tiny_job, export_cache, tmp_path) -> None:
+    from PySide6.QtCore import QTimer
+
+    settings = demo_settings(tiny_job, export_cache, tmp_path, headless=False)
+    seen = {}
+
+    def watch(window) -> None:  # the audience watches until the run ends, then closes the window
+        timer = QTimer(window)
+
+        def check() -> None:
+            state = window.model.state
+            if state.finished is not None:
+                seen["plotted"] = {d: len(window.live.plotted(d)[1]) for d in state.devices}
+                seen["cards"] = sorted(c.name.text().split("<b style='font-size:13px'>")[1].split("</b>")[0]
+                                       for c in window.devices.cards.values())
+                timer.stop()
+                window.close()
+
+        timer.timeout.connect(check)
+        timer.start(100)
+
+    assert run_demo(settings, on_window=watch) == 0
+    assert not agents_left(settings.agents_dir)
+    assert seen["cards"] == sorted(name for name, _cls in LAB)
+    assert sum(seen["plotted"].values()) == sum(1 for e in read_events(settings.out / "metrics.jsonl")
+                                                if isinstance(e, Step))
