@@ -7,10 +7,12 @@ device training every layer, so each of its estimates is less noisy and it may
 learn faster per step; or the staleness of the other blocks (fixed for K steps)
 may hurt. `deftly bench coop` measures which, with no network:
 
-* the job: the default job's top 8 layers (SmolLM2), cut into 3 blocks as the
-  planner cuts them (`shared.planner.plan` on ``assets/fleets/lab3.toml`` with the
-  hypothetical job ``assets/jobs/smollm2.toml`` narrowed to these layers and K
-  local steps; ``--blocks`` gives the cut instead), recorded under ``blocks_from``;
+* the job: the default job's top 8 layers (SmolLM2, Rotten Tomatoes, the
+  exporter's LoRA-FA settings), cut into the default 3-device plan's blocks
+  22-24, 25-27, 28-29 (``--blocks`` gives another cut; ``--blocks planner`` cuts
+  it as `shared.planner.plan` does for ``assets/fleets/lab3.toml``), recorded
+  under ``blocks_from``; the programs are exported with
+  `export.program.export_plan` (cached: a second run lowers nothing);
 * cooperative: one `device_agent.trainer.Trainer` per block, each on its own
   disjoint third of the training split (`desktop.engine.shards`: stratified by
   label, seeded), R rounds of K steps, merged after each round;
@@ -25,18 +27,24 @@ may hurt. `deftly bench coop` measures which, with no network:
   the single device, the step times, the wall time, the machine's load.
 
 Keys of ``bench/results/coop.json``: ``cooperative_accuracy`` and ``single_accuracy``
-(test accuracy at the end, the mean over ``--seeds``), ``steps_per_device`` (R·K),
-``rounds``, ``local_steps``, ``blocks``, ``cooperative_rounds`` / ``single_rounds``
-(one record per round, round 0 the zero-shot b = 0), the settings (``weights``,
-``lr``, ``eps``, ``batches``, ``seeds``, ``device_seeds``) and ``wall_seconds``.
+(test accuracy at the end, the mean over ``--seeds``; also under ``test_accuracy``
+with the zero-shot one), ``steps_per_device`` (R·K), ``rounds``, ``local_steps``,
+``blocks``, ``accuracy_per_round`` (validation accuracy of ``cooperative`` and
+``single``, R + 1 entries each: round 0 is the zero-shot b = 0, entry r is after r·K
+steps per device), ``cooperative_rounds`` / ``single_rounds`` (the same R + 1 rounds
+as records with each block's loss and step seconds, test accuracy where measured),
+``date``, ``machine``, ``settings`` (and ``weights``, ``lr``, ``eps``, ``batches``,
+``seeds``, ``device_seeds``), ``export_seconds`` and ``wall_seconds``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -50,6 +58,7 @@ from shared.task_data import Split
 ROOT = Path(__file__).resolve().parents[2]
 PLAN_FLEET = ROOT / "assets/fleets/lab3.toml"  # the three-device lab the blocks are cut for
 PLAN_JOB = ROOT / "assets/jobs/smollm2.toml"  # its hypothetical job: payloads, memory terms, q, bs
+DEFAULT_BLOCKS = "22-24,25-27,28-29"  # the default 3-device plan of the top 8 layers (bench lowering, bench profile)
 SINGLE = "single"  # the name of the one-device run's only block in per-round records
 
 
@@ -223,6 +232,7 @@ def compare(block_programs: Sequence, whole_program, eval_program, splits: dict[
     # the per-example difference (McNemar's discordant pairs), not the two binomial errors.
     diffs = [c.astype(np.float64) - s for c, s in zip(final_correct["cooperative"], final_correct["single"])]
     per_example = np.mean(diffs, axis=0)  # [n_test] mean over seeds
+    mean_rounds = {name: _mean_records(by_seed) for name, by_seed in runs.items()}  # R + 1 records each
     return {
         "cooperative_accuracy": float(np.mean(final["cooperative"])),
         "single_accuracy": float(np.mean(final["single"])),
@@ -231,6 +241,9 @@ def compare(block_programs: Sequence, whole_program, eval_program, splits: dict[
         "test_difference": float(per_example.mean()),
         "test_difference_stderr": float(per_example.std(ddof=1) / np.sqrt(len(per_example))),
         "zero_shot_accuracy": {"validation": zero_shot["val"], "test": zero_shot["test"]},
+        "test_accuracy": {"cooperative": float(np.mean(final["cooperative"])),
+                          "single": float(np.mean(final["single"])), "zero_shot": zero_shot["test"]},
+        "accuracy_per_round": {name: [r["val_accuracy"] for r in records] for name, records in mean_rounds.items()},
         "steps_per_device": R * K, "rounds": R, "local_steps": K,
         "blocks": [{"name": s.name, "first_layer": s.first_layer, "last_layer": s.last_layer, "size": s.size,
                     "train_examples": len(shard)} for s, shard in zip(spans, shards)],
@@ -245,8 +258,8 @@ def compare(block_programs: Sequence, whole_program, eval_program, splits: dict[
         "seeds": list(range(settings.seeds)),
         "device_seeds": [[device_seed(seed, j) for j in range(len(spans))] for seed in range(settings.seeds)],
         "shard_seed": settings.shard_seed,
-        "cooperative_rounds": _mean_records(runs["cooperative"]),
-        "single_rounds": _mean_records(runs["single"]),
+        "cooperative_rounds": mean_rounds["cooperative"],
+        "single_rounds": mean_rounds["single"],
         "by_seed": {name: [[asdict(r) for r in records] for records in by_seed] for name, by_seed in runs.items()},
         "eval_seconds": eval_seconds[0],
     }
@@ -306,7 +319,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="model spec (default: embedded SmolLM2; 'tiny' for a smoke run)")
     parser.add_argument("--layers", default=None, help="the job's trainable layers (default top:8; tiny: 1-3)")
     parser.add_argument("--blocks", default=None,
-                        help="the cut, e.g. 22-24,25-27,28-29 (default: as the planner cuts it for the lab3 fleet)")
+                        help=f"the cut, e.g. {DEFAULT_BLOCKS} (the default: the default 3-device plan's, as "
+                             "bench lowering and bench profile); 'planner': as shared.planner cuts the job for "
+                             "assets/fleets/lab3.toml")
     parser.add_argument("--weights", choices=("fp32", "int8"), default="int8",
                         help="frozen linears of the programs (default int8: 2.9x faster steps here, "
                              "bench/results/prge_int8.json)")
@@ -325,7 +340,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     from desktop.cli.export import ProgressLine
     from device_agent.program import Program
-    from device_agent.trainer import peak_rss_mb
     from export.lora import b_layout
     from export.models import load_model, load_tokenizer, tiny_llama
     from export.program import ExportConfig, export_plan, export_program, parse_blocks
@@ -341,16 +355,18 @@ def run(args: argparse.Namespace) -> dict:
         loaded = tiny_llama(num_layers=4, hidden_size=64, tokenizer=load_tokenizer("smollm2", args.cache_dir, print))
         cfg = ExportConfig(model="tiny", layers=args.layers or "1-3", seq_len=32, length_buckets=(),
                            calibrate="none", base_weights=args.weights, methods=("step",))
+        blocks_text = args.blocks or "1-1,2-2,3-3"
     else:
         loaded = load_model(args.model, cache_dir=args.cache_dir, progress=print)
         cfg = ExportConfig(model=args.model, layers=args.layers or "top:8", base_weights=args.weights,
                            methods=("step",))
+        blocks_text = args.blocks or DEFAULT_BLOCKS
     num_layers = loaded.model.config.num_hidden_layers
     layout = b_layout(loaded.model, cfg.lora(num_layers))
-    if args.blocks:
-        blocks, blocks_from = parse_blocks(args.blocks), {"how": f"given: --blocks {args.blocks}"}
-    else:
+    if blocks_text == "planner":
         blocks, blocks_from = planned_blocks(layout, num_layers, settings.local_steps)
+    else:
+        blocks, blocks_from = parse_blocks(blocks_text), {"how": f"--blocks {blocks_text}"}
     print(f"blocks: {', '.join(f'{a}-{b}' for a, b in blocks)} ({blocks_from['how']})")
 
     # 2. the programs: a block program per block, the job's eval program, the whole-job program
@@ -363,29 +379,76 @@ def run(args: argparse.Namespace) -> dict:
     progress.close()
     export_seconds = time.perf_counter() - export_start
     del loaded  # the programs hold what training needs
-    block_programs = [Program(result.manifest_path) for result in planned.blocks.values()]
-    eval_program = Program(planned.eval.manifest_path)
-    whole_program = Program(whole.manifest_path)
 
-    # 3. train and measure
+    # 3. train, measure, write
+    results = measure([Program(result.manifest_path) for result in planned.blocks.values()],
+                      Program(whole.manifest_path), Program(planned.eval.manifest_path), settings, args.out_dir,
+                      blocks_from=blocks_from, export_seconds=export_seconds, started=started, load_before=load_before)
+    return {k: v for k, v in results.items() if k not in ("by_seed", "cooperative_rounds", "single_rounds")}
+
+
+def measure(block_programs: Sequence, whole_program, eval_program, settings: CoopSettings, out_dir: Path,
+            blocks_from: dict, export_seconds: float = 0.0, started: float | None = None,
+            load_before: tuple[float, float, float] | None = None, say: Callable[[str], None] = print) -> dict:
+    """Both runs of :func:`compare` on the task's splits, with the date, the machine and the timings; written.
+
+    Args:
+        block_programs, whole_program, eval_program, settings: as for :func:`compare`.
+        out_dir: where ``coop.json`` and ``coop.png`` go.
+        blocks_from: how the blocks were chosen (recorded).
+        export_seconds: what exporting the programs took (recorded).
+        started: ``time.perf_counter()`` when the bench began (default: now).
+        load_before: the load average when the bench began (default: now).
+        say: progress lines.
+
+    Returns:
+        The results as written.
+    """
+    from device_agent.trainer import peak_rss_mb
+
+    started = time.perf_counter() if started is None else started
+    load_before = load_before or os.getloadavg()
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     train_start = time.perf_counter()
-    results = {"model": eval_program.manifest.model_id, "task": eval_program.manifest.task,
-               "layers": cfg.layers, **compare(block_programs, whole_program, eval_program, eval_program.load_data(),
-                                               settings)}
+    results = {"date": date, "model": eval_program.manifest.model_id, "task": eval_program.manifest.task,
+               **compare(block_programs, whole_program, eval_program, eval_program.load_data(), settings, say)}
+    train_and_eval_seconds = time.perf_counter() - train_start
     results.update({
         "blocks_from": blocks_from,
-        "wall_seconds": time.perf_counter() - started, "train_and_eval_seconds": time.perf_counter() - train_start,
-        "export_seconds": export_seconds,
+        "settings": {**asdict(settings), "lr": results["lr"], "eps": results["eps"]},
+        "train_and_eval_seconds": train_and_eval_seconds, "export_seconds": export_seconds,
+        "wall_seconds": time.perf_counter() - started,
         "median_step_seconds": _median_step_seconds(results),
         "peak_rss_mb": peak_rss_mb(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "load_average": {"before": [round(v, 2) for v in load_before], "after": [round(v, 2) for v in os.getloadavg()]},
+        "machine": machine(load_before),
     })
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "coop.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, args.out_dir / "coop.png")
-    print(f"Wrote {args.out_dir / 'coop.json'} and coop.png")
-    return {k: v for k, v in results.items() if k not in ("by_seed", "cooperative_rounds", "single_rounds")}
+    write(results, out_dir)
+    return results
+
+
+def write(results: dict, out_dir: Path) -> None:
+    """``coop.json`` and ``coop.png`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "coop.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, out_dir / "coop.png")
+    print(f"Wrote {out_dir / 'coop.json'} and coop.png")
+
+
+def machine(load_before: tuple[float, float, float]) -> dict:
+    """What the timings were measured on: CPU, cores, platform, and how busy the machine was."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "platform": platform.platform(),
+            "load_average": {"before": [round(v, 2) for v in load_before],
+                             "after": [round(v, 2) for v in os.getloadavg()]}}
 
 
 def _median_step_seconds(results: dict) -> dict[str, float]:
@@ -423,11 +486,11 @@ def plot(results: dict, path: Path) -> None:
     left.set_title(f"{results['model']} {results['weights']}: blocks {blocks}\n"
                    f"R={results['rounds']} x K={results['local_steps']}, lr {results['lr']:g}, eps {results['eps']:g}"
                    + (f", mean of {seeds} seeds" if seeds > 1 else ""), fontsize=9)
-    for key, prefix in (("cooperative_rounds", ""), ("single_rounds", "")):
+    for key in ("cooperative_rounds", "single_rounds"):
         rounds = results[key][1:]
         for name in rounds[0]["loss"] if rounds else ():
             right.plot([r["round"] for r in rounds], [r["loss"][name] for r in rounds], ".-",
-                       label=f"{prefix}{name}" + (" (every layer, all data)" if name == SINGLE else " (own third)"))
+                       label=name + (" (every layer, all data)" if name == SINGLE else " (its own share)"))
     right.set_xlabel("round")
     right.set_ylabel("mean step loss in the round")
     right.set_title("loss per block, each on its own data", fontsize=9)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from desktop.bench.coop import CoopSettings, compare, device_seed, planned_blocks, train_in_rounds
+from desktop.bench.coop import CoopSettings, compare, device_seed, measure, planned_blocks, train_in_rounds
 from desktop.cli import main
 from desktop.engine.shards import shard_indices, shard_split
 from device_agent.program import Program
@@ -100,6 +100,46 @@ def test_compare_reports_both_runs_round_by_round(programs) -> None:
     json.dumps(results)  # plain data
 
 
+def test_measure_writes_figures_that_agree_with_each_other(programs, tmp_path) -> None:
+    blocks, eval_program, whole = programs
+    R, K = 3, 2
+    settings = CoopSettings(rounds=R, local_steps=K, eval_limit=24, test_every=2)
+    returned = measure(blocks, whole, eval_program, settings, tmp_path, blocks_from={"how": "test"},
+                       export_seconds=1.5, say=lambda _line: None)
+    results = json.loads((tmp_path / "coop.json").read_text())
+    assert results == json.loads(json.dumps(returned))  # what was written is what was returned
+
+    for key in ("cooperative_accuracy", "single_accuracy", "steps_per_device", "rounds", "local_steps", "blocks",
+                "accuracy_per_round", "test_accuracy", "date", "machine", "settings", "wall_seconds"):
+        assert key in results, key
+    assert results["rounds"] * results["local_steps"] == results["steps_per_device"] == R * K
+    assert results["settings"]["rounds"] == R and results["settings"]["local_steps"] == K
+    assert results["settings"]["lr"] == results["lr"] == whole.manifest.lr
+    assert results["machine"]["cores"] >= 1 and len(results["machine"]["load_average"]["before"]) == 3
+    assert results["date"].endswith("+00:00")
+    assert results["wall_seconds"] >= results["train_and_eval_seconds"] > 0 and results["export_seconds"] == 1.5
+    # Validation per round: R + 1 entries (round 0 the zero-shot b = 0), the records' figures.
+    for name in ("cooperative", "single"):
+        per_round = results["accuracy_per_round"][name]
+        records = results[f"{name}_rounds"]
+        assert len(per_round) == len(records) == R + 1
+        assert per_round == [r["val_accuracy"] for r in records]
+        assert [r["steps_per_device"] for r in records] == [r * K for r in range(R + 1)]
+        # Test at round 0, every 2nd round and the end; the end's is the headline figure.
+        assert [r["round"] for r in records if r["test_accuracy"] is not None] == [0, 2, 3]
+        assert records[-1]["test_accuracy"] == results[f"{name}_accuracy"] == results["test_accuracy"][name]
+        # Accuracies of a fixed number of examples: multiples of 1/n.
+        assert all(abs(v * 24 - round(v * 24)) < 1e-9 for v in per_round)
+        assert abs(results[f"{name}_accuracy"] * results["test_examples"]
+                   - round(results[f"{name}_accuracy"] * results["test_examples"])) < 1e-9
+    # Both runs start from the same b = 0, so their round 0 is one measurement.
+    assert results["accuracy_per_round"]["cooperative"][0] == results["accuracy_per_round"]["single"][0]
+    assert results["test_accuracy"]["zero_shot"] == results["cooperative_rounds"][0]["test_accuracy"]
+    assert set(results["median_step_seconds"]) == {"L1", "L2", "L3", "single"}
+    assert all(v > 0 for v in results["median_step_seconds"].values())
+    assert (tmp_path / "coop.png").stat().st_size > 10_000
+
+
 def test_compare_refuses_blocks_that_do_not_cover_the_job(programs) -> None:
     blocks, eval_program, whole = programs
     with pytest.raises(InputError, match="no block holds trainable layers 2"):
@@ -140,7 +180,7 @@ def test_bench_coop_exports_trains_and_writes_the_picture(tmp_path, smollm2_conv
     assert code == 0
     results = json.loads((out / "coop.json").read_text())
     assert results["weights"] == "int8" and [b["name"] for b in results["blocks"]] == ["L1", "L2", "L3"]
-    assert "planner" in results["blocks_from"]["how"]
+    assert results["blocks_from"]["how"] == "--blocks 1-1,2-2,3-3"
     assert all(r["test_accuracy"] is not None for r in results["cooperative_rounds"])  # --test-every 1
     assert set(results["median_step_seconds"]) == {"L1", "L2", "L3", "single"}
     assert results["wall_seconds"] >= results["export_seconds"] > 0
