@@ -481,7 +481,7 @@ def plot(results: dict, path: Path) -> None:
                   label=f"{label}, test")
     left.set_xlabel("steps per device")
     left.set_ylabel(f"accuracy (validation: {results['validation_examples']} rows)")
-    left.legend(loc="lower right", fontsize=8)
+    left.legend(loc="center right", fontsize=8)  # clear of the validation curves above and the tests below
     blocks = ", ".join(b["name"] for b in results["blocks"])
     left.set_title(f"{results['model']} {results['weights']}: blocks {blocks}\n"
                    f"R={results['rounds']} x K={results['local_steps']}, lr {results['lr']:g}, eps {results['eps']:g}"
