@@ -13,6 +13,7 @@ BENCHMARKS = {
     "profile": ("desktop.bench.profile", "the cost model from the probe against block programs: step time, peak RSS"),
     "prge": ("desktop.bench.prge", "P-RGE in ExecuTorch vs MeZO, eager P-RGE and first-order LoRA"),
     "agent": ("desktop.bench.agent", "the device agent: transfers, resume, metric latency, memory, fuzz, faults"),
+    "coop": ("desktop.bench.coop", "does cooperation learn? blocks trained in rounds and merged, beside one device"),
     "e2e": ("desktop.bench.e2e", "a simulated 3-device lab trains SmolLM2 with the engine: prediction error, gain"),
     "scale": ("desktop.bench.scale", "one engine drives 10, 30 and 100 agents: its overhead per round"),
     "lowering": ("desktop.bench.lowering", "a plan's programs from a cold and a warm cache, and where lowering time goes"),
