@@ -191,6 +191,7 @@ def run(args: argparse.Namespace) -> dict:
         "plan_predicted_round_s": plan.round_s,
         "random_predicted_round_s": random_plan.round_s,
         "planner_gain_vs_equal_random": 1.0 - plan.round_s / random_plan.round_s,
+        "plan_baselines_s": dict(plan.baselines),  # the planner's prediction for each baseline rule, same lab
         "accuracy_per_round": [r.accuracy for r in planned["rounds"]],
         "final_accuracy": {"validation": result.val_accuracy, "test": result.test_accuracy},
         "served_test_accuracy": served_test_accuracy(Path(result.adapter), planned["eval_data"], args.model),
