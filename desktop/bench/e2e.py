@@ -89,7 +89,7 @@ async def one_run(addresses: list[str], job: JobSpec, out: Path, args: argparse.
     merged = [e for e in read_events(out / "metrics.jsonl") if isinstance(e, Round)]
     eval_data = engine.manifest.file("data", engine.eval_manifest_path)  # the job's tokenised splits
     return {"result": result, "rounds": merged, "plans": plans, "wall_s": time.monotonic() - started,
-            "eval_data": eval_data}
+            "eval_data": eval_data, "compute": compute_by_round(out / "metrics.jsonl")}
 
 
 def prediction_table(rounds) -> list[dict]:
@@ -100,6 +100,20 @@ def prediction_table(rounds) -> list[dict]:
             rows.append({"round": r.round, "device": device, "measured_s": measured, "predicted_s": predicted,
                          "error": abs(measured - predicted) / measured if measured > 0 else math.nan})
     return rows
+
+
+def compute_by_round(metrics_path: Path) -> list[dict]:
+    """Each device's compute per round: the sum of its steps' seconds (on its simulated clock)."""
+    from shared.events import Step, read_events
+
+    sums: dict[tuple[int, str], list[Step]] = {}
+    for event in read_events(metrics_path):
+        if isinstance(event, Step) and event.device is not None and event.round is not None:
+            sums.setdefault((event.round, event.device), []).append(event)
+    return [{"round": r, "device": d, "compute_s": sum(step.seconds for step in steps), "steps": len(steps),
+             "steps_by_seq_len": {str(n): sum(step.seq_len == n for step in steps)
+                                  for n in sorted({step.seq_len for step in steps})}}
+            for (r, d), steps in sorted(sums.items())]
 
 
 def round_latency(rounds) -> float:
@@ -202,8 +216,9 @@ def run(args: argparse.Namespace) -> dict:
         "local_steps": args.local_steps,
         "eval_limit": args.eval_limit,
         "devices": [{"name": name, "simulates": device_class} for name, device_class in LAB],
-        "plan": [{"device": a.name, "block": a.block, "share": a.share, "predicted_round_s": a.round_s}
-                 for a in plan.assignments],
+        "plan": [{"device": a.name, "block": a.block, "share": a.share, "predicted_round_s": a.round_s,
+                  "predicted_compute_s": a.compute_s, "predicted_comm_s": a.comm_s} for a in plan.assignments],
+        "measured_compute": planned["compute"],  # per device and round, beside the plan's predicted_compute_s
         "random_plan": [{"device": a.name, "block": a.block, "share": a.share} for a in random_plan.assignments],
         "job": plan.job,
         "wall_s": {"planned": planned["wall_s"], "random": baseline["wall_s"]},
