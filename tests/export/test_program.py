@@ -269,18 +269,22 @@ def test_a_portable_program_has_no_delegate_and_steps_as_the_xnnpack_one(tiny_pr
     from device_agent.program import Program
 
     # The step method only (no buckets, no eval), lowered in this process: what an emulated device runs.
+    # Both exported here, one after the other from the same model, so only the delegate differs.
     config = replace(tiny_program.config, delegate="portable", methods=("step",), length_buckets=())
     portable = export_program(config, tmp_path / "portable" / "step.pte", cache_dir=tmp_path / "cache",
                               loaded=tiny_program.loaded, workers=1)
-    assert b"XnnpackBackend" in tiny_program.export.method_files["step"].read_bytes()
+    xnnpack = export_program(replace(config, delegate="xnnpack"), tmp_path / "xnnpack" / "step.pte",
+                             cache_dir=tmp_path / "cache", loaded=tiny_program.loaded, workers=1)
+    assert b"XnnpackBackend" in xnnpack.method_files["step"].read_bytes()
     assert b"XnnpackBackend" not in portable.method_files["step"].read_bytes()
     # the frozen weights still go to the shared .ptd: the step file holds only the program's own constants
     assert portable.method_files["step"].stat().st_size < portable.files["weights"].stat().st_size / 2
     # never served from the XNNPACK program's cache entries, but the same job
-    assert portable.manifest.cache_key != tiny_program.export.manifest.cache_key
-    assert portable.manifest.job_key == tiny_program.export.manifest.job_key
+    assert not xnnpack.from_cache
+    assert portable.manifest.cache_key != xnnpack.manifest.cache_key
+    assert portable.manifest.job_key == xnnpack.manifest.job_key
 
-    programs = [Program(tiny_program.pte), Program(portable.manifest_path)]
+    programs = [Program(xnnpack.manifest_path), Program(portable.manifest_path)]
     train = programs[0].load_data()["train"]
     bs, q, size = programs[0].batch_size, programs[0].q, programs[0].b_size
     z = np.random.default_rng(0).standard_normal((q, size), dtype=np.float32)
