@@ -141,7 +141,8 @@ def test_a_device_killed_mid_round_turns_red_and_the_plan_view_shows_the_replan(
     card = window.devices.cards[view.id]
     qtbot.waitUntil(lambda: "LOST" in card.status.text(), timeout=60_000)
     assert "#a1120b" in card.styleSheet()
-    qtbot.waitUntil(lambda: len(window.model.state.plans) == 2, timeout=60_000)
+    # the re-plan is drawn once its new block program is exported (a lowering: minutes on a loaded machine)
+    qtbot.waitUntil(lambda: len(window.model.state.plans) == 2, timeout=RUN_S)
     assert "Re-planned from round 2" in window.plan.reason.text() and "lost-phone lost" in window.plan.reason.text()
     assert window.model.colour(view.id) not in window.plan.stack.layer_colours()
     assert [a.name for a in window.model.state.plan.active()] == ["lost-laptop"]
