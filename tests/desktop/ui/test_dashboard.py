@@ -126,8 +126,9 @@ def test_a_device_killed_mid_round_turns_red_and_the_plan_view_shows_the_replan(
         lab, dashboards, qtbot, tiny_job, export_cache, tmp_path) -> None:
     # prepare: two devices; the phone is killed at its first step
     laptop, phone = lab.start([("lost-laptop", "laptop"), ("lost-phone", "midrange-phone")])
+    # rounds of 300 tiny steps (seconds): the kill lands mid-round, not after the phone's round is done
     config = settings(tiny_job, export_cache, tmp_path / "run", token="right-token", devices=2,
-                      rounds=2, patience_s=1.0)
+                      rounds=2, local_steps=300, patience_s=1.0)
     dashboard = dashboards(config, lobby=False)
     window = dashboard.window
     start(dashboard, config)
