@@ -86,10 +86,11 @@ async def one_run(addresses: list[str], job: JobSpec, out: Path, args: argparse.
     result = await engine.run()
     from shared.events import Round, read_events
 
-    merged = [e for e in read_events(out / "metrics.jsonl") if isinstance(e, Round)]
+    events = read_events(out / "metrics.jsonl")
+    merged = [e for e in events if isinstance(e, Round)]
     eval_data = engine.manifest.file("data", engine.eval_manifest_path)  # the job's tokenised splits
     return {"result": result, "rounds": merged, "plans": plans, "wall_s": time.monotonic() - started,
-            "eval_data": eval_data, "compute": compute_by_round(out / "metrics.jsonl")}
+            "eval_data": eval_data, "compute": compute_by_round(events)}
 
 
 def prediction_table(rounds) -> list[dict]:
@@ -102,12 +103,12 @@ def prediction_table(rounds) -> list[dict]:
     return rows
 
 
-def compute_by_round(metrics_path: Path) -> list[dict]:
+def compute_by_round(events) -> list[dict]:
     """Each device's compute per round: the sum of its steps' seconds (on its simulated clock)."""
-    from shared.events import Step, read_events
+    from shared.events import Step
 
     sums: dict[tuple[int, str], list[Step]] = {}
-    for event in read_events(metrics_path):
+    for event in events:
         if isinstance(event, Step) and event.device is not None and event.round is not None:
             sums.setdefault((event.round, event.device), []).append(event)
     return [{"round": r, "device": d, "compute_s": sum(step.seconds for step in steps), "steps": len(steps),
