@@ -2,10 +2,12 @@
 
     deftly-agent [--name N] [--host H] [--port P] [--token T] [--state-dir D]
                  [--data PATH [--task TASK.toml] [--tokenizer tokenizer.json]]
-                 [--simulate CLASS] [--advertise/--no-advertise]
+                 [--simulate CLASS] [--tls] [--advertise/--no-advertise]
 
 At start it prints where it listens, its pairing token (kept in the state dir
-unless given) and what it advertises; then it serves until Ctrl-C or SIGTERM.
+unless given), with ``--tls`` its certificate's fingerprint (the certificate is
+kept in the state dir too), and what it advertises; then it serves until Ctrl-C
+or SIGTERM.
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "program's manifest does not name one)")
     parser.add_argument("--simulate", metavar="CLASS", help="stand in for a device class of "
                         "assets/fleets/classes/device_classes.toml (or FILE.toml:CLASS): its compute speed, memory and link")
+    parser.add_argument("--tls", action="store_true", help="serve wss:// with a self-signed certificate kept in the "
+                        "state dir; its fingerprint is advertised, and a desktop pins it on first use")
     parser.add_argument("--advertise", action=argparse.BooleanOptionalAction, default=True,
                         help="advertise on zeroconf as _deftly._tcp.local. (default: yes)")
     return parser.parse_args(argv)
@@ -77,7 +81,7 @@ def _setup_logging(state_dir: Path) -> None:
 async def _run(args: argparse.Namespace) -> None:
     simulate = load_device_class(args.simulate) if args.simulate else None
     config = AgentConfig(state_dir=args.state_dir, name=args.name, host=args.host, port=args.port, token=args.token,
-                         data=args.data, task=args.task, tokenizer=args.tokenizer, simulate=simulate)
+                         data=args.data, task=args.task, tokenizer=args.tokenizer, simulate=simulate, tls=args.tls)
     agent = Agent(config)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
@@ -101,9 +105,13 @@ async def _run(args: argparse.Namespace) -> None:
     info = agent.info
     print(f"deftly-agent {info.name!r} (id {info.id}), deftly {info.version}, protocol {info.protocol}, "
           f"{info.runtime}, {info.arch}", flush=True)
-    print(f"listening on ws://{args.host}:{port}{WS_PATH}  (reach it at "
-          f"{', '.join(f'ws://{a}:{port}{WS_PATH}' for a in addresses)})", flush=True)
+    scheme = "wss" if agent.tls else "ws"
+    print(f"listening on {scheme}://{args.host}:{port}{WS_PATH}  (reach it at "
+          f"{', '.join(f'{scheme}://{a}:{port}{WS_PATH}' for a in addresses)})", flush=True)
     print(f"pairing token: {agent.token}", flush=True)
+    if agent.tls:
+        print(f"TLS certificate: sha256:{agent.tls.fingerprint} ({agent.tls.cert}); add it by address as "
+              f"--agent wss://{addresses[0]}:{port}#sha256:{agent.tls.fingerprint}", flush=True)
     if simulate:
         print(f"simulating {simulate.name} ({simulate.description}): compute x{simulate.compute_factor} of one "
               f"host core's CPU time, {simulate.memory_gib:g} GiB, link {simulate.link_mbit_s:g} Mbit/s", flush=True)

@@ -20,6 +20,7 @@ its desktop has not acknowledged.
 State dir (``--state-dir``)::
 
     agent.json, token      identity (device_agent.identity)
+    tls.crt, tls.key       its self-signed certificate, with --tls (device_agent.identity)
     agent.log              what the agent did and refused
     store/                 files by sha256 (device_agent.store)
     programs/<sha>/        a directory view per program manifest (device_agent.programs)
@@ -87,6 +88,7 @@ class AgentConfig:
     task: Path | None = None  # the task file that says how to read a text `data` file
     tokenizer: Path | None = None  # tokenizer.json for text data, when the program's manifest names none
     simulate: DeviceClass | None = None  # stand in for a device of this class
+    tls: bool = False  # serve wss:// with the certificate kept in the state dir
     ping_interval_s: float = PING_INTERVAL_S
     ping_timeout_s: float = PING_TIMEOUT_S
 
@@ -111,7 +113,9 @@ class Agent:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.id = identity.agent_id(self.state_dir)
         self.token = identity.pairing_token(self.state_dir, config.token)
-        self.info = identity.agent_info(self.id, config.name, config.simulate)
+        self.tls = identity.tls_identity(self.state_dir, self.id) if config.tls else None
+        self.info = identity.agent_info(self.id, config.name, config.simulate,
+                                        self.tls.fingerprint if self.tls else None)
         self.store = FileStore(self.state_dir / "store")
         simulated = config.simulate.name if config.simulate else None
         self.outbox = Outbox(self.state_dir, simulated=simulated)
@@ -200,12 +204,14 @@ class Agent:
             stop: a future whose completion shuts the agent down.
         """
         async with serve(self._handle, self.config.host, self.config.port, process_request=self._check_handshake,
+                         ssl=self.tls.server_context() if self.tls else None,
                          max_size=MAX_FRAME_BYTES, compression=None, ping_interval=self.config.ping_interval_s,
                          ping_timeout=self.config.ping_timeout_s, open_timeout=OPEN_TIMEOUT_S,
                          close_timeout=CLOSE_TIMEOUT_S, logger=logging.getLogger("deftly.agent.websockets")) as server:
             port = next(iter(server.sockets)).getsockname()[1]
-            log.info("agent %s (%s) listening on port %d, protocol %d%s", self.info.name, self.id, port,
-                     PROTOCOL_VERSION, f", simulating {self.info.simulated}" if self.info.simulated else "")
+            log.info("agent %s (%s) listening on port %d, protocol %d%s%s", self.info.name, self.id, port,
+                     PROTOCOL_VERSION, f", simulating {self.info.simulated}" if self.info.simulated else "",
+                     f", TLS certificate sha256:{self.tls.fingerprint}" if self.tls else "")
             if on_ready is not None:
                 on_ready(port)
             try:

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 
-def write_bytes_atomic(path: Path, data: bytes, sync: bool = True) -> None:
+def write_bytes_atomic(path: Path, data: bytes, sync: bool = True, mode: int | None = None) -> None:
     """Write ``data`` to ``path`` whole or not at all.
 
     The bytes go to a temporary file beside ``path``, are synced, and the file is
@@ -20,10 +20,15 @@ def write_bytes_atomic(path: Path, data: bytes, sync: bool = True) -> None:
         sync: fsync before the rename. Without it the file still survives the
             process being killed (the rename is atomic), but not a power cut; for
             bookkeeping rewritten many times a second.
+        mode: the file's permission bits (e.g. 0o600 for a secret), set when the
+            temporary file is created, so the bytes are never readable by others.
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        with open(os.open(tmp, flags, 0o666 if mode is None else mode), "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)  # a temporary file left by a crash keeps its old bits otherwise
             f.write(data)
             f.flush()
             if sync:

@@ -84,7 +84,7 @@ class LocalAgent:
         reader.start()
         reader.join(START_TIMEOUT_S)
         self.banner = lines
-        match = next((re.search(r"listening on ws://[^:]+:(\d+)/", line) for line in lines if "listening on" in line),
+        match = next((re.search(r"listening on wss?://[^:]+:(\d+)/", line) for line in lines if "listening on" in line),
                      None)
         if match is None or reader.is_alive():
             self.kill()
@@ -103,6 +103,13 @@ class LocalAgent:
     @property
     def token(self) -> str:
         return next(line.split(": ", 1)[1] for line in self.banner if line.startswith("pairing token"))
+
+    @property
+    def tls_fingerprint(self) -> str | None:
+        """The sha256 (hex) of its certificate, as it printed it (None: it serves plain ws://)."""
+        match = next((re.match(r"TLS certificate: sha256:([0-9a-f]+)", line) for line in self.banner
+                      if line.startswith("TLS certificate")), None)
+        return match.group(1) if match else None
 
     @property
     def pid(self) -> int:

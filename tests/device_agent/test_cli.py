@@ -32,3 +32,21 @@ def test_an_unknown_device_class_is_a_clear_error_and_exit_status_2(tmp_path) ->
     assert result.returncode == 2
     assert "deftly-agent: --simulate toaster: no such device class" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_with_tls_it_serves_wss_with_the_certificate_it_keeps_and_prints_its_fingerprint(agents) -> None:
+    import hashlib
+    import ssl
+
+    agent = agents("--tls", name="tls-pi")
+    fingerprint = agent.tls_fingerprint
+    kept = ssl.PEM_cert_to_DER_cert((agent.state_dir / "tls.crt").read_text())
+    served = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate(("127.0.0.1", agent.port)))  # a real handshake
+    assert fingerprint == hashlib.sha256(kept).hexdigest() == hashlib.sha256(served).hexdigest()
+    assert any(f"listening on wss://127.0.0.1:{agent.port}/deftly" in line for line in agent.banner)
+    assert any(f"--agent wss://127.0.0.1:{agent.port}#sha256:{fingerprint}" in line for line in agent.banner)
+    assert stat.S_IMODE(os.stat(agent.state_dir / "tls.key").st_mode) == 0o600
+    maps = open(f"/proc/{agent.pid}/maps").read()
+    assert "libtorch" not in maps and "executorch" not in maps  # still idle without the runtime
+    agent.restart()
+    assert agent.tls_fingerprint == fingerprint  # the same certificate after a restart
