@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("shared", "export", "device_agent", "desktop")
 
 # The device agent's third-party imports: the `agent` extra, by import name.
-AGENT_EXTRA = {"numpy", "torch", "executorch", "websockets", "zeroconf", "psutil", "safetensors", "tokenizers"}
+AGENT_EXTRA = {"numpy", "torch", "executorch", "websockets", "zeroconf", "psutil", "safetensors", "tokenizers",
+               "cryptography"}  # cryptography makes --tls's certificate, once
 
 ALLOWED: dict[str, set[str]] = {
     "shared": {"shared", "numpy"},
