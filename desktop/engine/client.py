@@ -19,6 +19,13 @@ continues from its last checkpointed step.
 Metrics are delivered once each, in order (``on_metric``), and acknowledged
 after the callback returns, so a metric the desktop has not taken is replayed.
 
+TLS (``tls=True``, an agent started with ``--tls``): the agent's certificate is
+self-signed, so no CA is asked; its SHA-256 fingerprint is checked instead,
+inside the TLS handshake, before the token or any other byte is sent: against
+``tls_fingerprint`` if given, else the first connection's is trusted
+(:attr:`AgentClient.tls_fingerprint` says which it was) and every reconnection
+must present the same. Another certificate is :class:`CertificateMismatch`.
+
 Example::
 
     async with AgentClient("192.168.1.20:8765", token, desktop_id="lab-desktop") as agent:
@@ -31,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,7 +46,7 @@ from typing import Awaitable, Callable
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage, InvalidStatus, InvalidURI
 
 from shared.errors import InputError
 from shared.hashing import sha256_file
@@ -53,6 +61,7 @@ from shared.protocol_limits import (CHUNK_BYTES, CHUNK_WINDOW, CLOSE_TIMEOUT_S, 
                                     PROTOCOL_HEADER,
                                     RECONNECT_CAP_S, RECONNECT_FIRST_S, RECONNECT_JITTER, REQUEST_TIMEOUT_S,
                                     TOKEN_HEADER, WS_PATH)
+from shared.tls import certificate_fingerprint
 
 log = logging.getLogger("deftly.client")
 
@@ -92,7 +101,51 @@ class RequestFailed(AgentError):
     """The agent answered a request with an Error."""
 
 
-_PERMANENT = (AuthError, VersionMismatch)  # reconnecting cannot fix these
+class CertificateMismatch(AgentError):
+    """The agent's TLS certificate is not the one expected; nothing was sent to it."""
+
+    def __init__(self, message: str, expected: str, presented: str) -> None:
+        super().__init__(message, code="tls")
+        self.expected, self.presented = expected, presented
+
+
+_PERMANENT = (AuthError, VersionMismatch, CertificateMismatch)  # reconnecting cannot fix these
+
+
+class _PinRefused(ssl.SSLCertVerificationError):
+    """Raised inside the TLS handshake: the peer's certificate has another fingerprint."""
+
+    def __init__(self, expected: str, presented: str) -> None:
+        super().__init__(f"certificate sha256:{presented}, expected sha256:{expected}")
+        self.expected, self.presented = expected, presented
+
+
+class _PinnedSSLObject(ssl.SSLObject):
+    """asyncio's TLS object for a pinned connection: checks the fingerprint as the handshake completes."""
+
+    def do_handshake(self) -> None:
+        super().do_handshake()  # raises SSLWantReadError until the handshake is complete
+        context = self.context
+        context.presented = certificate_fingerprint(self.getpeercert(binary_form=True))
+        if context.expected is not None and context.presented != context.expected:
+            raise _PinRefused(context.expected, context.presented)
+
+
+class _PinningContext(ssl.SSLContext):
+    """A client context for a self-signed agent: no CA, no host name; the fingerprint is the check."""
+
+    sslobject_class = _PinnedSSLObject
+    expected: str | None = None  # the fingerprint the certificate must have (None: take the first)
+    presented: str | None = None  # the one the handshake showed
+
+
+def _pinning_context(expected: str | None) -> _PinningContext:
+    context = _PinningContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # self-signed: _PinnedSSLObject checks the fingerprint instead
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.expected = expected
+    return context
 
 
 def _error_from(message: Error) -> AgentError:
@@ -149,10 +202,11 @@ class AgentClient:
                  on_connection: Callable[[Welcome | None], None] | None = None,
                  reconnect: bool = True, chunk_bytes: int = CHUNK_BYTES, window: int = CHUNK_WINDOW,
                  request_timeout_s: float = REQUEST_TIMEOUT_S, ping_interval_s: float = PING_INTERVAL_S,
-                 ping_timeout_s: float = PING_TIMEOUT_S, backoff: Callable[[], object] = backoff_delays) -> None:
+                 ping_timeout_s: float = PING_TIMEOUT_S, backoff: Callable[[], object] = backoff_delays,
+                 tls: bool = False, tls_fingerprint: str | None = None) -> None:
         """
         Args:
-            address: ``host:port`` of the agent (or a full ``ws://host:port/path`` URI).
+            address: ``host:port`` of the agent (or a full ``ws://`` / ``wss://host:port/path`` URI).
             token: its pairing token.
             desktop_id: this desktop's stable id (an agent serves one desktop at a time).
             desktop_name: shown in the agent's log.
@@ -162,10 +216,17 @@ class AgentClient:
             reconnect: re-open a lost connection by itself.
             chunk_bytes: payload bytes per chunk frame (at most CHUNK_BYTES).
             window: chunks in flight before waiting for an ack.
+            tls: connect with wss:// (implied by a wss:// address).
+            tls_fingerprint: the sha256 (hex) the agent's certificate must have; None: trust the first.
         """
         if not 0 < chunk_bytes <= CHUNK_BYTES:
             raise InputError(f"chunk_bytes {chunk_bytes}: must be in 1..{CHUNK_BYTES}")
-        self.uri = address if address.startswith(("ws://", "wss://")) else f"ws://{address}{WS_PATH}"
+        tls = tls or address.startswith("wss://")
+        self.uri = address if address.startswith(("ws://", "wss://")) else \
+            f"{'wss' if tls else 'ws'}://{address}{WS_PATH}"
+        self.tls = tls
+        self.tls_pin = tls_fingerprint  # the certificate every connection must present (set by the first)
+        self.tls_fingerprint: str | None = None  # the one the last connection's handshake presented
         self.token, self.desktop_id, self.desktop_name = token, desktop_id, desktop_name
         self.on_metric, self.on_round_done, self.on_connection = on_metric, on_round_done, on_connection
         self.reconnect, self.chunk_bytes, self.window = reconnect, chunk_bytes, window
@@ -211,16 +272,29 @@ class AgentClient:
     async def _open(self) -> Welcome:
         headers = {TOKEN_HEADER: f"Bearer {self.token}", PROTOCOL_HEADER: str(PROTOCOL_VERSION),
                    DESKTOP_HEADER: self.desktop_id}
+        context = _pinning_context(self.tls_pin) if self.tls else None
         try:
             ws = await connect(self.uri, additional_headers=headers, compression=None, proxy=None,
                                max_size=MAX_FRAME_BYTES, open_timeout=OPEN_TIMEOUT_S, close_timeout=CLOSE_TIMEOUT_S,
-                               ping_interval=self.ping_interval_s, ping_timeout=self.ping_timeout_s)
+                               ping_interval=self.ping_interval_s, ping_timeout=self.ping_timeout_s,
+                               **({"ssl": context} if context is not None else {}))
         except InvalidStatus as exc:
             raise _refusal(self.uri, exc) from None
         except InvalidURI as exc:
             raise AgentUnreachable(f"{self.uri}: not an agent address ({exc})", code="bad_request") from None
+        except _PinRefused as exc:
+            raise CertificateMismatch(f"{self.uri}: its TLS certificate is sha256:{exc.presented}, not the expected "
+                                      f"sha256:{exc.expected}", exc.expected, exc.presented) from None
         except (OSError, InvalidHandshake, TimeoutError) as exc:
-            raise AgentUnreachable(f"{self.uri}: no agent answers ({type(exc).__name__}: {exc})") from None
+            hint = ""
+            if isinstance(exc, InvalidMessage) and not self.tls:
+                hint = "; an agent started with --tls is reached at wss://HOST:PORT"
+            elif self.tls and not isinstance(exc, (ConnectionRefusedError, TimeoutError)):
+                hint = "; does the agent serve TLS (deftly-agent --tls)?"
+            what = f"the TLS handshake failed ({exc.reason or exc})" if isinstance(exc, ssl.SSLError) else \
+                f"no agent answers ({type(exc).__name__}: {exc})"
+            raise AgentUnreachable(f"{self.uri}: {what}{hint}") from None
+        self.tls_fingerprint = context.presented if context is not None else None
         self._ws = ws
         self._reader = asyncio.create_task(self._read(ws))
         try:
@@ -230,6 +304,8 @@ class AgentClient:
             await ws.close()
             raise
         self.welcome = welcome
+        if self.tls_pin is None:
+            self.tls_pin = self.tls_fingerprint  # trusted on first use: a reconnection must present it again
         self._connected.set()
         log.info("connected to %s (%s), state %s", welcome.agent.name, self.uri, welcome.state.state)
         if self.on_connection is not None:

@@ -5,6 +5,10 @@ whether it is alive is for its WebSocket's heartbeat to say. Multicast is
 blocked on many Wi-Fi networks and on Android, so an agent can always be added
 by ``host:port`` as well (:func:`parse_address`).
 
+An agent serving TLS (``deftly-agent --tls``) advertises its certificate's
+fingerprint (TXT ``tls``); typed in, it is ``wss://HOST:PORT`` (trusted on first
+use) or ``HOST:PORT#sha256:<hex>`` (checked from the first connection).
+
 :class:`Browser` is the thin transport edge: it turns zeroconf's callbacks into
 :class:`Advert` records passed to ``on_seen`` / ``on_gone`` on the event loop.
 :func:`advert_from_txt` is the pure part, tested on its own.
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from shared.errors import InputError
+from shared.tls import PREFIX as FINGERPRINT_PREFIX
+from shared.tls import parse_fingerprint
 
 SERVICE_TYPE = "_deftly._tcp.local."
 RESOLVE_TIMEOUT_MS = 3000  # how long to wait for an advert's SRV/TXT/A records
@@ -49,13 +55,14 @@ class Advert:
     protocol: int | None = None
     version: str | None = None
     simulated: str | None = None
-    tls_fingerprint: str | None = None
+    tls_fingerprint: str | None = None  # advertised (mDNS), or given by the operator (address)
     via: str = "mdns"  # "mdns" or "address"
     service: str | None = None  # the mDNS service name, to match its removal
     arch: str | None = None  # what the agent says of itself, for its card before it is paired
     cores: int | None = None
     memory_mb: float | None = None
     runtime: str | None = None
+    tls: bool = False  # it serves wss:// (advertised with a fingerprint, or typed as wss:// or with one)
 
     @property
     def address(self) -> str:
@@ -63,13 +70,49 @@ class Advert:
 
 
 def parse_address(text: str) -> tuple[str, int, str | None]:
-    """``[TOKEN@]HOST:PORT`` → (host, port, token or None).
+    """``[ws://|wss://][TOKEN@]HOST:PORT[#sha256:HEX]`` → (host, port, token or None).
 
     Raises:
         InputError: naming the text and what is wrong with it.
     """
-    token = None
+    return _address_parts(text)[:3]
+
+
+def advert_from_address(text: str) -> tuple[Advert, str | None]:
+    """An agent typed in (``--agent``, "add by address"): its advert and the token given with it, if any.
+
+    ``wss://`` or a ``#sha256:<hex>`` fingerprint says it serves TLS; the fingerprint, if given,
+    is the one its certificate must have.
+
+    Raises:
+        InputError: naming the text and what is wrong with it.
+    """
+    host, port, token, tls, fingerprint = _address_parts(text)
+    return Advert(None, f"{host}:{port}", host, port, tls_fingerprint=fingerprint, via="address", tls=tls), token
+
+
+def _address_parts(text: str) -> tuple[str, int, str | None, bool, str | None]:
+    """(host, port, token, tls, fingerprint) of an address typed in; see :func:`parse_address`."""
     spec = text.strip()
+    scheme, found, rest = spec.partition("://")
+    if not found:
+        scheme, rest = "", spec
+    elif scheme.lower() not in ("ws", "wss"):
+        raise InputError(f"--agent {text!r}: {scheme}:// is not an agent's scheme (ws:// or wss://)")
+    rest, hashed, pin = rest.partition("#")
+    fingerprint = None
+    if hashed:
+        if scheme.lower() == "ws":
+            raise InputError(f"--agent {text!r}: a fingerprint is for a TLS agent (wss://), not ws://")
+        if not pin.lower().startswith(FINGERPRINT_PREFIX):
+            raise InputError(f"--agent {text!r}: expected #{FINGERPRINT_PREFIX}<hex> after the address")
+        fingerprint = parse_fingerprint(pin, f"--agent {text!r}")
+    host, port, token = _host_port_token(text, rest.split("/", 1)[0])  # the path the agent prints is its only one
+    return host, port, token, scheme.lower() == "wss" or fingerprint is not None, fingerprint
+
+
+def _host_port_token(text: str, spec: str) -> tuple[str, int, str | None]:
+    token = None
     if "@" in spec:
         token, spec = spec.rsplit("@", 1)
         if not token:
@@ -102,14 +145,20 @@ def advert_from_txt(properties: dict[bytes | str, bytes | str | None], host: str
     def first(field: str) -> str | None:
         return next((text[k] for k in TXT_KEYS[field] if text.get(k)), None)
 
-    protocol = first("protocol")
+    protocol, advertised = first("protocol"), first("tls_fingerprint")
+    try:
+        fingerprint = parse_fingerprint(advertised, f"{service or host}: TXT tls") if advertised else None
+    except InputError as exc:  # still a TLS agent: the connection pins what it presents
+        log.warning("%s", exc)
+        fingerprint = None
     name = first("name") or (service.split(".")[0] if service else f"{host}:{port}")
     cores, memory = first("cores"), first("memory_mb")
     return Advert(id=first("id"), name=name, host=host, port=port,
                   protocol=int(protocol) if protocol and protocol.isdigit() else None, version=first("version"),
-                  simulated=first("simulated"), tls_fingerprint=first("tls_fingerprint"), service=service,
+                  simulated=first("simulated"), tls_fingerprint=fingerprint, service=service,
                   arch=first("arch"), cores=int(cores) if cores and cores.isdigit() else None,
-                  memory_mb=float(memory) if memory and memory.isdigit() else None, runtime=first("runtime"))
+                  memory_mb=float(memory) if memory and memory.isdigit() else None, runtime=first("runtime"),
+                  tls=advertised is not None)
 
 
 class Browser:

@@ -58,7 +58,7 @@ from typing import Callable
 import numpy as np
 
 from desktop.engine import profiles as profile_cache
-from desktop.engine.discovery import Advert, Browser, parse_address
+from desktop.engine.discovery import Advert, Browser, advert_from_address, parse_address
 from desktop.engine.events import (
     DeviceBack, DeviceError, DeviceGone, DeviceLost, DeviceProfiled, DeviceRoundDone, DeviceSeen, DeviceStatus,
     EngineEvent, EventBus, Notice, PhaseChanged, PlanMade, PlanView, RoundMerged, RoundStarted,
@@ -175,6 +175,7 @@ class _Device:
     token: str | None
     via: str  # "mdns" or "address"
     link: "object | None" = None  # its desktop.engine.client.AgentClient once paired
+    tls: "object | None" = None  # desktop.engine.pins.TlsHint: what its advert or address said of TLS
     agent_id: str | None = None
     label: str = ""  # the unique name metrics and the planner know it by
     profile: DeviceProfile | None = None
@@ -252,8 +253,8 @@ class Engine:
 
     def add_agent(self, address: str, token: str | None = None) -> None:
         """Add an agent by ``[TOKEN@]HOST:PORT``; it is paired at once and planned for at the next boundary."""
-        host, port, inline = parse_address(address)
-        self._call(lambda: self._consider(Advert(None, address, host, port, via="address"), token or inline))
+        advert, inline = advert_from_address(address)
+        self._call(lambda: self._consider(advert, token or inline))
 
     def begin(self) -> None:
         """With ``hold``: plan now, with the devices paired so far."""
@@ -435,8 +436,7 @@ class Engine:
         """Take the --agent addresses and start browsing (once, whether from open() or run())."""
         self._finding = True
         for address in self.config.agents:
-            host, port, token = parse_address(address)
-            self._consider(Advert(None, f"{host}:{port}", host, port, via="address"), token)
+            self._consider(*advert_from_address(address))
         if self.config.discover:
             self._browser = Browser(self._seen, self._gone, list(self.config.mdns_interfaces or []) or None)
             await self._browser.start()
@@ -493,6 +493,8 @@ class Engine:
 
     def _consider(self, advert: Advert, token: str | None) -> None:
         """A device seen (mDNS) or named (address): remember it and pair it unless it already is."""
+        from desktop.engine import pins
+
         device = self._find(advert.id, advert.host, advert.port)
         if device is None:
             device = _Device(advert.id or advert.address, advert.name, advert.host, advert.port, token, advert.via,
@@ -504,6 +506,7 @@ class Engine:
             device.simulated = advert.simulated or device.simulated
             if device.failed and advert.via == "address":
                 device.failed = None  # added again by the operator: try again
+        device.tls = pins.hint(advert, device.tls)
         self._emit(DeviceSeen(device.key, advert.name if advert.via == "mdns" else device.name, advert.address,
                               advert.via, advert.simulated, arch=advert.arch, cores=advert.cores,
                               memory_mb=advert.memory_mb, runtime=advert.runtime))
@@ -522,6 +525,7 @@ class Engine:
         return device.token or profile_cache.known_token(self.config.cache_dir, device.agent_id) or self.config.token
 
     async def _pair(self, device: _Device) -> None:
+        from desktop.engine import pins  # which TLS certificate it must present
         from desktop.engine.client import AgentClient  # the desktop side of one agent connection
 
         token = self._token_for(device)
@@ -533,18 +537,26 @@ class Engine:
                                    "starts"))
             return
         self._emit(DeviceStatus(device.key, "pairing", device.address))
-        client = AgentClient(device.address, token, self._desktop_id, self.config.desktop_name,
-                             on_metric=lambda metric, d=device: self._on_metric(d, metric),
-                             on_round_done=lambda done, d=device: self._on_round_done(d, done),
-                             on_connection=lambda welcome, d=device: self._on_connection(d, welcome))
+        client, wanted, agent_id = None, None, device.agent_id
         try:
+            wanted = pins.expected(self.config.cache_dir, agent_id, device.tls or pins.TlsHint(), device.address)
+            client = AgentClient(device.address, token, self._desktop_id, self.config.desktop_name,
+                                 on_metric=lambda metric, d=device: self._on_metric(d, metric),
+                                 on_round_done=lambda done, d=device: self._on_round_done(d, done),
+                                 on_connection=lambda welcome, d=device: self._on_connection(d, welcome),
+                                 tls=wanted.tls, tls_fingerprint=wanted.fingerprint)
             welcome = await client.connect()
+            agent_id = welcome.agent.id
+            pins.check(self.config.cache_dir, agent_id, client.tls_fingerprint, wanted)
         except InputError as exc:
             device.connecting = False
             device.failed = str(exc)
-            self._emit(DeviceError(device.key, f"{device.name} ({device.address}): {exc}", _pairing_advice(exc)))
-            self._emit(DeviceStatus(device.key, "error", str(exc)))
-            await client.close()
+            message, advice = pins.explain(exc, wanted, self.config.cache_dir, agent_id) or (str(exc),
+                                                                                             _pairing_advice(exc))
+            self._emit(DeviceError(device.key, f"{device.name} ({device.address}): {message}", advice))
+            self._emit(DeviceStatus(device.key, "error", message))
+            if client is not None:
+                await client.close()
             self._wake()
             return
         info = welcome.agent
@@ -570,7 +582,9 @@ class Engine:
             # Entries the agent holds from before this run are not this run's: taken and dropped.
             device.stale_until = welcome.state.last_seq
         device.label = self._unique_label(device)
-        profile_cache.remember_agent(self.config.cache_dir, info.id, token, info.tls_fingerprint)
+        pinned = pins.remember(self.config.cache_dir, info.id, token, client.tls_fingerprint, wanted)
+        if pinned:
+            self._emit(Notice(f"{info.name}: {pinned}"))
         data = welcome.state.data
         device.private_data = data is not None and data.source == "private"
         if welcome.state.data_error and not device.private_data:

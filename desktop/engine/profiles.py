@@ -42,9 +42,14 @@ def desktop_id(cache_dir: Path | None) -> str:
         return new
 
 
+def agents_path(cache_dir: Path | None) -> Path:
+    """The file of the agents this desktop paired: tokens and pinned TLS fingerprints."""
+    return cache_root(cache_dir) / "agents.json"
+
+
 def _agents(cache_dir: Path | None) -> dict[str, dict]:
     try:
-        data = json.loads((cache_root(cache_dir) / "agents.json").read_text())
+        data = json.loads(agents_path(cache_dir).read_text())
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -61,17 +66,18 @@ def pinned_fingerprint(cache_dir: Path | None, agent_id: str | None) -> str | No
     return entry.get("tls_fingerprint") if isinstance(entry, dict) else None
 
 
-def remember_agent(cache_dir: Path | None, agent_id: str, token: str, tls_fingerprint: str | None) -> None:
-    """Keep the token (and pin the fingerprint on first use), readable by this user only."""
+def remember_agent(cache_dir: Path | None, agent_id: str, token: str, tls_fingerprint: str | None,
+                   replace_pin: bool = False) -> None:
+    """Keep the token and pin the fingerprint (on first use, or in place of the pinned one), owner-readable only."""
     agents = _agents(cache_dir)
     entry = agents.get(agent_id) if isinstance(agents.get(agent_id), dict) else {}
     entry = {**entry, "token": token}
-    if tls_fingerprint and not entry.get("tls_fingerprint"):
+    if tls_fingerprint and (replace_pin or not entry.get("tls_fingerprint")):
         entry["tls_fingerprint"] = tls_fingerprint
     agents[agent_id] = entry
-    path = cache_root(cache_dir) / "agents.json"
+    path = agents_path(cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, json.dumps(agents, indent=2).encode())
+    write_bytes_atomic(path, json.dumps(agents, indent=2).encode(), mode=0o600)
     os.chmod(path, 0o600)
 
 

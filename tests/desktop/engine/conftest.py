@@ -22,10 +22,12 @@ class Agents:
         self.started: list[LocalAgent] = []
 
     def start(self, name: str, simulate: str | None = None, token: str = "test-token",
-              advertise: bool = True) -> LocalAgent:
+              advertise: bool = True, tls: bool = False) -> LocalAgent:
         args = ["--name", name, "--token", token, "--advertise" if advertise else "--no-advertise"]
         if simulate:
             args += ["--simulate", simulate]
+        if tls:
+            args.append("--tls")
         agent = LocalAgent(self.root / name, args)
         self.started.append(agent)
         return agent.start()

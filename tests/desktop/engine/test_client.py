@@ -97,3 +97,85 @@ def test_a_restarted_desktop_takes_up_its_round_without_running_it_twice(tiny_pr
     assert (done.round, done.steps, done.stopped) == (1, k, False)
     assert steps == list(range(1, k + 1))
     assert (done.resumed_at > 0) == agent_restarts  # continued from its checkpoint, not started over
+
+
+# -- TLS: a round over wss://, and certificates checked inside the handshake ------------------------
+
+
+def test_over_tls_a_round_trains_as_over_ws_and_another_certificate_is_refused_before_the_token_is_sent(
+        tiny_program, tmp_path) -> None:
+    import numpy as np
+
+    from desktop.engine.client import CertificateMismatch
+    from desktop.engine.local import LocalAgent
+
+    # prepare: an agent serving TLS, its certificate made in its state dir
+    (tmp_path / "program").mkdir()
+    manifest, data = _program_files(tiny_program, tmp_path / "program")
+    agent = LocalAgent(tmp_path / "state", ["--name", "tls", "--token", TOKEN, "--no-advertise", "--tls"]).start()
+    fingerprint, b = agent.tls_fingerprint, np.zeros(tiny_program.export.manifest.b_size, dtype=np.float32)
+    metrics = []
+
+    async def scenario():
+        # execute: trust on first use, then a whole round over wss://
+        client = AgentClient(agent.address, TOKEN, desktop_id="desk", tls=True, reconnect=False,
+                             on_metric=metrics.append)
+        try:
+            welcome = await client.connect()
+            sha = await client.send_program(manifest)
+            await client.send_data_shard(data)
+            done = await client.run_round(round=1, program=sha, b=b, k=3, lr=0.1, eps=1e-2, seed=0)
+        finally:
+            await client.close()
+        # execute: a client expecting another certificate, with the right token
+        intruder = AgentClient(agent.address, TOKEN, desktop_id="other-desk", tls=True,
+                               tls_fingerprint="0" * 64, reconnect=False)
+        with pytest.raises(CertificateMismatch) as refused:
+            await intruder.connect()
+        await intruder.close()
+        return client, welcome, done, refused.value
+
+    try:
+        client, welcome, done, refused = asyncio.run(scenario())
+    finally:
+        agent.kill()
+    # assert: pinned on first use to what the agent printed and says in its hello; the round is whole
+    assert client.uri.startswith("wss://") and client.tls_fingerprint == client.tls_pin == fingerprint
+    assert welcome.agent.tls_fingerprint == fingerprint
+    assert (done.round, done.steps, done.stopped) == (1, 3, False) and len(metrics) == 3
+    assert np.isfinite(done.mean_loss)
+    # assert: refused in the handshake with both fingerprints: the agent never saw the request
+    assert (refused.expected, refused.presented) == ("0" * 64, fingerprint)
+    assert f"sha256:{fingerprint}" in str(refused) and f"sha256:{'0' * 64}" in str(refused)
+    assert "other-desk" not in agent.log()
+
+
+def test_a_reconnection_must_present_the_certificate_the_first_connection_did(tmp_path) -> None:
+    from desktop.engine.client import CertificateMismatch
+    from desktop.engine.local import LocalAgent
+
+    # prepare: a client that trusted the agent's certificate on first use
+    agent = LocalAgent(tmp_path / "state", ["--name", "tls", "--token", TOKEN, "--no-advertise", "--tls"]).start()
+    first = agent.tls_fingerprint
+
+    async def scenario():
+        client = AgentClient(agent.address, TOKEN, desktop_id="desk", tls=True,
+                             backoff=lambda: iter([0.05] * 400))
+        await client.connect()
+        try:
+            # execute: the agent comes back on its port with a new certificate (its old one deleted)
+            (agent.state_dir / "tls.crt").unlink()
+            await asyncio.to_thread(agent.restart)
+            # assert: reconnecting stops at the first handshake, with the permanent error
+            with pytest.raises(CertificateMismatch) as refused:
+                await asyncio.wait_for(client.wait_connected(), 60)
+            return refused.value
+        finally:
+            await client.close()
+
+    try:
+        refused = asyncio.run(scenario())
+    finally:
+        agent.kill()
+    assert agent.tls_fingerprint != first
+    assert (refused.expected, refused.presented) == (first, agent.tls_fingerprint)

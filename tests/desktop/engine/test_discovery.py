@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from desktop.engine.discovery import SERVICE_TYPE, Browser, advert_from_txt, parse_address
+from desktop.engine.discovery import SERVICE_TYPE, Browser, advert_from_address, advert_from_txt, parse_address
 from shared.errors import InputError
 
 
@@ -16,8 +16,29 @@ def test_parse_address_with_and_without_a_token() -> None:
     assert parse_address("[::1]:80") == ("::1", 80, None)
 
 
+FINGERPRINT = "0f" * 32
+
+
+def test_an_address_says_tls_with_wss_or_a_fingerprint_and_the_fingerprint_is_the_operators() -> None:
+    plain, token = advert_from_address("tok@127.0.0.1:8765")
+    assert (plain.tls, plain.tls_fingerprint, plain.via, plain.name, token) == \
+        (False, None, "address", "127.0.0.1:8765", "tok")  # the token is not in the name a view shows
+    tofu, _ = advert_from_address("wss://pi.local:8765/deftly")  # as the agent prints it
+    assert (tofu.host, tofu.port, tofu.tls, tofu.tls_fingerprint) == ("pi.local", 8765, True, None)
+    colons = ":".join([FINGERPRINT[:2].upper()] * 32)
+    pinned, token = advert_from_address(f"tok@pi.local:8765#SHA256:{colons}")
+    assert (pinned.tls, pinned.tls_fingerprint, token) == (True, FINGERPRINT, "tok")
+    assert advert_from_address(f"wss://tok@pi.local:1#sha256:{FINGERPRINT}")[0].tls_fingerprint == FINGERPRINT
+    assert parse_address(f"wss://tok@pi.local:1#sha256:{FINGERPRINT}") == ("pi.local", 1, "tok")
+    assert advert_from_address("ws://pi.local:1")[0].tls is False
+
+
 @pytest.mark.parametrize("text, message", [("pi.local", "expected HOST:PORT"), ("h:port", "not a number"),
-                                           ("h:70000", "outside 1-65535"), ("@h:1", "empty token")])
+                                           ("h:70000", "outside 1-65535"), ("@h:1", "empty token"),
+                                           ("https://h:1", "https:// is not an agent's scheme"),
+                                           (f"ws://h:1#sha256:{FINGERPRINT}", "a fingerprint is for a TLS agent"),
+                                           ("h:1#md5:00", "expected #sha256:<hex>"),
+                                           ("h:1#sha256:00", "is not a TLS fingerprint")])
 def test_bad_addresses_are_named(text: str, message: str) -> None:
     with pytest.raises(InputError, match=message):
         parse_address(text)
@@ -30,6 +51,14 @@ def test_advert_reads_bytes_and_tolerates_missing_keys() -> None:
         ("a1", "pi4", 1, "pi4-4gb", "10.0.0.2:8765")
     bare = advert_from_txt({}, "10.0.0.3", 1, service="lab-laptop._deftly._tcp.local.")
     assert (bare.id, bare.name, bare.protocol) == (None, "lab-laptop", None)
+
+
+def test_an_advert_with_a_tls_fingerprint_is_a_tls_agent() -> None:
+    advert = advert_from_txt({b"id": b"a1", b"tls": FINGERPRINT.upper().encode()}, "10.0.0.2", 8765)
+    assert (advert.tls, advert.tls_fingerprint) == (True, FINGERPRINT)
+    odd = advert_from_txt({b"tls": b"not-hex"}, "10.0.0.2", 8765)  # still TLS: the connection pins what it shows
+    assert (odd.tls, odd.tls_fingerprint) == (True, None)
+    assert advert_from_txt({b"id": b"a1"}, "10.0.0.2", 8765).tls is False
 
 
 def test_advert_reads_the_hardware_an_agent_advertises() -> None:
