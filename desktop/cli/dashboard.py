@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--job", type=Path, help="job TOML: the form's starting values")
     parser.add_argument("--rounds", type=int, default=5, help="the form's starting rounds (default 5)")
     parser.add_argument("--local-steps", type=int, default=10, help="the form's starting local steps (default 10)")
-    parser.add_argument("--agent", action="append", default=[], metavar="[TOKEN@]HOST:PORT",
+    parser.add_argument("--agent", action="append", default=[], metavar="[wss://][TOKEN@]HOST:PORT[#sha256:FP]",
                         help="an agent by address (repeat; more can be added in the window)")
     parser.add_argument("--no-discover", action="store_true", help="do not browse zeroconf for agents")
     parser.add_argument("--token", help="pairing token for agents found without one (each agent prints its own)")

@@ -46,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     job.add_argument("--lr", type=float, help="learning rate (default: the program's suggestion)")
     job.add_argument("--eps", type=float, help="perturbation scale (default: the program's suggestion)")
     agents = parser.add_argument_group("the agents")
-    agents.add_argument("--agent", action="append", default=[], metavar="[TOKEN@]HOST:PORT",
-                        help="an agent by address (repeat for each)")
+    agents.add_argument("--agent", action="append", default=[], metavar="[wss://][TOKEN@]HOST:PORT[#sha256:FP]",
+                        help="an agent by address (repeat for each; wss:// or #sha256:FP for one started with --tls)")
     agents.add_argument("--discover", action="store_true", help="find agents by zeroconf (_deftly._tcp.local.)")
     agents.add_argument("--token", help="pairing token for agents given without one (each agent prints its own)")
     agents.add_argument("--devices", type=int, help="plan once this many agents are paired (default: every "
