@@ -252,7 +252,8 @@ class Engine:
         return self.bus.queue(maxsize)
 
     def add_agent(self, address: str, token: str | None = None) -> None:
-        """Add an agent by ``[TOKEN@]HOST:PORT``; it is paired at once and planned for at the next boundary."""
+        """Add an agent by ``[wss://][TOKEN@]HOST:PORT[#sha256:FP]`` (``desktop.engine.discovery.parse_address``);
+        it is paired at once and planned for at the next boundary."""
         advert, inline = advert_from_address(address)
         self._call(lambda: self._consider(advert, token or inline))
 
