@@ -36,7 +36,7 @@ from desktop.ui.model import Changes, DashboardModel
 
 REDRAW_MS = 100  # each plot's redraw period: 10 frames a second is smooth for curves that grow a point at a time
 SLOWEST_MS = 1000  # ... stretched up to this when the ticks cost more than SHARE (many devices, a slow machine)
-SHARE = 0.5  # of the GUI thread's time the plots' ticks may take: the cards and input keep the rest
+SHARE = 0.35  # of the GUI thread's time the plots' ticks may take: the cards and input keep the rest
 BUDGET_MS = 10.0  # setData calls per tick stop after this long (the rest wait for the next tick)
 THICK_UP_TO = 8  # devices drawn with 2-pixel lines; more get 1-pixel ones (a third of the painting time)
 LEGEND_MAX = 24  # devices named in the legend; past that it says how many more
