@@ -57,11 +57,11 @@ def application() -> QApplication:
 def settle_heap() -> None:
     """Before Qt's loop runs: what exists now (modules, the window, its plots) leaves the collector's walks.
 
-    Python's full collection walks every tracked object; with the dashboard's (a few hundred
-    thousand: Qt wrappers, pyqtgraph items, numpy, the engine) one took 30-45 ms of the GUI
-    thread every few seconds of a busy run: the live view's longest frames. They live as
-    long as the window, so they are frozen (``gc.freeze``) after one last collection;
-    what the run creates later is collected as before.
+    Python's full collection walks every tracked object; with the dashboard's (~75,000 once the
+    window is built: modules, Qt wrappers, pyqtgraph items) one takes ~40 ms of the GUI thread,
+    and a busy run made one every few seconds: among the live view's longest frames. They
+    live as long as the window, so they are frozen (``gc.freeze``) after one last
+    collection; what the run creates later is collected as before.
     """
     gc.collect()
     gc.freeze()
