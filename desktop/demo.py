@@ -8,7 +8,8 @@
    chose;
 2. opens the dashboard (or, without a display, runs headless: the same job through
    ``deftly run``'s terminal view), whose engine finds them by zeroconf, pairs them
-   with that token, profiles them (a profile measured before is reused), plans,
+   with that token (only them: other agents advertised here, another demo's or a
+   test's, are shown as seen and left alone), profiles them (a profile measured before is reused), plans,
    exports the block programs (from the export cache after the first run), ships
    them and trains SmolLM2 on Rotten Tomatoes in rounds, the untrained adapter
    evaluated as round 0 beside round 1;
@@ -74,10 +75,15 @@ def has_display() -> bool:
                 or sys.platform in ("darwin", "win32"))
 
 
-def demo_config(settings: DemoSettings, token: str) -> EngineConfig:
-    """The engine's settings for the demo's lab: found by zeroconf on loopback, paired with the demo's token."""
+def demo_config(settings: DemoSettings, token: str, addresses: list[str]) -> EngineConfig:
+    """The engine's settings for the demo's lab: found by zeroconf on loopback, paired with the demo's token.
+
+    Args:
+        addresses: where the demo's agents listen (``HOST:PORT``): the only discovered agents paired.
+    """
     return EngineConfig(job=settings.job, out=settings.out, rounds=settings.rounds, local_steps=settings.local_steps,
                         discover=True, mdns_interfaces=("127.0.0.1",), token=token, devices=len(LAB),
+                        pair_only=tuple(addresses),
                         eval_limit=settings.eval_limit, test_limit=settings.test_limit, cache_dir=settings.cache_dir,
                         zero_shot=True)
 
@@ -122,11 +128,13 @@ def run_demo(settings: DemoSettings, on_window: Callable | None = None,
     agents = LocalAgents(settings.agents_dir)
     try:
         print(f"starting {len(LAB)} simulated agents on this machine (their state: {settings.agents_dir})", flush=True)
+        addresses = []
         for (name, device_class), agent in zip(LAB, agents.start(list(LAB))):
             print(f"  {name}: deftly-agent --simulate {device_class}, listening on {agent.address}", flush=True)
+            addresses.append(agent.address)
         if on_agents is not None:
             on_agents(agents)
-        config = demo_config(settings, agents.token)
+        config = demo_config(settings, agents.token, addresses)
         if headless:
             return _headless(config)
         from desktop.ui.app import open_demo

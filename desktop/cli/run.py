@@ -49,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     agents.add_argument("--agent", action="append", default=[], metavar="[wss://][TOKEN@]HOST:PORT[#sha256:FP]",
                         help="an agent by address (repeat for each; wss:// or #sha256:FP for one started with --tls)")
     agents.add_argument("--discover", action="store_true", help="find agents by zeroconf (_deftly._tcp.local.)")
+    agents.add_argument("--pair-only", action="append", default=None, metavar="ID|HOST:PORT",
+                        help="with --discover: pair only this discovered agent (its id, or its address as "
+                        "advertised; repeat for each); others are shown as seen and left alone")
     agents.add_argument("--token", help="pairing token for agents given without one (each agent prints its own)")
     agents.add_argument("--devices", type=int, help="plan once this many agents are paired (default: every "
                         "--agent, or every agent discovery finds within --discover-s)")
@@ -88,6 +91,7 @@ def config_from(args: argparse.Namespace) -> EngineConfig:
     extra = {"patience_s": args.patience_s} if args.patience_s is not None else {}
     return EngineConfig(job=spec.merged(given), out=out, rounds=args.rounds, local_steps=args.local_steps,
                         agents=tuple(args.agent), discover=args.discover, token=args.token, devices=args.devices,
+                        pair_only=tuple(args.pair_only) if args.pair_only else None,
                         discover_s=args.discover_s, resume=args.resume, seed=args.seed, policy=args.policy, replicas=args.replicas,
                         eval_limit=args.eval_limit, test_limit=args.test_limit, reprofile=args.reprofile,
                         cache_dir=args.cache_dir,

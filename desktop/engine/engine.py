@@ -14,7 +14,10 @@ given the job, and :meth:`close` when it goes away.
 The flow, one step per method below:
 
 1. **find** agents: zeroconf (``--discover``) and addresses (``--agent``); pair
-   each with its token over one WebSocket (``desktop.engine.client``);
+   each with its token over one WebSocket (``desktop.engine.client``). With
+   ``pair_only``, a discovered agent not named there (by id or ``HOST:PORT``) is
+   shown as seen and left alone: no pairing attempt, no error (the demo's engine
+   pairs only the agents the demo started, whatever else advertises nearby);
 2. **profile**: a profile measured earlier for this device and model is reused
    (``desktop.engine.profiles``) unless asked again; else the agent runs the
    job's probe program;
@@ -82,6 +85,7 @@ log = logging.getLogger("deftly.engine")
 
 DISCOVER_S = 5.0  # with --discover and no device count: browse this long after the first device
 SYNC_INTERVAL_S = 0.2  # metrics.jsonl is fsynced this often (each line is written before its ack)
+LEFT_ALONE = "not one of this run's agents: left alone"  # a card's detail for an agent pair_only leaves out
 STOP_WAIT_S = 30.0  # after stop(): wait this long for the agents' stopped rounds before giving up
 STALL_FACTOR = 20.0  # a connected device silent for this many predicted step times (or ...
 STALL_MIN_S = 300.0
@@ -98,6 +102,8 @@ class EngineConfig:
     local_steps: int = 10  # K: steps per device per round
     agents: tuple[str, ...] = ()  # "[TOKEN@]HOST:PORT" of agents added by address
     discover: bool = False  # browse _deftly._tcp.local. too
+    pair_only: tuple[str, ...] | None = None  # discovered agents to pair, by agent id or "HOST:PORT" as advertised
+    #                                           (None: every one found); others are seen and left alone
     token: str | None = None  # the pairing token of agents that have none of their own here
     devices: int | None = None  # plan once this many devices are paired (default: the --agent count, or
     #                             every device discovery finds within discover_s)
@@ -126,6 +132,8 @@ class EngineConfig:
             raise InputError(f"--local-steps must be at least 1, got {self.local_steps}")
         if not self.agents and not self.discover:
             raise InputError("no agents: give --agent HOST:PORT (one per agent) or --discover")
+        if self.pair_only is not None and not self.pair_only:
+            raise InputError("--pair-only names no agent: every discovered agent would be left alone")
         if self.policy not in POLICIES:
             raise InputError(f"--policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
         if self.devices is not None and self.devices < 1:
@@ -238,6 +246,7 @@ class Engine:
         self._browser: Browser | None = None
         self._tasks: set[asyncio.Task] = set()
         self._finding = False  # the --agent addresses were taken and the browser started
+        self._left_alone: dict[str, Advert] = {}  # discovered agents pair_only leaves out, by their card's key
         self._zero_shot: asyncio.Task | None = None  # the untrained adapter's evaluation (config.zero_shot)
         self._idle: asyncio.Event | None = None  # set while no run() is in progress
 
@@ -476,13 +485,44 @@ class Engine:
                 failures = "; ".join(f"{d.name}: {d.failed}" for d in self._devices.values() if d.failed)
                 raise InputError(f"no agent could be paired within {self.config.wait_s:.0f} s"
                                  + (f" ({failures})" if failures else
-                                    " (none found: check --agent addresses, or that multicast reaches them)"))
+                                    " (none found: check --agent addresses, or that multicast reaches them)")
+                                 + self._left_alone_text())
             await self._wait_change(0.5)
+        if self._left_alone:
+            self._emit(Notice(f"{len(self._left_alone)} other agent(s) seen and left alone (not this run's):"
+                              f"{self._left_alone_text(lead='')}"))
+
+    def _left_alone_text(self, lead: str = "; left alone, not this run's:") -> str:
+        return (lead + " " + ", ".join(f"{a.name} ({a.address})" for a in self._left_alone.values())
+                if self._left_alone else "")
+
+    def _pairs_with(self, advert: Advert) -> bool:
+        """Whether a discovered advert is one this run may pair (``pair_only``: by its id or its address)."""
+        allowed = self.config.pair_only
+        return allowed is None or advert.address in allowed or (advert.id is not None and advert.id in allowed)
 
     def _seen(self, advert: Advert) -> None:
+        if self._find(advert.id, advert.host, advert.port) is None and not self._pairs_with(advert):
+            self._leave_alone(advert)
+            return
         self._consider(advert, None)
 
+    def _leave_alone(self, advert: Advert) -> None:
+        """Another fleet's agent: its card says it was seen; no pairing, so no wrong-token error either."""
+        key = advert.id or advert.address
+        new = key not in self._left_alone
+        self._left_alone[key] = advert
+        self._emit(DeviceSeen(key, advert.name, advert.address, advert.via, advert.simulated, arch=advert.arch,
+                              cores=advert.cores, memory_mb=advert.memory_mb, runtime=advert.runtime))
+        self._emit(DeviceStatus(key, "seen", LEFT_ALONE))
+        if new:
+            self._emit(Notice(f"another agent seen and left alone (not this run's): {advert.name} ({advert.address})"))
+
     def _gone(self, advert: Advert) -> None:
+        key = advert.id or advert.address
+        if self._left_alone.pop(key, None) is not None:
+            self._emit(DeviceGone(key))
+            return
         device = self._find(advert.id, advert.host, advert.port)
         if device is not None:
             self._emit(DeviceGone(device.key))
@@ -497,6 +537,9 @@ class Engine:
         from desktop.engine import pins
 
         device = self._find(advert.id, advert.host, advert.port)
+        if advert.via == "address":  # the operator named it: paired even if pair_only had left it alone
+            for key in [k for k, a in self._left_alone.items() if a.address == advert.address]:
+                del self._left_alone[key]
         if device is None:
             device = _Device(advert.id or advert.address, advert.name, advert.host, advert.port, token, advert.via,
                              simulated=advert.simulated, label=advert.name)

@@ -31,15 +31,22 @@ CLEARS_ERROR = ("paired", "profiled", "ready", "training")  # statuses after whi
 
 
 class Series:
-    """A ring buffer of (x, value) pairs, preallocated."""
+    """A ring buffer of (x, value) pairs, allocated whole at its first point.
+
+    Not at its device's first sight: a hundred devices found at once would zero 300 buffers in
+    one event batch (a frame of ~20 ms on the dashboard), and a device that never trains (one
+    seen and left alone) needs none.
+    """
 
     def __init__(self, capacity: int = SERIES_CAPACITY) -> None:
         self.capacity = capacity
-        self._x = np.zeros(capacity, dtype=np.float64)
-        self._y = np.zeros(capacity, dtype=np.float64)
+        self._x = self._y = np.zeros(0, dtype=np.float64)
         self._count = 0  # points ever appended
 
     def append(self, x: float, y: float) -> None:
+        if not self._count:
+            self._x = np.zeros(self.capacity, dtype=np.float64)
+            self._y = np.zeros(self.capacity, dtype=np.float64)
         i = self._count % self.capacity
         self._x[i], self._y[i] = x, y
         self._count += 1

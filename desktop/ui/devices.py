@@ -50,7 +50,8 @@ def status_text(view: DeviceView, local_steps: int, left_s: float | None = None)
     """The status line of a card, in words."""
     status = view.status
     if status == "seen":
-        return "seen on the network (mDNS)" if view.via == "mdns" else "added by address"
+        seen = "seen on the network (mDNS)" if view.via == "mdns" else "added by address"
+        return f"{seen}: {view.detail}" if view.detail else seen
     if status == "receiving":
         pct = f" {view.fraction:.0%}" if view.fraction is not None else ""
         left = f", {duration(left_s)} left" if left_s is not None else ""

@@ -2,19 +2,30 @@
 
 Data arrives into preallocated ring buffers (each device's
 :class:`desktop.engine.state.Series` in the dashboard's state mirror); an
-event batch only marks the devices it touched. Each plot is a view with its
-own timer (:class:`SeriesPlot`, :class:`AccuracyPlot`), the timers started a
-quarter period apart so that one tick repaints one plot; a tick calls
-``setData`` on the marked devices' curves within a time budget and leaves the
-rest marked for the next tick (oldest first), so a hundred devices streaming
-ten steps a second each never hold the window for long: at worst a line lags
-by a few ticks. Curves downsample (peak) and clip to the visible range; every
-device's line has the colour the plan view gives it, and the legend names it.
+event batch only marks the devices it touched. One timer (:class:`LivePlots`)
+redraws the plots (:class:`SeriesPlot`, :class:`AccuracyPlot`) in turn, one
+plot with news per tick, so two plots never paint in one turn of Qt's loop
+(with a timer each, a loaded machine ran their overdue ticks back to back: one
+frame held two or three repaints). A tick calls ``setData`` on the marked
+devices' curves within a time budget and leaves the rest marked for the next
+turn (oldest first), then paints that plot; so a hundred devices streaming ten
+steps a second each never hold the window for long: at worst a line lags by a
+few ticks. Every device's line has the colour the plan view gives it, and the
+legend names it.
+
+Downsampling: while a plot follows its data (:class:`Follow`: the view spans
+every point), each curve is peak-downsampled by a factor it is given with its
+data (points per pixel of the plot's width), and nothing is clipped (nothing is
+outside the view). pyqtgraph's automatic downsampling, clip-to-view and
+dynamic-range limit would redo every curve's display data at each range change
+(a hundred curves: 15-30 ms in one frame, the live view's worst); they are
+turned on only while the operator has zoomed or panned, when they pay.
 """
 from __future__ import annotations
 
 import math
 import time
+from typing import Callable
 
 import numpy as np
 import pyqtgraph as pg
@@ -24,10 +35,9 @@ from PySide6.QtWidgets import QGraphicsItem, QGridLayout, QHBoxLayout, QLabel, Q
 from desktop.ui.model import Changes, DashboardModel
 
 REDRAW_MS = 100  # each plot's redraw period: 10 frames a second is smooth for curves that grow a point at a time
-SLOWEST_MS = 1000  # ... stretched up to this when a tick costs more than SHARE of it (many devices, a slow machine)
-SHARE = 0.2  # of the GUI thread's time one plot may take: three plots and the cards still leave it mostly idle
+SLOWEST_MS = 1000  # ... stretched up to this when the ticks cost more than SHARE (many devices, a slow machine)
+SHARE = 0.35  # of the GUI thread's time the plots' ticks may take: the cards and input keep the rest
 BUDGET_MS = 10.0  # setData calls per tick stop after this long (the rest wait for the next tick)
-GAP_MS = 30.0  # no plot paints within this long of another one painting: their frames never pile up
 THICK_UP_TO = 8  # devices drawn with 2-pixel lines; more get 1-pixel ones (a third of the painting time)
 LEGEND_MAX = 24  # devices named in the legend; past that it says how many more
 LOST = "#a1120b"
@@ -49,8 +59,6 @@ def _plot_widget(title: str, ylabel: str, xlabel: str) -> pg.PlotWidget:
     item.setLabel("left", ylabel)
     item.setLabel("bottom", xlabel)
     item.showGrid(x=True, y=True, alpha=0.2)
-    item.setDownsampling(auto=True, mode="peak")
-    item.setClipToView(True)
     for axis in ("left", "bottom"):
         item.getAxis(axis).enableAutoSIPrefix(False)  # a loss of 0.7 reads 0.7, not 700 (x0.001)
         # Drawn once per range, then blitted: replaying an axis's text costs ~5 ms a paint.
@@ -74,29 +82,40 @@ class Follow:
     The x range grows to the next quarter of a round number; the y range grows to the data
     plus a tenth. A plot the operator zoomed or panned is left alone until its "A" button
     (pyqtgraph's auto-range) asks to follow again.
+
+    Args:
+        on_follow: called with True when the plot follows its data again, False when the
+            operator took it over.
     """
 
-    def __init__(self, widget: pg.PlotWidget) -> None:
+    def __init__(self, widget: pg.PlotWidget, on_follow: Callable[[bool], None] | None = None) -> None:
         self.view = widget.getPlotItem().getViewBox()
         self.view.disableAutoRange()
         self.following = True
+        self.on_follow = on_follow
         self.view.sigRangeChangedManually.connect(self._manual)
         self.x_max = 0.0
         self.y_lo, self.y_hi = math.inf, -math.inf
 
     def _manual(self, *_args) -> None:
-        self.following = False
+        self._set_following(False)
+
+    def _set_following(self, following: bool) -> None:
+        if following != self.following:
+            self.following = following
+            if self.on_follow is not None:
+                self.on_follow(following)
 
     def reset(self) -> None:
         self.x_max, self.y_lo, self.y_hi = 0.0, math.inf, -math.inf
 
-    def cover(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Widen the range, if needed, to show this data too."""
+    def cover(self, x: np.ndarray, y: np.ndarray) -> bool:
+        """Widen the range, if needed, to show this data too; returns whether it changed."""
         if any(self.view.state["autoRange"]):  # the operator pressed "A": follow the data again
             self.view.disableAutoRange()
-            self.following = True
+            self._set_following(True)
         if not self.following or not len(x):
-            return
+            return False
         finite = y[np.isfinite(y)]
         x_max = float(x[-1])
         lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (self.y_lo, self.y_hi)
@@ -112,42 +131,25 @@ class Follow:
             changed = True
         if changed:
             self.view.setRange(xRange=(0, self.x_max), yRange=(self.y_lo, self.y_hi), padding=0)
-
-
-class PaintGate:
-    """Keeps the plots' paints apart: timers that fall due together would make one long frame."""
-
-    def __init__(self, gap_ms: float = GAP_MS) -> None:
-        self.gap_s = gap_ms / 1000.0
-        self.last = -math.inf
-
-    def open(self) -> bool:
-        return time.perf_counter() - self.last >= self.gap_s
-
-    def painted(self) -> None:
-        self.last = time.perf_counter()
+        return changed
 
 
 class SeriesPlot:
-    """One per-device metric: its plot widget, a curve per device, its own redraw timer."""
+    """One per-device metric: its plot widget and a curve per device (:class:`LivePlots` ticks it)."""
 
-    def __init__(self, model: DashboardModel, metric: str, redraw_ms: int, delay_ms: int,
-                 gate: PaintGate | None = None) -> None:
+    def __init__(self, model: DashboardModel, metric: str) -> None:
         attribute, title, ylabel = METRICS[metric]
         self.model, self.metric, self.attribute = model, metric, attribute
-        self.gate = gate or PaintGate(0.0)
         self.widget = _plot_widget(title, ylabel, "step on the device (all rounds)")
-        self.follow = Follow(self.widget)
+        self.follow = Follow(self.widget, on_follow=self._following)
         self.curves: dict[str, pg.PlotDataItem] = {}
         self.dirty: dict[str, None] = {}  # devices with new points, oldest first (a dict keeps the order)
         self.marks: list[pg.GraphicsObject] = []
         self.redraws = 0
-        self.base_ms = redraw_ms
-        self.cost_ms = 0.0  # the last tick: setData and painting
-        self.timer = QTimer(self.widget)
-        self.timer.setInterval(redraw_ms)
-        self.timer.timeout.connect(self.redraw)
-        QTimer.singleShot(delay_ms, self.timer.start)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.dirty)
 
     def mark(self, devices) -> None:
         for device in devices:
@@ -162,35 +164,42 @@ class SeriesPlot:
                 for other, line in self.curves.items():
                     line.setPen(pg.mkPen(self.model.colour(other), width=1))
             curve = self.widget.plot([], [], pen=pg.mkPen(self.model.colour(device), width=width), name=view.name)
-            curve.setDownsampling(auto=True, method="peak")
-            curve.setClipToView(True)
+            _zoomed_mode(curve, not self.follow.following)
             self.curves[device] = curve
         return curve
 
+    def _following(self, following: bool) -> None:
+        """The operator zoomed or panned (False), or asked to follow again (True): each curve's mode."""
+        for curve in self.curves.values():
+            _zoomed_mode(curve, not following)
+
+    def _downsample(self, points: int) -> int:
+        """Points per pixel of the plot's width (at least 1): the factor a following view needs."""
+        pixels = max(1, int(self.follow.view.width()))
+        return max(1, points // pixels)
+
     def redraw(self, budget_ms: float = BUDGET_MS) -> None:
-        """setData on the marked devices' curves, oldest mark first, until the budget is spent."""
-        if not self.dirty or (budget_ms != math.inf and not self.gate.open()):
-            return  # nothing new, or another plot just painted: the next tick draws it
+        """setData on the marked devices' curves, oldest mark first, until the budget is spent; then paint."""
+        if not self.dirty:
+            return
         devices = self.model.state.devices
-        start = time.perf_counter()
-        deadline = start + budget_ms / 1000.0
+        deadline = time.perf_counter() + budget_ms / 1000.0
         for device in list(self.dirty):
             del self.dirty[device]
             view = devices.get(device)
             if view is not None:
                 x, y = getattr(view, self.attribute).view()
-                self.curve(device).setData(x, y)
-                self.follow.cover(x, y)
+                curve = self.curve(device)
+                if self.follow.following:
+                    curve.setDownsampling(ds=self._downsample(len(x)), auto=False, method="peak")
+                curve.setData(x, y)
+                if self.follow.cover(x, y):
+                    break  # the range moved: every curve and both axes repaint, the rest wait for the next tick
             if time.perf_counter() > deadline:
                 break
         # Paint now, in this tick: left to Qt, the plots' repaints would pile into one long frame.
         self.widget.viewport().repaint()
-        self.gate.painted()
         self.redraws += 1
-        self.cost_ms = (time.perf_counter() - start) * 1000.0
-        interval = int(min(SLOWEST_MS, max(self.base_ms, self.cost_ms / SHARE)))
-        if abs(interval - self.timer.interval()) > 0.1 * self.timer.interval():
-            self.timer.setInterval(interval)
 
     def mark_lost(self, device: str) -> None:
         view = self.model.state.devices.get(device)
@@ -215,20 +224,32 @@ class SeriesPlot:
         self.follow.reset()
 
 
+def _zoomed_mode(curve: pg.PlotDataItem, zoomed: bool) -> None:
+    """pyqtgraph's view-dependent display (auto downsampling, clip to view, range limit) only when zoomed."""
+    if zoomed:
+        curve.setDynamicRangeLimit(1e6)  # pyqtgraph's default: points far off a zoomed view stay drawable
+        curve.setClipToView(True)
+        curve.setDownsampling(auto=True, method="peak")
+    else:
+        curve.setDynamicRangeLimit(None)
+        curve.setClipToView(False)
+        curve.setDownsampling(auto=False, method="peak")
+
+
 class AccuracyPlot:
     """The merged adapter's validation accuracy per round, with the rounds that lost a device marked."""
 
-    def __init__(self, model: DashboardModel, redraw_ms: int, delay_ms: int) -> None:
+    def __init__(self, model: DashboardModel) -> None:
         self.model = model
         self.widget = _plot_widget("Accuracy of the merged adapter", "validation accuracy", "round")
         self.curve = self.widget.plot([], [], pen=pg.mkPen("#202124", width=2), symbol="o", symbolSize=8,
                                       symbolBrush="#202124")
         self.labels: list[pg.GraphicsObject] = []
         self.dirty = False
-        self.timer = QTimer(self.widget)
-        self.timer.setInterval(redraw_ms)
-        self.timer.timeout.connect(self.redraw)
-        QTimer.singleShot(delay_ms, self.timer.start)
+
+    @property
+    def pending(self) -> bool:
+        return self.dirty
 
     def redraw(self) -> None:
         if not self.dirty:
@@ -316,11 +337,15 @@ class LivePlots(QWidget):
     def __init__(self, model: DashboardModel, parent: QWidget | None = None, redraw_ms: int = REDRAW_MS) -> None:
         super().__init__(parent)
         self.model = model
-        # Each view's timer starts a quarter period after the one before: one repaint per tick.
-        self.gate = PaintGate()
-        self.series = {metric: SeriesPlot(model, metric, redraw_ms, i * redraw_ms // 4, self.gate)
-                       for i, metric in enumerate(METRICS)}
-        self.accuracy = AccuracyPlot(model, redraw_ms, 3 * redraw_ms // 4)
+        self.series = {metric: SeriesPlot(model, metric) for metric in METRICS}
+        self.accuracy = AccuracyPlot(model)
+        self._turns: list[SeriesPlot | AccuracyPlot] = [*self.series.values(), self.accuracy]
+        self._next = 0  # the plot whose turn it is
+        self._tick_ms = redraw_ms // len(self._turns)  # each plot redrawn every redraw_ms when all have news
+        self.timer = QTimer(self)
+        self.timer.setInterval(self._tick_ms)
+        self.timer.timeout.connect(self._tick)
+        self.timer.start()
         self.plots = {**{m: p.widget for m, p in self.series.items()}, "accuracy": self.accuracy.widget}
         self.legend = LegendStrip()
         legend_scroll = QScrollArea()
@@ -353,6 +378,20 @@ class LivePlots(QWidget):
     @property
     def redraws(self) -> int:
         return sum(p.redraws for p in self.series.values())
+
+    def _tick(self) -> None:
+        """Redraw the next plot (in turn) that has news; one per tick, stretched when ticks cost much."""
+        for k in range(len(self._turns)):
+            plot = self._turns[(self._next + k) % len(self._turns)]
+            if plot.pending:
+                self._next = (self._next + k + 1) % len(self._turns)
+                start = time.perf_counter()
+                plot.redraw()
+                cost_ms = (time.perf_counter() - start) * 1000.0
+                interval = int(min(SLOWEST_MS / len(self._turns), max(self._tick_ms, cost_ms / SHARE)))
+                if abs(interval - self.timer.interval()) > 0.1 * self.timer.interval():
+                    self.timer.setInterval(interval)
+                return
 
     def set_caption(self, text: str | None = None) -> None:
         """Say under the plots what the curves show (the demo passes what its settings make them show)."""

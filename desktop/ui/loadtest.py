@@ -28,7 +28,7 @@ from PySide6.QtCore import QElapsedTimer, QEventLoop, Qt, QTimer
 
 from desktop.engine import Engine, EngineConfig, JobSpec
 from desktop.engine.events import DeviceSeen, DeviceStatus, PhaseChanged, RoundStarted, StepReceived
-from desktop.ui.app import application
+from desktop.ui.app import application, settle_heap
 from desktop.ui.bridge import EngineBridge
 from desktop.ui.live import REDRAW_MS
 from desktop.ui.window import MainWindow
@@ -131,6 +131,7 @@ def stream_into_window(devices: int = 100, rate_hz: float = 10.0, seconds: float
     timer.timeout.connect(probe)
     for _ in range(5):  # the first paint of the window is not part of the stream
         app.processEvents()
+    settle_heap()  # as the dashboard does before its loop runs
     loop = QEventLoop()
     bridge.finished_call.connect(lambda what: what == "streams" and QTimer.singleShot(
         3 * REDRAW_MS, loop.quit))  # then let the last batch reach the plots

@@ -21,11 +21,14 @@ def test_options_become_the_engines_settings(tmp_path) -> None:
     config = run.config_from(parse(["--job", str(tmp_path / "job.toml"), "--layers", "top:4", "--agent",
                                     "tok@127.0.0.1:9000", "--agent", "127.0.0.1:9001", "--token", "t",
                                     "--rounds", "3", "--local-steps", "7", "--out", str(tmp_path / "r"),
-                                    "--replicas", "--patience-s", "4"]))
+                                    "--replicas", "--patience-s", "4", "--discover", "--pair-only",
+                                    "127.0.0.1:9002", "--pair-only", "agent-id-1"]))
     assert (config.job.layers, config.job.q) == ("top:4", 4)
     assert config.agents == ("tok@127.0.0.1:9000", "127.0.0.1:9001")
     assert (config.rounds, config.local_steps, config.out, config.replicas, config.patience_s) == \
         (3, 7, tmp_path / "r", True, 4.0)
+    assert (config.discover, config.pair_only) == (True, ("127.0.0.1:9002", "agent-id-1"))
+    assert run.config_from(parse(["--discover", "--rounds", "1", "--local-steps", "1"])).pair_only is None
     config.check()
 
 

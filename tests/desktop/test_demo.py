@@ -11,6 +11,7 @@ import psutil
 
 from desktop.demo import LAB, DemoSettings, has_display, run_demo
 from desktop.engine import JobSpec
+from desktop.engine.local_agents import LocalAgents
 from shared.events import Round, Step, read_events
 
 
@@ -43,10 +44,15 @@ def test_without_a_display_the_demo_runs_headless_and_says_so(monkeypatch) -> No
 def test_the_demo_runs_headless_writes_its_report_with_a_dashboard_picture_and_stops_its_agents(
         tiny_job, export_cache, tmp_path, capsys) -> None:
     settings = demo_settings(tiny_job, export_cache, tmp_path, headless=True)
-    assert run_demo(settings) == 0
+    # another fleet's agent advertised here too (another demo, a test run): the demo must leave it alone
+    with LocalAgents(tmp_path / "foreign", token="another-fleets-token") as foreign:
+        foreign.start([("foreign-laptop", "laptop")])
+        assert run_demo(settings) == 0
     out = capsys.readouterr().out
     assert "starting 3 simulated agents" in out and "stopped the 3 agents the demo started" in out
     assert not agents_left(settings.agents_dir)
+    assert "seen and left alone (not this run's)" in out and "foreign-laptop (127.0.0.1:" in out
+    assert not [line for line in out.splitlines() if line.strip().startswith("error")]
     run = settings.out
     events = read_events(run / "metrics.jsonl")
     devices = {e.device for e in events if isinstance(e, Step)}

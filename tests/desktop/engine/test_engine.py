@@ -20,7 +20,10 @@ import numpy as np
 import pytest
 
 from desktop.engine import Engine, EngineConfig, JobSpec
-from desktop.engine.events import DeviceLost, DeviceSeen, PlanMade, StepReceived
+from desktop.engine.engine import LEFT_ALONE
+from desktop.engine.events import (
+    DeviceError, DeviceLost, DeviceSeen, DeviceStatus, Notice, PlanMade, StepReceived,
+)
 from shared.blocks import block_span, check_cover
 from shared.events import Round, Step, read_events
 
@@ -64,9 +67,11 @@ def test_two_agents_found_by_zeroconf_train_rounds_and_the_adapter_loads_in_peft
     from device_agent.program import Program
 
     # prepare: two simulated devices of different classes, advertised on loopback
-    agents.start("lab-laptop", simulate="laptop")
-    agents.start("lab-phone", simulate="midrange-phone")
-    engine = Engine(config(tiny_model_dir, tiny_task, export_cache, tmp_path / "run", discover=True, devices=2))
+    laptop = agents.start("lab-laptop", simulate="laptop")
+    phone = agents.start("lab-phone", simulate="midrange-phone")
+    # pair_only: another test run on this machine advertises its own lab-laptop and lab-phone on loopback
+    engine = Engine(config(tiny_model_dir, tiny_task, export_cache, tmp_path / "run", discover=True, devices=2,
+                           pair_only=(laptop.address, phone.address)))
     events = []
     engine.subscribe(events.append)
     # execute
@@ -109,6 +114,68 @@ def test_two_agents_found_by_zeroconf_train_rounds_and_the_adapter_loads_in_peft
     calibration = json.loads((result.adapter / "deftly_calibration.json").read_text())
     np.testing.assert_allclose(answer.numpy() + np.array(calibration["class_bias"], dtype=np.float32),
                                program.class_logits(ids, lengths, result.b), atol=1e-4, rtol=1e-4)
+
+
+def test_an_engine_told_its_agents_pairs_only_them_and_leaves_a_foreign_one_alone(
+        agents, tiny_model_dir, tiny_task, export_cache, tmp_path) -> None:
+    # prepare: two agents advertised on loopback, one of another fleet (another token); the engine is told
+    # the first one's address (as the demo is told its own agents'), and holds its run until both were seen
+    ours = agents.start("ours-laptop", simulate="laptop")
+    foreign = agents.start("foreign-phone", simulate="midrange-phone", token="another-fleets-token")
+    engine = Engine(config(tiny_model_dir, tiny_task, export_cache, tmp_path / "run", rounds=1, discover=True,
+                           devices=1, pair_only=(ours.address,)))
+    events = []
+    engine.subscribe(events.append)
+
+    def left_alone() -> list:  # the foreign agent's (another test run's agents may be left alone too)
+        return [e for e in events if isinstance(e, DeviceStatus) and e.detail == LEFT_ALONE
+                and engine.state.device(e.device).address == foreign.address]
+
+    async def scenario():
+        both = asyncio.Event()
+        engine.subscribe(lambda _e: left_alone() and any(
+            isinstance(e, DeviceStatus) and e.status == "paired" for e in events) and both.set())
+        await engine.open()
+        try:
+            await asyncio.wait_for(both.wait(), 60)
+        except BaseException:
+            await engine.close()
+            raise
+        return await engine.run()
+
+    # execute
+    result = asyncio.run(scenario())
+    # assert: the foreign agent was seen (a card) and never paired or errored; the run trained on ours alone
+    assert result.rounds_done == 1
+    foreign_key = left_alone()[0].device
+    assert engine.state.device(foreign_key).address == foreign.address
+    assert engine.state.device(foreign_key).status == "seen"
+    assert not [e for e in events if isinstance(e, DeviceError)]
+    assert not [e for e in events if isinstance(e, DeviceStatus) and e.device == foreign_key and e.status != "seen"]
+    assert [d.address for d in engine._devices.values()] == [ours.address]  # nothing else was even tried
+    plan = [e.plan for e in events if isinstance(e, PlanMade)][-1]
+    assert [a.name for a in plan.assignments] == ["ours-laptop"]
+    said = [e.message for e in events if isinstance(e, Notice) and "other agent(s) seen and left alone" in e.message]
+    assert len(said) == 1 and f"foreign-phone ({foreign.address})" in said[0]
+    # the same two agents to an engine told nothing: it tries the foreign one too, and its token is wrong
+    unrestricted = Engine(config(tiny_model_dir, tiny_task, export_cache, tmp_path / "lobby", discover=True, hold=True))
+    errors = []
+    unrestricted.subscribe(lambda e: isinstance(e, DeviceError) and errors.append(e))
+
+    def about_foreign(error: DeviceError) -> bool:
+        return error.message.startswith(f"foreign-phone ({foreign.address})")
+
+    async def lobby() -> None:
+        failed = asyncio.Event()
+        unrestricted.subscribe(lambda e: isinstance(e, DeviceError) and about_foreign(e) and failed.set())
+        await unrestricted.open()
+        try:
+            await asyncio.wait_for(failed.wait(), 60)
+        finally:
+            await unrestricted.close()
+
+    asyncio.run(lobby())
+    assert [e for e in errors if about_foreign(e)]
 
 
 def test_a_device_killed_mid_round_is_lost_and_the_run_completes_with_the_other(
