@@ -72,7 +72,7 @@ import time
 import zipfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import psutil
@@ -357,6 +357,45 @@ def _cached_epoch_order(seed: int, epoch: int, n: int, bucket_bytes: bytes | Non
     return order
 
 
+def bucket_ids_of(buckets: Sequence[int], lengths: np.ndarray) -> np.ndarray:
+    """[n] index of the shortest of ``buckets`` (ascending) that holds each of ``lengths`` [n]."""
+    return np.searchsorted(np.asarray(buckets), lengths)
+
+
+def step_lengths(train: Split, buckets: Sequence[int], batch_size: int, steps: int, *, seed: int = 0,
+                 batches: str = "shuffled", window_batches: int = BUCKET_WINDOW_BATCHES) -> np.ndarray:
+    """The length bucket each of the first ``steps`` steps of a fresh trainer runs at, without running it.
+
+    The trainer's own batch order (`next_batch`, from epoch 0, position 0, as
+    `Trainer.fresh` starts) over ``train``: what a device training ``steps`` steps on
+    it will run, so the desktop can predict the mix of step lengths exactly.
+
+    Args:
+        train: the split the device trains on.
+        buckets: the program's step lengths, ascending (``Program.buckets``: the
+            shorter buckets and the full length).
+        batch_size: the program's.
+        steps: how many steps.
+        seed: the trainer's seed.
+        batches: its batch order (BATCH_ORDERS).
+        window_batches: its length-bucket window.
+
+    Returns:
+        [steps] int64 sequence lengths.
+    """
+    check_batches(batches)
+    buckets = np.asarray(sorted(buckets))
+    ids = bucket_ids_of(buckets, train.lengths)  # [n]
+    labels = train.labels if batches == "stratified" else None
+    out = np.empty(steps, dtype=np.int64)
+    epoch = position = 0
+    for step in range(steps):
+        indices, epoch, position = next_batch(seed, epoch, position, len(train), batch_size, ids, labels,
+                                              window_batches)
+        out[step] = buckets[ids[indices].max()]  # the shortest bucket that holds the batch's longest row
+    return out
+
+
 def initial_rng_state(seed: int) -> dict:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(0,)))).bit_generator.state
 
@@ -407,7 +446,7 @@ class Trainer:
             raise InputError(f"schedule {state.schedule!r} decays over total_steps, which the state lacks")
         self.state = state
         # Index of the shortest length bucket that holds each training example.
-        self._bucket_ids = np.searchsorted(np.array(program.buckets), train.lengths)  # [n]
+        self._bucket_ids = bucket_ids_of(program.buckets, train.lengths)  # [n]
         self._process = psutil.Process()
 
     @classmethod
