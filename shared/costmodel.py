@@ -115,6 +115,13 @@ def mixed_layer_times(device: DeviceProfile, job: Job) -> tuple[np.ndarray, np.n
     return bs, wide
 
 
+def _prefix_shared(bs: np.ndarray, wide: np.ndarray, head_s: float) -> np.ndarray:
+    """(L+1,) t_step(d) = Σ_{l<d} τ(l, bs) + Σ_{l≥d} τ(l, 2q·bs) + h from (L,) layer times."""
+    below = np.concatenate([[0.0], np.cumsum(bs)])                # Σ_{l<d} τ(l, bs)
+    above = np.concatenate([np.cumsum(wide[::-1])[::-1], [0.0]])  # Σ_{l≥d} τ(l, 2q·bs)
+    return below + above + head_s
+
+
 def step_times(fleet: Fleet, job: Job) -> np.ndarray:
     """t_step(k, d) for every device k and every depth d = 0..L, under the job's step mix.
 
@@ -123,11 +130,20 @@ def step_times(fleet: Fleet, job: Job) -> np.ndarray:
     """
     out = np.empty((len(fleet.devices), job.layers + 1))
     for k, device in enumerate(fleet.devices):
-        bs, wide = mixed_layer_times(device, job)
-        below = np.concatenate([[0.0], np.cumsum(bs)])                # Σ_{l<d} τ(l, bs)
-        above = np.concatenate([np.cumsum(wide[::-1])[::-1], [0.0]])  # Σ_{l≥d} τ(l, 2q·bs)
-        out[k] = below + above + device.head_s
+        out[k] = _prefix_shared(*mixed_layer_times(device, job), device.head_s)
     return out
+
+
+def length_step_times(device: DeviceProfile, layers: int, seq_len: int | None = None) -> np.ndarray:
+    """t_step(d) for d = 0..L of one device with every step at one length (None: the full length).
+
+    What a step at a known length costs, e.g. to price the steps a round actually ran
+    (a length the device has no times at falls back to the full length, as in `step_times`).
+
+    Returns:
+        (L+1,) seconds per step.
+    """
+    return _prefix_shared(*layer_times(device, layers, seq_len), device.head_s)
 
 
 def memory_need(job: Job, first_layer: int, payload_bytes: float) -> float:

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from device_agent.program import Program
 from device_agent.trainer import (BUCKET_WINDOW_BATCHES, CALIBRATION_FILE, LEGACY_BUCKET_WINDOW_BATCHES, TrainConfig,
                                   Trainer, class_interleaved, draw_z, epoch_order, initial_rng_state, lr_at,
-                                  next_batch, run_training, truncate_metrics, write_adapter)
+                                  next_batch, run_training, step_lengths, truncate_metrics, write_adapter)
 from shared.blocks import block_span, merge_b
 from shared.errors import InputError
 from shared.events import Event, Eval, Start, Step, Test, event_to_line, read_events
@@ -428,6 +428,16 @@ def test_a_state_saved_before_the_window_was_recorded_resumes_to_the_legacy_orde
     assert [(e.loss, e.seq_len) for e in resumed_steps] == [(e.loss, e.seq_len) for e in legacy_steps[6:]]
     assert np.array_equal(restored.b, legacy.b)
     assert [e.seq_len for e in fresh_steps] != [e.seq_len for e in legacy_steps]
+
+
+@pytest.mark.parametrize("batches", ["shuffled", "stratified"])
+def test_step_lengths_are_the_lengths_the_trainer_runs(program: Program, train: Split, batches: str) -> None:
+    # the desktop predicts a run's mix of lengths with step_lengths; a trainer running it agrees
+    trainer = Trainer.fresh(program, train, seed=6, batches=batches)
+    trainer.start_round(global_b(program), lr=0.02, eps=0.01, round=1, steps=12)
+    ran = [e.seq_len for e in trainer.run()]
+    predicted = step_lengths(train, program.buckets, program.batch_size, 12, seed=6, batches=batches)
+    assert predicted.tolist() == ran and set(ran) == {16, 32}
 
 
 def test_should_stop_stops_after_the_step_it_answers_and_keeps_every_completed_step(program: Program,
