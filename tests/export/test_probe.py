@@ -41,8 +41,6 @@ def test_the_probe_has_every_layer_method_at_each_length_bucket(tiny_probe, tiny
         assert tuple(out.shape) == (rows, 16, probe.hidden_size)
     (last,) = program.load_method("last_wide_t16")(probe_inputs(probe, "last_wide_t16"))
     assert tuple(last.shape) == (probe.wide_rows, probe.hidden_size)
-    # lowering every method of both lengths took (for the report): tiny_probe.manifest.lower_seconds
-    print(f"tiny probe lowered in {probe.lower_seconds:.1f} s ({len(probe.methods)} methods)")
 
 
 def test_a_probe_of_the_older_format_is_refused_with_the_way_out(tiny_probe, tmp_path: Path) -> None:
