@@ -19,7 +19,8 @@ next one takes.  The runtime's one-time set-up is seen only in a process that
 has not run a program yet: measure when the agent starts.
 
 It returns the planner's `DeviceProfile` with the median time of each method
-laid out per layer (`shared.probe.layer_times`), marked measured: when, with
+laid out per layer (`shared.probe.layer_times`), at the full length and at each
+of the probe's shorter length buckets (``DeviceProfile.at_lengths``), marked measured: when, with
 which probe, the spread of each method's times, the memory terms and the
 device's facts (CPU, cores, RAM, ExecuTorch version, SIMD flags).  M_k is the
 memory available now (``psutil``'s ``available``), which already leaves out
@@ -44,7 +45,7 @@ import torch
 
 from device_agent.program import open_et_program, return_freed_memory, verify_files
 from shared.errors import InputError
-from shared.probe import PROBE_SUFFIX, ProbeManifest, profile_from_probe
+from shared.probe import PROBE_SUFFIX, ProbeManifest, profile_from_probe, split_length_method
 from shared.profiles import DeviceFacts, DeviceProfile, Measurement, ProbeMemory
 
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8",
@@ -76,7 +77,9 @@ def probe_inputs(probe: ProbeManifest, method: str, seed: int = 0) -> list[torch
     if method not in probe.methods:
         raise InputError(f"the probe has no method {method!r} (it has {list(probe.methods)})")
     rng = np.random.default_rng(seed)
-    bs, wide, T, H, q = probe.batch_size, probe.wide_rows, probe.seq_len, probe.hidden_size, probe.q
+    method, at_length = split_length_method(method)  # "layer_wide_t32" -> ("layer_wide", 32)
+    T = probe.seq_len if at_length is None else at_length
+    bs, wide, H, q = probe.batch_size, probe.wide_rows, probe.hidden_size, probe.q
 
     def floats(*shape: int, scale: float = 1.0) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
@@ -190,7 +193,7 @@ def measure_profile(probe_path: Path, name: str, link_bytes_per_s: float, repeat
         spread={m: _spread(t) for m, t in times.items()},
         memory=ProbeMemory(runtime_bytes=float(runtime), open_bytes=float(opened - runtime),
                            load_bytes=load_bytes, run_bytes=run_bytes),
-        facts=device_facts())
+        facts=device_facts(), probe_format=probe.format)
     return profile_from_probe(probe, name, measurement, float(psutil.virtual_memory().available), link_bytes_per_s)
 
 

@@ -2,7 +2,8 @@
 
 The probe times what the planner's cost model adds up (`shared/costmodel.py`):
 τ(l, bs) and τ(l, 2q·bs) of a decoder layer, the last layer at the answer
-position, and the per-step head.  Its methods run the same code as the P-RGE
+position, and the per-step head; the layer methods at the full T and at each of
+the job's shorter length buckets (``layer_wide_t32``), as the programs run.  Its methods run the same code as the P-RGE
 programs (`export.prge.PrgeProgram`'s layer, last-layer and norm functions), on
 one layer of the job's model with the job's LoRA-FA shapes, so the cost of a
 layer in a program is what the probe measured, and the probe is one layer's
@@ -42,7 +43,7 @@ from export.program import ExportConfig
 from export.progress import Callback, ProgressTracker
 from shared.errors import InputError
 from shared.hashing import sha256_file
-from shared.probe import PROBE_FORMAT, PROBE_SUFFIX, ProbeManifest
+from shared.probe import PROBE_FORMAT, PROBE_SUFFIX, ProbeManifest, length_method
 
 PROBED = 0  # the stand-in's only layer
 
@@ -127,15 +128,21 @@ class _Head(nn.Module):
         return b_new, losses.mean().reshape(1), g, b_copies  # b_copies: a program's layers read them
 
 
-def probe_methods(num_layers: int, job_layers: tuple[int, ...]) -> tuple[str, ...]:
-    """The methods a job's layers need: frozen layers only where the model has them."""
+def probe_methods(num_layers: int, job_layers: tuple[int, ...], length_buckets: tuple[int, ...] = ()) -> tuple[str, ...]:
+    """The methods a job's layers need: frozen layers only where the model has them.
+
+    The layer methods come at the full length, then at each shorter bucket
+    (``layer_wide_t32``); the head, which does not depend on T, once.
+    """
     first, last = min(job_layers), max(job_layers)
     methods = ["layer_bs", "layer_wide"]
     if first > 0:
         methods.append("frozen_bs")
     if last < num_layers - 2:  # frozen layers above the job, below the last layer
         methods.append("frozen_wide")
-    return (*methods, "last_wide", "head")
+    methods.append("last_wide")
+    at_lengths = [length_method(m, t) for t in length_buckets for m in methods]
+    return (*methods, *at_lengths, "head")
 
 
 def probe_modules(model: nn.Module, cfg: ExportConfig, verbalizer_ids: list[int]
@@ -164,34 +171,43 @@ def probe_modules(model: nn.Module, cfg: ExportConfig, verbalizer_ids: list[int]
     program = PrgeProgram(stand_in, AdapterTensors.build(stand_in, one_layer), cfg.prge(), verbalizer_ids)
     layer_b = program.b_size
     b_size = layer_b * len(job_layers)  # every job layer has the same targets and width
-    bs, T, q, H = cfg.batch_size, cfg.seq_len, cfg.q, config.hidden_size
+    bs, q, H = cfg.batch_size, cfg.q, config.hidden_size
     wide = 2 * q * bs
     gen = torch.Generator().manual_seed(0)
-
-    def hidden(rows: int) -> torch.Tensor:
-        return torch.randn(rows, T, H, generator=gen)
+    last_lora = num_layers - 1 in job_layers
 
     def copies(count: int) -> torch.Tensor:
         return torch.randn(count, layer_b, generator=gen) * 1e-3
 
-    last_lora = num_layers - 1 in job_layers
-    positions = torch.randint(T // 2, T, (wide,), generator=gen)
-    available = {
-        "layer_bs": (_Layer(program), (hidden(bs), copies(1))),
-        "layer_wide": (_Layer(program), (hidden(wide), copies(2 * q))),
-        "frozen_bs": (_FrozenLayer(program), (hidden(bs),)),
-        "frozen_wide": (_FrozenLayer(program), (hidden(wide),)),
-        "last_wide": (_LastLayer(program, last_lora), (hidden(wide), positions, copies(2 * q))),
-        "head": (_Head(program), (torch.randn(wide, H, generator=gen), torch.randint(0, len(verbalizer_ids), (bs,)),
-                                  torch.randn(b_size, generator=gen) * 1e-3, torch.randn(q, b_size, generator=gen),
-                                  torch.tensor([1e-3]), torch.tensor([1e-2]))),
-    }
-    methods = probe_methods(num_layers, job_layers)
+    def layer_methods(at: PrgeProgram, T: int) -> dict[str, tuple[nn.Module, tuple]]:
+        """The T-dependent methods at length T (``at``: the program at T: its rotary tables and mask)."""
+        def hidden(rows: int) -> torch.Tensor:
+            return torch.randn(rows, T, H, generator=gen)  # [rows, T, H]
+
+        positions = torch.randint(T // 2, T, (wide,), generator=gen)  # [2q·bs]
+        return {
+            "layer_bs": (_Layer(at), (hidden(bs), copies(1))),
+            "layer_wide": (_Layer(at), (hidden(wide), copies(2 * q))),
+            "frozen_bs": (_FrozenLayer(at), (hidden(bs),)),
+            "frozen_wide": (_FrozenLayer(at), (hidden(wide),)),
+            "last_wide": (_LastLayer(at, last_lora), (hidden(wide), positions, copies(2 * q))),
+        }
+
+    available = layer_methods(program, cfg.seq_len)
+    for T in cfg.buckets():  # the same weights (shared module references) at a shorter length
+        at = PrgeProgram.like(program, replace(program.cfg, seq_len=T))
+        available.update({length_method(name, T): method for name, method in layer_methods(at, T).items()})
+    available["head"] = (_Head(program), (torch.randn(wide, H, generator=gen),
+                                          torch.randint(0, len(verbalizer_ids), (bs,)),
+                                          torch.randn(b_size, generator=gen) * 1e-3,
+                                          torch.randn(q, b_size, generator=gen),
+                                          torch.tensor([1e-3]), torch.tensor([1e-2])))
+    methods = probe_methods(num_layers, job_layers, cfg.buckets())
     manifest = ProbeManifest(
         model_id="", model_fingerprint="", base_weights=cfg.base_weights, num_layers=num_layers, hidden_size=H,
         job_layers=tuple(job_layers), target_modules=tuple(cfg.target_modules), rank=cfg.rank, q=q,
-        batch_size=bs, seq_len=T, layer_b_size=layer_b, b_size=b_size, classes=len(verbalizer_ids),
-        methods=methods)
+        batch_size=bs, seq_len=cfg.seq_len, layer_b_size=layer_b, b_size=b_size, classes=len(verbalizer_ids),
+        methods=methods, length_buckets=cfg.buckets())
     return {name: available[name] for name in methods}, manifest
 
 

@@ -6,15 +6,31 @@ source of truth for the code):
 * Blocks b = 1..N are contiguous ranges of trainable layers, listed shallowest
   first.  Block b has payload S_b bytes (its B tensors) and depth s_b, its
   shallowest layer.
-* Device k has measured per-layer forward times τ_k(l, n) for n ∈ {bs, 2q·bs},
-  a head time h_k, usable memory M_k and full-band link rate R_k.
+* Device k has measured per-layer forward times τ_{k,j}(l, n) for n ∈ {bs, 2q·bs}
+  at each sequence length T_j the job's programs run (the full T and its shorter
+  length buckets, `DeviceProfile.at_lengths`), a head time h_k (the head reads
+  one position per row, so it does not depend on T), usable memory M_k and
+  full-band link rate R_k.
+* **The step mix.**  A batch runs at the shortest length bucket that holds its
+  longest row, so a share w_j of the steps runs at T_j (Σ_j w_j = 1,
+  `Job.step_mix`, counted on the devices' training data in the trainer's own
+  batch order: `desktop.engine.shards.step_mix`).  The expected step's layer times are
+
+      τ_k(l, n) = Σ_j w_j · τ_{k,j}(l, n)
+
+  (no mix: every step at T).  A device with no times at some T_j the job runs
+  falls back to its full-length times there (a pessimistic estimate), and the
+  plan's per-device source says so ("at T=64 only", `DeviceProfile.source_for`).
 * **Compute, with prefix sharing.**  A device whose block starts at depth d runs
   the layers below d once on bs rows and widens to 2q·bs rows from d on::
 
       t_step(k, d) = Σ_{l<d} τ_k(l, bs) + Σ_{l≥d} τ_k(l, 2q·bs) + h_k
 
-  and a round costs `K_local · t_step(k, d)`.  Because τ_k(l, bs) ≤ τ_k(l, 2q·bs)
-  (checked on input), t_step is non-increasing in d: deeper blocks are cheaper.
+  and a round costs `K_local · t_step(k, d)`: the expected round, which a round
+  matches when its own mix of lengths is near the job's (the trainer's length
+  windows are short for that: `device_agent.trainer.BUCKET_WINDOW_BATCHES`).
+  Because τ_{k,j}(l, bs) ≤ τ_{k,j}(l, 2q·bs) at every length (checked on input),
+  so is their mix, and t_step is non-increasing in d: deeper blocks are cheaper.
 * **Memory.**  `m(b) = M(s_b) + 2q · S_b`: the program at the block's depth and
   the 2q perturbed copies of the block's B.  For an exported job M is measured
   (`shared.job_model.MemoryModel`: the runtime, the weights as loaded and
@@ -64,30 +80,70 @@ class Costs:
         return self.comm_bytes[None, :] / self.rate[:, None]
 
 
-def layer_times(device: DeviceProfile, layers: int) -> tuple[np.ndarray, np.ndarray]:
-    """τ_k(l, bs) and τ_k(l, 2q·bs) for l = 0..L-1, broadcasting a uniform profile.
+def layer_times(device: DeviceProfile, layers: int, seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """τ_{k,j}(l, bs) and τ_{k,j}(l, 2q·bs) for l = 0..L-1 at one length, broadcasting a uniform profile.
+
+    Args:
+        device: the profile.
+        layers: L.
+        seq_len: a shorter length bucket T_j; None (or a length the device has no
+            times at): its full-length times.
 
     Returns:
         Two (L,) float arrays, seconds.
     """
-    bs = np.broadcast_to(np.asarray(device.layer_s_bs, dtype=float), (layers,))
-    wide = np.broadcast_to(np.asarray(device.layer_s_wide, dtype=float), (layers,))
+    times = device.times_at(seq_len) if seq_len is not None else None
+    source = device if times is None else times
+    bs = np.broadcast_to(np.asarray(source.layer_s_bs, dtype=float), (layers,))
+    wide = np.broadcast_to(np.asarray(source.layer_s_wide, dtype=float), (layers,))
     return bs, wide
 
 
+def mixed_layer_times(device: DeviceProfile, job: Job) -> tuple[np.ndarray, np.ndarray]:
+    """τ_k(l, n) = Σ_j w_j · τ_{k,j}(l, n): the expected step's layer times under the job's step mix.
+
+    Returns:
+        Two (L,) float arrays, seconds (the full-length times when the job has no mix).
+    """
+    if not job.step_mix:
+        return layer_times(device, job.layers)
+    bs, wide = np.zeros(job.layers), np.zeros(job.layers)
+    for length, share in job.step_mix:
+        at = None if length == job.seq_len else length  # missing lengths fall back to the full length
+        bs_j, wide_j = layer_times(device, job.layers, at)  # (L,), (L,)
+        bs, wide = bs + share * bs_j, wide + share * wide_j
+    return bs, wide
+
+
+def _prefix_shared(bs: np.ndarray, wide: np.ndarray, head_s: float) -> np.ndarray:
+    """(L+1,) t_step(d) = Σ_{l<d} τ(l, bs) + Σ_{l≥d} τ(l, 2q·bs) + h from (L,) layer times."""
+    below = np.concatenate([[0.0], np.cumsum(bs)])                # Σ_{l<d} τ(l, bs)
+    above = np.concatenate([np.cumsum(wide[::-1])[::-1], [0.0]])  # Σ_{l≥d} τ(l, 2q·bs)
+    return below + above + head_s
+
+
 def step_times(fleet: Fleet, job: Job) -> np.ndarray:
-    """t_step(k, d) for every device k and every depth d = 0..L.
+    """t_step(k, d) for every device k and every depth d = 0..L, under the job's step mix.
 
     Returns:
         (K, L+1) array, seconds per local step.  Column d is a block starting at layer d.
     """
     out = np.empty((len(fleet.devices), job.layers + 1))
     for k, device in enumerate(fleet.devices):
-        bs, wide = layer_times(device, job.layers)
-        below = np.concatenate([[0.0], np.cumsum(bs)])                # Σ_{l<d} τ(l, bs)
-        above = np.concatenate([np.cumsum(wide[::-1])[::-1], [0.0]])  # Σ_{l≥d} τ(l, 2q·bs)
-        out[k] = below + above + device.head_s
+        out[k] = _prefix_shared(*mixed_layer_times(device, job), device.head_s)
     return out
+
+
+def length_step_times(device: DeviceProfile, layers: int, seq_len: int | None = None) -> np.ndarray:
+    """t_step(d) for d = 0..L of one device with every step at one length (None: the full length).
+
+    What a step at a known length costs, e.g. to price the steps a round actually ran
+    (a length the device has no times at falls back to the full length, as in `step_times`).
+
+    Returns:
+        (L+1,) seconds per step.
+    """
+    return _prefix_shared(*layer_times(device, layers, seq_len), device.head_s)
 
 
 def memory_need(job: Job, first_layer: int, payload_bytes: float) -> float:

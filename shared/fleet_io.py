@@ -10,7 +10,10 @@ Fleet keys: ``name``; ``[[device]]`` tables with ``name``, ``layer_s_bs`` and
 ``head_s``, ``memory_bytes`` or ``memory_gib``, ``link_bytes_per_s`` or
 ``link_mbit_s``, and for a measured profile its ``measurement`` (a
 `shared.profiles.Measurement` record, as `device_agent.profile` writes it);
-a device without one is an estimate, and the plan says so.
+a device without one is an estimate, and the plan says so.  Optional
+``[[device.at_lengths]]`` tables (``seq_len``, ``layer_s_bs``, ``layer_s_wide``)
+give the layer times at shorter length buckets; without them a job's short
+steps are costed at the full-length times.
 
 Job keys: ``name``, ``layers``, ``trainable = [first, last]``,
 ``layer_payload_bytes``, ``q``, ``bs``, ``local_steps``, ``memory_base_bytes``
@@ -28,12 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import InputError
-from shared.profiles import Block, DeviceProfile, Fleet, Job, Measurement, check_fleet, check_job
+from shared.profiles import Block, DeviceProfile, Fleet, Job, LengthTimes, Measurement, check_fleet, check_job
 from shared.records import from_plain
 
 _FLEET_KEYS = {"name", "device"}
 _DEVICE_KEYS = {"name", "layer_s_bs", "layer_s_wide", "head_s", "memory_bytes", "memory_gib",
-                "link_bytes_per_s", "link_mbit_s", "measurement"}
+                "link_bytes_per_s", "link_mbit_s", "measurement", "at_lengths"}
+_LENGTH_KEYS = {"seq_len", "layer_s_bs", "layer_s_wide"}
 _JOB_KEYS = {"name", "layers", "trainable", "layer_payload_bytes", "q", "bs", "local_steps",
              "memory_base_bytes", "memory_base_mib", "memory_per_wide_layer_bytes",
              "memory_per_wide_layer_mib", "block", "n_blocks"}
@@ -118,6 +122,19 @@ def _pair(table: dict, key: str, where: str) -> tuple[int, int]:
     return value[0], value[1]
 
 
+def _length_times(tables: Any, where: str) -> tuple[LengthTimes, ...]:
+    """A device's ``at_lengths`` tables: its layer times at each shorter length bucket."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise InputError(f"{where}: field 'at_lengths' must be a list of tables (seq_len, layer_s_bs, layer_s_wide)")
+    out = []
+    for i, table in enumerate(tables):
+        at = f"{where}: at_lengths[{i}]"
+        _unknown(table, _LENGTH_KEYS, at)
+        out.append(LengthTimes(_integer(table, "seq_len", at), _times(table, "layer_s_bs", at),
+                               _times(table, "layer_s_wide", at)))
+    return tuple(out)
+
+
 def fleet_from_dict(data: dict[str, Any], source: str = "fleet") -> Fleet:
     """Build and check a `Fleet` from parsed data.
 
@@ -145,7 +162,8 @@ def fleet_from_dict(data: dict[str, Any], source: str = "fleet") -> Fleet:
             memory_bytes=_scaled(table, {"memory_bytes": 1.0, "memory_gib": 2.0**30}, where),
             link_bytes_per_s=_scaled(table, {"link_bytes_per_s": 1.0, "link_mbit_s": 1e6 / 8}, where),
             measurement=(from_plain(Measurement, table["measurement"], f"{where}: measurement")
-                         if "measurement" in table else None),
+                         if table.get("measurement") is not None else None),
+            at_lengths=_length_times(table.get("at_lengths", []), where),
         ))
     fleet = Fleet(name=str(data.get("name", source)), devices=tuple(devices))
     try:

@@ -48,7 +48,7 @@ from typing import Sequence
 from shared.blocks import check_cover, layout_layers, program_block, whole_span
 from shared.errors import InputError
 from shared.manifest import Manifest
-from shared.probe import ProbeManifest, check_probe_matches
+from shared.probe import ProbeManifest, check_probe_matches, split_length_method
 from shared.profiles import Block, Job, Measurement, check_job
 
 BYTES_PER_B = 4  # B is float32 on the wire and in the programs
@@ -122,7 +122,9 @@ def memory_model(probe: ProbeManifest, measurement: Measurement, weights_file_by
     if resident_methods < 1:
         raise InputError(f"resident_methods must be at least 1, got {resident_methods}")
     memory = measurement.memory
-    layer_methods = [m for m in probe.methods if m != "head"]
+    # The full-length layer methods: a program's peak is its full-length method's (the
+    # shorter buckets' ``*_t<T>`` methods pack the same weights and need less workspace).
+    layer_methods = [m for m in probe.methods if m != "head" and split_length_method(m)[1] is None]
     missing = [m for m in probe.methods if m not in memory.load_bytes or m not in memory.run_bytes]
     if missing:
         raise InputError(f"the measurement of probe {probe.probe_id} has no memory for methods {missing}")
@@ -157,7 +159,8 @@ def _same_job(manifests: Sequence[Manifest], sources: Sequence[str]) -> None:
 
 
 def job_from_manifests(manifests: Sequence[Manifest], memory: MemoryModel, local_steps: int, name: str = "",
-                       probe: ProbeManifest | None = None, sources: Sequence[str] = ()) -> Job:
+                       probe: ProbeManifest | None = None, sources: Sequence[str] = (),
+                       step_mix: Sequence[tuple[int, float]] = ()) -> Job:
     """The planner's job for exported programs.
 
     One whole-job program (its block is every trainable layer): the planner chooses
@@ -172,6 +175,9 @@ def job_from_manifests(manifests: Sequence[Manifest], memory: MemoryModel, local
         name: the job's name (default: model and layers).
         probe: the probe the memory (and the fleet's times) came from; checked against the job.
         sources: how to name each manifest in errors (e.g. its path).
+        step_mix: the share of steps at each length, (T', share) pairs summing to 1, as the
+            desktop counts them on the devices' data (`desktop.engine.shards.step_mix`);
+            () = every step at the programs' full length.
 
     Raises:
         InputError: manifests of different jobs, blocks that overlap or leave layers out,
@@ -212,6 +218,7 @@ def job_from_manifests(manifests: Sequence[Manifest], memory: MemoryModel, local
               trainable_first=layers[0], trainable_last=layers[-1],
               layer_payload_bytes=float(BYTES_PER_B * sizes[layers[0]]), q=first.q, bs=first.batch_size,
               local_steps=local_steps, memory_base_bytes=0.0, memory_per_wide_layer_bytes=0.0,
-              blocks=blocks, memory_at_depth_bytes=memory.at_depths())
+              blocks=blocks, memory_at_depth_bytes=memory.at_depths(), seq_len=first.seq_len,
+              step_mix=tuple((int(t), float(w)) for t, w in step_mix))
     check_job(job)
     return job

@@ -59,7 +59,7 @@ class DevicePlan:
     round_s: float             # compute + comm (0 when idle)
     memory_bytes: float        # m(b) (0 when idle)
     memory_limit_bytes: float  # M_k
-    profile: str = "estimated"  # "estimated", or "measured YYYY-MM-DD" (`DeviceProfile.source`)
+    profile: str = "estimated"  # "estimated", or "measured YYYY-MM-DD[, at T=64 only ...]" (`DeviceProfile.source_for`)
 
 
 @dataclass(frozen=True)
@@ -139,21 +139,22 @@ def _check_placeable(fleet: Fleet, costs: Costs, blocks: tuple[Block, ...]) -> N
                          f"each device trains one block, so {len(vb) - len(vd)} of them cannot be placed")
 
 
-def _rows(fleet: Fleet, blocks: tuple[Block, ...], costs: Costs, result: JointResult) -> tuple[DevicePlan, ...]:
+def _rows(fleet: Fleet, job: Job, blocks: tuple[Block, ...], costs: Costs, result: JointResult) -> tuple[DevicePlan, ...]:
     block_of = {k: b for b, k in enumerate(result.device_of_block)}
     rows = []
     for k, device in enumerate(fleet.devices):
         b = block_of.get(k)
         if b is None:
             rows.append(DevicePlan(device.name, None, None, None, 0.0, 0.0, 0.0, 0.0, 0.0, device.memory_bytes,
-                                   device.source))
+                                   device.source_for(job)))
             continue
         share = result.shares[k]
         compute = float(costs.compute_s[k, b])
         comm = float(costs.transfer_s[k, b] / share)
         blk = blocks[b]
         rows.append(DevicePlan(device.name, blk.name, blk.first_layer, blk.last_layer, share, compute, comm,
-                               compute + comm, float(costs.memory_need[b]), device.memory_bytes, device.source))
+                               compute + comm, float(costs.memory_need[b]), device.memory_bytes,
+                               device.source_for(job)))
     return tuple(rows)
 
 
@@ -262,7 +263,7 @@ def plan(fleet: Fleet, job: Job, config: PlannerConfig = PlannerConfig()) -> Pla
 
     return Plan(
         fleet=fleet.name, job=job.name, round_s=result.round_s,
-        devices=_rows(fleet, blocks, costs, result), blocks=tuple(blocks), solver=solver,
+        devices=_rows(fleet, job, blocks, costs, result), blocks=tuple(blocks), solver=solver,
         boundaries_chosen=chosen, equal_blocks_round_s=equal_round if chosen else None,
         boundary_saving=(1.0 - result.round_s / equal_round) if chosen and equal_round else None,
         exact_round_s=exact.round_s, dual_round_s=None if dual is None else dual.round_s,

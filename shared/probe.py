@@ -18,6 +18,13 @@ c = 1 or 2q copies of one layer's B, P_l = B entries of one job layer):
 * ``head``: (h [2q·bs, H], labels [bs], b [P], z [q, P], lr [1], eps [1])
   -> (b_new [P], loss [1], g [q], b_copies [2q, P]).
 
+Every method but the head also comes at each of the job's shorter length
+buckets T' (`ProbeManifest.length_buckets`), named as the programs name theirs:
+``layer_wide_t32`` is ``layer_wide`` with T' = 32 in place of T.  A device's
+profile then carries the layer times at every length its programs run
+(`DeviceProfile.at_lengths`); the head reads one position per row, so it has
+one time.
+
 The manifest is a record (`shared.records`): `ProbeManifest.to_json` / `from_json`.
 Its `probe_id` names the model (by weights fingerprint) and the shapes, so a
 profile measured with one probe is never taken for another model's
@@ -31,12 +38,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import InputError
-from shared.profiles import DeviceProfile, Measurement, check_device
+from shared.profiles import PROBE_FORMAT, DeviceProfile, LengthTimes, Measurement, check_device
 from shared.records import RecordError, from_plain, to_plain
 
-PROBE_FORMAT = 1  # bump when the probe's methods or their signatures change
+# PROBE_FORMAT (bump when the probe's methods or their signatures change) lives in
+# shared.profiles, which records it in each measurement.
 PROBE_SUFFIX = ".probe.json"
 LAYER_METHODS = ("layer_bs", "layer_wide", "frozen_bs", "frozen_wide", "last_wide")
+
+
+def length_method(method: str, seq_len: int) -> str:
+    """A layer method at a shorter length bucket: ``layer_wide`` at 32 -> ``layer_wide_t32``."""
+    return f"{method}_t{seq_len}"
+
+
+def split_length_method(name: str) -> tuple[str, int | None]:
+    """``layer_wide_t32`` -> (``layer_wide``, 32); a full-length method -> (name, None)."""
+    head, _, tail = name.rpartition("_t")
+    if head in LAYER_METHODS and tail.isdigit():
+        return head, int(tail)
+    return name, None
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,8 @@ class ProbeManifest:
     b_size: int                   # P: B entries of the whole job (the head's update)
     classes: int                  # C: rows of the head
     methods: tuple[str, ...]
+    # The shorter length buckets the layer methods also come at, ascending (`length_method`).
+    length_buckets: tuple[int, ...] = ()
     files: dict[str, str] = field(default_factory=dict)   # role ("program", "weights") -> file name
     sha256: dict[str, str] = field(default_factory=dict)  # file name -> sha256 hex
     lower_seconds: float = 0.0    # export and lowering time when it was built (0 from the cache)
@@ -98,15 +121,22 @@ class ProbeManifest:
         if not isinstance(data, dict):
             raise InputError(f"{source}: expected a JSON object")
         if data.get("format") != PROBE_FORMAT:
-            raise InputError(f"{source}: probe format {data.get('format')!r}, this deftly reads {PROBE_FORMAT}; "
-                             f"export the probe again")
+            raise InputError(f"{source}: probe format {data.get('format')!r}, this deftly reads {PROBE_FORMAT} "
+                             f"(the probe now times every length bucket); export the probe again and re-profile "
+                             f"the devices (`deftly profile`)")
         try:
             manifest = from_plain(cls, data, source)
         except RecordError as exc:
             raise InputError(f"malformed probe manifest: {exc}") from None
-        unknown = sorted(set(manifest.methods) - set(LAYER_METHODS) - {"head"})
+        unknown = sorted(m for m in manifest.methods if m != "head" and not (
+            split_length_method(m)[0] in LAYER_METHODS
+            and split_length_method(m)[1] in (None, *manifest.length_buckets)))
         if unknown:
             raise InputError(f"{source}: unknown probe methods {unknown}")
+        if list(manifest.length_buckets) != sorted(set(manifest.length_buckets)) or any(
+                not 1 <= t < manifest.seq_len for t in manifest.length_buckets):
+            raise InputError(f"{source}: length_buckets {list(manifest.length_buckets)} must be distinct lengths "
+                             f"below seq_len {manifest.seq_len}, ascending")
         return manifest
 
     def save(self, path: Path) -> None:
@@ -146,8 +176,12 @@ def check_probe_matches(probe: ProbeManifest, *, model_id: str, num_layers: int,
                              f"but {where} has {value!r}; export a probe with the job's shapes")
 
 
-def layer_times(probe: ProbeManifest, method_s: dict[str, float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def layer_times(probe: ProbeManifest, method_s: dict[str, float],
+                seq_len: int | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """τ(l, bs) and τ(l, 2q·bs) for every layer l of the model, from the probe's method times.
+
+    At the full length T, or with ``seq_len`` at one of the probe's shorter length
+    buckets (its ``*_t<T'>`` methods).
 
     A job layer runs ``layer_bs`` below the block and ``layer_wide`` from it on; a
     layer below the job always runs ``frozen_bs`` (its wide time, never used by a
@@ -159,6 +193,7 @@ def layer_times(probe: ProbeManifest, method_s: dict[str, float]) -> tuple[tuple
         InputError: a method the probe's layers need has no time.
     """
     def time_of(name: str) -> float:
+        name = name if seq_len is None else length_method(name, seq_len)
         if name not in method_s:
             raise InputError(f"probe {probe.probe_id}: no time for method {name!r} (measured: {sorted(method_s)})")
         return method_s[name]
@@ -206,9 +241,11 @@ def profile_from_probe(probe: ProbeManifest, name: str, measurement: Measurement
     if measurement.probe != probe.probe_id:
         raise InputError(f"device {name!r}: the measurement is of probe {measurement.probe}, not {probe.probe_id}")
     bs, wide = layer_times(probe, measurement.method_s)
+    at_lengths = tuple(LengthTimes(t, *layer_times(probe, measurement.method_s, t)) for t in probe.length_buckets)
     if "head" not in measurement.method_s:
         raise InputError(f"device {name!r}: the measurement of probe {probe.probe_id} has no time for the head")
     profile = DeviceProfile(name=name, layer_s_bs=bs, layer_s_wide=wide, head_s=measurement.method_s["head"],
-                            memory_bytes=memory_bytes, link_bytes_per_s=link_bytes_per_s, measurement=measurement)
+                            memory_bytes=memory_bytes, link_bytes_per_s=link_bytes_per_s, measurement=measurement,
+                            at_lengths=at_lengths)
     check_device(profile)
     return profile

@@ -10,11 +10,15 @@ device (docs/design.md, "Planning"):
 * `link_bytes_per_s` R_k, the rate of the shared link if this device had all of it.
 
 A length-1 tuple of layer times means "every layer costs the same" (handy for
-hand-written fleets); measured profiles give one entry per layer.
+hand-written fleets); measured profiles give one entry per layer.  Those times
+are at the job's full sequence length T; `at_lengths` holds the same two
+tuples at each shorter length bucket the device timed (`LengthTimes`; empty in
+hand-written fleets and in profiles measured before probes had buckets).
 
 A `Job` says what is trained: the model's layer count L, the trainable layers,
 the payload (bytes of the LoRA-FA B tensors) per trainable layer, q, bs, the
-local steps per round, the memory the program needs (two hand-worked terms for
+local steps per round, its full sequence length T and the share of steps that
+run at each length bucket (`step_mix`; empty: every step at T), the memory the program needs (two hand-worked terms for
 a hypothetical job; for an exported one, measured, per depth:
 `shared.job_model.job_from_manifests`), and either the blocks
 (contiguous layer ranges with their payload) or nothing, in which case the
@@ -55,6 +59,11 @@ class ProbeMemory:
     run_bytes: dict[str, float]      # per method: its first call (XNNPACK sizes its workspace)
 
 
+# The probe program's format (`shared.probe.ProbeManifest.format`); a measurement records the
+# one it ran, so that a profile measured with an older probe is refused (`check_device`).
+PROBE_FORMAT = 2  # 2: the T-dependent methods also at each shorter length bucket
+
+
 @dataclass(frozen=True)
 class Measurement:
     """How a measured profile was measured: when, with which probe, how steady."""
@@ -67,6 +76,16 @@ class Measurement:
     spread: dict[str, float]      # probe method -> (p90 − p10) / median over the repeats
     memory: ProbeMemory
     facts: DeviceFacts
+    probe_format: int = 1         # PROBE_FORMAT of the probe it ran (records written before it: 1)
+
+
+@dataclass(frozen=True)
+class LengthTimes:
+    """A device's per-layer times at one shorter length bucket T' (as `DeviceProfile`'s own at T)."""
+
+    seq_len: int                     # T', tokens per row
+    layer_s_bs: tuple[float, ...]    # τ_k(l, bs) at T', seconds; len 1 = uniform
+    layer_s_wide: tuple[float, ...]  # τ_k(l, 2q·bs) at T', seconds
 
 
 @dataclass(frozen=True)
@@ -80,6 +99,11 @@ class DeviceProfile:
     memory_bytes: float              # M_k: usable memory for the training program
     link_bytes_per_s: float          # R_k: full-band link rate (bytes/s)
     measurement: Measurement | None = None  # how it was measured; None: estimated (a hand-written fleet)
+    at_lengths: tuple[LengthTimes, ...] = ()  # the layer times at shorter length buckets, ascending T'
+
+    def times_at(self, seq_len: int) -> LengthTimes | None:
+        """The layer times at a shorter length ``seq_len``; None where the device has none."""
+        return next((t for t in self.at_lengths if t.seq_len == seq_len), None)
 
     @property
     def measured(self) -> bool:
@@ -89,6 +113,20 @@ class DeviceProfile:
     def source(self) -> str:
         """"measured YYYY-MM-DD" or "estimated": what the plan says about this profile."""
         return "estimated" if self.measurement is None else f"measured {self.measurement.at[:10]}"
+
+    def source_for(self, job: "Job") -> str:
+        """`source`, and where the job runs steps at a length this profile has no times for,
+        that its full-length times stand in: e.g. "measured 2026-12-01, at T=64 only"."""
+        missing = missing_lengths(self, job)
+        if not missing or job.seq_len is None:
+            return self.source
+        return f"{self.source}, at T={job.seq_len} only (no times at T={'/'.join(map(str, missing))})"
+
+
+def missing_lengths(device: DeviceProfile, job: "Job") -> tuple[int, ...]:
+    """The shorter lengths the job runs steps at (share > 0) that the device has no times for."""
+    return tuple(length for length, share in job.step_mix
+                 if share > 0 and length != job.seq_len and device.times_at(length) is None)
 
 
 @dataclass(frozen=True)
@@ -129,6 +167,11 @@ class Job:
     # layer d, entry d for d = 0..L-1, without the 2q perturbed copies of its B
     # (`shared.job_model.MemoryModel`); () = use memory_base + memory_per_wide_layer.
     memory_at_depth_bytes: tuple[float, ...] = field(default=())
+    # The sequence length T the devices' full-length times are for (None: not known, a
+    # hand-written job), and the share of steps at each length, as (T', share) pairs that
+    # sum to 1 (`shared.job_model.step_mix`); () = every step at T.
+    seq_len: int | None = None
+    step_mix: tuple[tuple[int, float], ...] = field(default=())
 
     @property
     def trainable_layers(self) -> int:
@@ -160,7 +203,29 @@ def check_device(device: DeviceProfile, where: str = "") -> None:
     _positive(device.head_s, f"{at}: head_s", allow_zero=True)
     _positive(device.memory_bytes, f"{at}: memory_bytes")
     _positive(device.link_bytes_per_s, f"{at}: link_bytes_per_s")
-    bs, wide = device.layer_s_bs, device.layer_s_wide
+    _check_times(device.layer_s_bs, device.layer_s_wide, at)
+    lengths = [t.seq_len for t in device.at_lengths]
+    if lengths != sorted(set(lengths)):
+        raise InputError(f"{at}: at_lengths must list each length once, shortest first, got {lengths}")
+    for i, times in enumerate(device.at_lengths):
+        tat = f"{at}: at_lengths[{i}] (T={times.seq_len})"
+        if not isinstance(times.seq_len, int) or isinstance(times.seq_len, bool) or times.seq_len < 1:
+            raise InputError(f"{tat}: seq_len must be an integer >= 1")
+        for fname in ("layer_s_bs", "layer_s_wide"):
+            values = getattr(times, fname)
+            if len(values) == 0:
+                raise InputError(f"{tat}: field '{fname}' is empty")
+            for j, t in enumerate(values):
+                _positive(t, f"{tat}: {fname}[{j}]", allow_zero=True)
+        _check_times(times.layer_s_bs, times.layer_s_wide, tat)
+    if device.measurement is not None and device.measurement.probe_format != PROBE_FORMAT:
+        raise InputError(f"{at}: measured with probe format {device.measurement.probe_format}, this deftly "
+                         f"reads {PROBE_FORMAT} (the probe now times every length bucket); re-profile the "
+                         f"device (`deftly profile`, or the dashboard's re-profile)")
+
+
+def _check_times(bs: tuple[float, ...], wide: tuple[float, ...], at: str) -> None:
+    """τ(l, bs) and τ(l, 2q·bs) of one length: matching lengths, and bs ≤ wide layer by layer."""
     if len(bs) != len(wide) and 1 not in (len(bs), len(wide)):
         raise InputError(f"{at}: layer_s_bs has {len(bs)} entries but layer_s_wide has {len(wide)}")
     n = max(len(bs), len(wide))
@@ -230,6 +295,7 @@ def check_job(job: Job) -> None:
                              f"expected one per layer ({job.layers})")
         for i, value in enumerate(job.memory_at_depth_bytes):
             _positive(value, f"{at}: memory_at_depth_bytes[{i}]", allow_zero=True)
+    _check_step_mix(job, at)
     if job.n_blocks is not None:
         if job.blocks:
             raise InputError(f"{at}: give either 'blocks' or 'n_blocks', not both")
@@ -256,6 +322,26 @@ def check_job(job: Job) -> None:
         previous_last = block.last_layer
 
 
+def _check_step_mix(job: Job, at: str) -> None:
+    """A mix needs the full length T; its lengths are distinct, at most T, and its shares sum to 1."""
+    if job.seq_len is not None and (not isinstance(job.seq_len, int) or isinstance(job.seq_len, bool)
+                                    or job.seq_len < 1):
+        raise InputError(f"{at}: field 'seq_len' must be an integer >= 1, got {job.seq_len!r}")
+    if not job.step_mix:
+        return
+    if job.seq_len is None:
+        raise InputError(f"{at}: a step_mix needs the job's full length 'seq_len'")
+    lengths = [length for length, _ in job.step_mix]
+    if len(set(lengths)) != len(lengths) or any(
+            not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= job.seq_len for t in lengths):
+        raise InputError(f"{at}: step_mix lengths {lengths} must be distinct integers in 1..{job.seq_len}")
+    for length, share in job.step_mix:
+        _positive(share, f"{at}: step_mix share at T={length}", allow_zero=True)
+    total = sum(share for _, share in job.step_mix)
+    if abs(total - 1.0) > 1e-6:
+        raise InputError(f"{at}: step_mix shares sum to {total:.6f}, not 1")
+
+
 def check_fleet_for_job(fleet: Fleet, job: Job) -> None:
     """Check that every profile has layer times for the job's L layers.
 
@@ -263,8 +349,9 @@ def check_fleet_for_job(fleet: Fleet, job: Job) -> None:
         InputError: naming the device and the field.
     """
     for i, device in enumerate(fleet.devices):
-        for fname in ("layer_s_bs", "layer_s_wide"):
-            n = len(getattr(device, fname))
-            if n not in (1, job.layers):
-                raise InputError(f"device[{i}] {device.name!r}: {fname} has {n} entries but job "
-                                 f"{job.name!r} has {job.layers} layers (give one per layer, or one for all)")
+        for times, label in ((device, ""), *((t, f"at_lengths T={t.seq_len}: ") for t in device.at_lengths)):
+            for fname in ("layer_s_bs", "layer_s_wide"):
+                n = len(getattr(times, fname))
+                if n not in (1, job.layers):
+                    raise InputError(f"device[{i}] {device.name!r}: {label}{fname} has {n} entries but job "
+                                     f"{job.name!r} has {job.layers} layers (give one per layer, or one for all)")

@@ -90,7 +90,8 @@ async def one_run(addresses: list[str], job: JobSpec, out: Path, args: argparse.
     merged = [e for e in events if isinstance(e, Round)]
     eval_data = engine.manifest.file("data", engine.eval_manifest_path)  # the job's tokenised splits
     return {"result": result, "rounds": merged, "plans": plans, "wall_s": time.monotonic() - started,
-            "eval_data": eval_data, "compute": compute_by_round(events)}
+            "eval_data": eval_data, "compute": compute_by_round(events),
+            "profiles": {view.name: view.profile for view in engine.state.devices.values() if view.profile}}
 
 
 def prediction_table(rounds) -> list[dict]:
@@ -101,6 +102,27 @@ def prediction_table(rounds) -> list[dict]:
             rows.append({"round": r.round, "device": device, "measured_s": measured, "predicted_s": predicted,
                          "error": abs(measured - predicted) / measured if measured > 0 else math.nan})
     return rows
+
+
+def add_compute_at_round_mix(table: list[dict], compute: list[dict], plans, profiles: dict) -> None:
+    """Each row of ``table`` gets ``predicted_compute_at_round_mix_s``: the cost model's compute
+    for the steps the round actually ran, Σ_T n_T · t_step(T, d) (``steps_by_seq_len`` × the
+    profile's step time at each length, at the block's depth d), beside the plan's
+    prediction for the job's expected mix: their difference is the mix's sampling, the
+    rest the cost model's error. None where the round's plan or profile is unknown."""
+    from shared.costmodel import length_step_times
+
+    ran = {(row["round"], row["device"]): row["steps_by_seq_len"] for row in compute}
+    for row in table:
+        plan = max((p for p in plans if p.first_round <= row["round"]), key=lambda p: p.first_round, default=None)
+        part = None if plan is None else next((a for a in plan.assignments if a.name == row["device"]), None)
+        profile, steps = profiles.get(row["device"]), ran.get((row["round"], row["device"]))
+        if part is None or part.first_layer is None or profile is None or steps is None:
+            row["predicted_compute_at_round_mix_s"] = None
+            continue
+        row["predicted_compute_at_round_mix_s"] = sum(
+            n * float(length_step_times(profile, plan.layers, int(length))[part.first_layer])
+            for length, n in steps.items())
 
 
 def compute_by_round(events) -> list[dict]:
@@ -192,6 +214,7 @@ def run(args: argparse.Namespace) -> dict:
         finally:
             lab.close()
     table = prediction_table(planned["rounds"])
+    add_compute_at_round_mix(table, planned["compute"], planned["plans"], planned["profiles"])
     plan, random_plan = planned["plans"][0], baseline["plans"][0]
     plan_round, random_round = round_latency(planned["rounds"]), round_latency(baseline["rounds"])
     result = planned["result"]

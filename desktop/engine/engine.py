@@ -71,7 +71,7 @@ from desktop.engine.exports import ExportRequest, ExportResult, block_key, run_e
 from desktop.engine.job import JobSpec
 from desktop.engine.planning import POLICIES, fleet_names, make_plan
 from desktop.engine.rundir import DeviceRecord, LossRecord, RunDir, RunRecord, RunSettings
-from desktop.engine.shards import shard_indices, shard_split, write_shard
+from desktop.engine.shards import shard_indices, shard_split, step_mix, write_shard
 from desktop.engine.state import EngineState
 from shared.blocks import BlockSpan, merge_b
 from shared.errors import InputError
@@ -826,6 +826,7 @@ class Engine:
                     f"{d.name}: {d.failed or ('lost' if d.lost else 'not profiled')}"
                     for d in self._devices.values()) if self._devices else "no device was paired")
             self._phase("planning", f"{len(devices)} device(s): {reason}")
+            self._cut_shards(devices)  # before the plan: the step mix is counted on the devices' data
             job = self._planner_job(devices)
             plan = make_plan({d.key: d.profile for d in devices}, {d.key: d.label for d in devices}, job,
                              self.manifest.b_layout, policy=self.config.policy,
@@ -836,7 +837,6 @@ class Engine:
             self._emit(PlanMade(plan))
             self.run_dir.write_plans(self.state.plans)
             await self._export_blocks(plan)
-            self._cut_shards(devices)
             self._phase("shipping", f"to {len(plan.active())} device(s)")
             left_before = {d.key for d in devices if not d.usable}
             await asyncio.gather(*(self._ship(self._devices[a.device], a) for a in plan.active()))
@@ -866,7 +866,20 @@ class Engine:
         # The eval program covers every layer; without its block the planner chooses the blocks.
         whole = replace(self.manifest, block=None)
         return job_from_manifests([whole], memory, self.config.local_steps, name=self.config.job.name,
-                                  probe=self.probe, sources=[str(self.eval_manifest_path)])
+                                  probe=self.probe, sources=[str(self.eval_manifest_path)],
+                                  step_mix=self._step_mix(devices))
+
+    def _step_mix(self, devices: list[_Device]) -> tuple[tuple[int, float], ...]:
+        """The share of the run's steps at each length bucket, counted on each device's shard in the
+        trainer's order; a device with its own data counts as the whole training split (the desktop
+        does not see its rows)."""
+        from shared.task_data import load_splits
+
+        train = self._data()["train"]
+        splits = [load_splits(d.shard)["train"] if d.shard is not None else train for d in devices]
+        buckets = sorted(int(t) for t in self.manifest.eval_buckets) or [self.manifest.seq_len]
+        return step_mix(splits, buckets, self.manifest.batch_size, self.config.rounds * self.config.local_steps,
+                        seed=self.config.seed, batches=self.manifest.batches)
 
     async def _export_blocks(self, plan: PlanView) -> None:
         """The plan's block programs (those of earlier plans are kept; the exporter takes the rest from its cache)."""

@@ -176,7 +176,7 @@ def _equal_random(fleet: Fleet, job: Job, blocks: tuple[Block, ...], ids: list[s
     rows = []
     for k, device in enumerate(ids):
         profile = fleet.devices[k]
-        source = profile.source
+        source = profile.source_for(job)
         b = block_of.get(k)
         if b is None:
             rows.append(_assignment(device, names.get(device, device), None, None, None, 0.0, 0.0, 0.0, 0.0,

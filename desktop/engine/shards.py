@@ -9,13 +9,19 @@ The cut is stratified: each class's rows are shuffled with ``seed`` and dealt
 round-robin, so every shard holds the split's class shares (within one row per
 class) and the shards are disjoint and together cover the split. Pure: arrays
 in, arrays out; :func:`write_shard` is the one function that writes a file.
+
+:func:`step_mix` counts the share of steps the devices will run at each length
+bucket on their shards, in the trainer's own batch order
+(``device_agent.trainer.step_lengths``): the planner's ``Job.step_mix``.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
+from device_agent.trainer import step_lengths
 from shared.errors import InputError
 from shared.task_data import Split, save_splits
 
@@ -61,3 +67,32 @@ def write_shard(path: Path, shard: Split) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_splits(path, {"train": (shard.input_ids, shard.lengths, shard.labels)})
     return path
+
+
+def step_mix(splits: Sequence[Split], buckets: Sequence[int], batch_size: int, steps: int, *, seed: int = 0,
+             batches: str = "shuffled") -> tuple[tuple[int, float], ...]:
+    """The share of steps at each length bucket when each split is trained ``steps`` steps.
+
+    Every device's trainer starts fresh on its split with the same seed and batch
+    order (``Trainer.fresh``); its steps' lengths are counted in that order, and
+    the shares are over all the devices' steps together.
+
+    Args:
+        splits: the data each device trains on (its shard), one per device.
+        buckets: the programs' step lengths (shorter buckets and the full length).
+        batch_size: the programs' batch size.
+        steps: steps per device (rounds × local steps).
+        seed: the trainers' seed.
+        batches: their batch order.
+
+    Returns:
+        (length, share) for every bucket, ascending; shares sum to 1.
+
+    Raises:
+        InputError: no split, or no steps.
+    """
+    if not splits or steps < 1:
+        raise InputError(f"step mix: need at least one split and one step, got {len(splits)} and {steps}")
+    lengths = np.concatenate([step_lengths(split, buckets, batch_size, steps, seed=seed, batches=batches)
+                              for split in splits])  # [devices · steps]
+    return tuple((int(t), float(np.mean(lengths == t))) for t in sorted(buckets))

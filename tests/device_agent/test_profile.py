@@ -35,6 +35,19 @@ def test_profile_lays_out_the_probe_times_per_layer_and_is_marked_measured(profi
     assert 0 < profile.memory_bytes <= m.facts.ram_bytes
 
 
+def test_profile_carries_the_layer_times_at_each_shorter_length(profile, tiny_probe) -> None:
+    # The tiny job runs T=32 with a bucket at 16: the profile's times at 16 are the
+    # probe's ``*_t16`` methods, laid out per layer as the full-length ones.
+    m = profile.measurement
+    assert [t.seq_len for t in profile.at_lengths] == [16] and profile.times_at(16) is profile.at_lengths[0]
+    at16 = profile.times_at(16)
+    assert at16.layer_s_bs[0] == m.method_s["frozen_bs_t16"]
+    assert at16.layer_s_wide == (max(m.method_s["frozen_bs_t16"], m.method_s["layer_wide_t16"]),
+                                 m.method_s["last_wide_t16"])
+    assert m.probe_format == tiny_probe.manifest.format == 2
+    assert profile_from_plain(profile_to_plain(profile)) == profile
+
+
 def test_memory_terms_are_read_for_every_method(profile, tiny_probe) -> None:
     memory = profile.measurement.memory
     assert memory.runtime_bytes > 50 * 2**20  # the interpreter, numpy and the runtime are resident

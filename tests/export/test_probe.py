@@ -19,6 +19,41 @@ def test_methods_follow_the_job_layers() -> None:
     assert probe_methods(30, tuple(range(22, 30))) == ("layer_bs", "layer_wide", "frozen_bs", "last_wide", "head")
     assert probe_methods(30, tuple(range(0, 30))) == ("layer_bs", "layer_wide", "last_wide", "head")
     assert probe_methods(30, (10, 11)) == ("layer_bs", "layer_wide", "frozen_bs", "frozen_wide", "last_wide", "head")
+    # each shorter length bucket repeats the layer methods; the head does not depend on T
+    assert probe_methods(30, tuple(range(22, 30)), (32,)) == (
+        "layer_bs", "layer_wide", "frozen_bs", "last_wide",
+        "layer_bs_t32", "layer_wide_t32", "frozen_bs_t32", "last_wide_t32", "head")
+
+
+def test_the_probe_has_every_layer_method_at_each_length_bucket(tiny_probe, tiny_program) -> None:
+    # The tiny job runs T=32 with a bucket at 16: the probe times both lengths, and its
+    # methods at 16 run on rows of 16 tokens.
+    probe = tiny_probe.manifest
+    assert probe.length_buckets == tiny_program.config.buckets() == (16,)
+    assert probe.methods == ("layer_bs", "layer_wide", "frozen_bs", "last_wide",
+                             "layer_bs_t16", "layer_wide_t16", "frozen_bs_t16", "last_wide_t16", "head")
+    program = open_et_program(tiny_probe.manifest_path.parent / probe.files["program"],
+                              tiny_probe.manifest_path.parent / probe.files["weights"])
+    for method, rows in (("layer_wide_t16", probe.wide_rows), ("frozen_bs_t16", probe.batch_size)):
+        inputs = probe_inputs(probe, method)
+        assert tuple(inputs[0].shape) == (rows, 16, probe.hidden_size)
+        (out,) = program.load_method(method)(inputs)
+        assert tuple(out.shape) == (rows, 16, probe.hidden_size)
+    (last,) = program.load_method("last_wide_t16")(probe_inputs(probe, "last_wide_t16"))
+    assert tuple(last.shape) == (probe.wide_rows, probe.hidden_size)
+
+
+def test_a_probe_of_the_older_format_is_refused_with_the_way_out(tiny_probe, tmp_path: Path) -> None:
+    import json
+
+    data = json.loads(tiny_probe.manifest_path.read_text())
+    data["format"] = 1
+    del data["length_buckets"]
+    old = tmp_path / "probe.probe.json"
+    old.write_text(json.dumps(data))
+    with pytest.raises(InputError, match=r"probe format 1, this deftly reads 2 .*export the probe again and "
+                                         r"re-profile the devices"):
+        ProbeManifest.load(old)
 
 
 def test_manifest_names_the_model_and_the_job_shapes(tiny_probe, tiny_program) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from shared.errors import InputError
 from shared.fleet_io import fleet_from_dict, job_from_dict, load_fleet, load_job
+from shared.profiles import LengthTimes, profile_from_plain, profile_to_plain
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,3 +78,18 @@ def test_files_toml_json_and_syntax_errors(tmp_path: Path) -> None:
     (tmp_path / "f.yaml").write_text("")
     with pytest.raises(InputError, match=".toml or .json"):
         load_fleet(tmp_path / "f.yaml")
+
+
+def test_times_at_shorter_lengths_load_and_round_trip_through_the_record_codec() -> None:
+    # prepare: a device timed at T=64 and at T=32, in a fleet file's keys
+    device = {**DEVICE, "at_lengths": [{"seq_len": 32, "layer_s_bs": 0.006, "layer_s_wide": [0.03]}]}
+    # execute
+    loaded = fleet_from_dict({"name": "f", "device": [device]}).devices[0]
+    again = fleet_from_dict({"name": "f", "device": [profile_to_plain(loaded)]}).devices[0]
+    # assert: the times at 32 are the profile's, the plain record loads back equal, and a
+    # fleet without them still loads (no times at a shorter length)
+    assert loaded.times_at(32) == LengthTimes(32, (0.006,), (0.03,)) and loaded.times_at(16) is None
+    assert again == loaded == profile_from_plain(profile_to_plain(loaded))
+    assert fleet_from_dict({"name": "f", "device": [DEVICE]}).devices[0].at_lengths == ()
+    with pytest.raises(InputError, match=r"at_lengths\[0\]: missing field 'seq_len'"):
+        fleet_from_dict({"name": "f", "device": [{**DEVICE, "at_lengths": [{"layer_s_bs": 1, "layer_s_wide": 1}]}]})

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from shared.errors import InputError
-from shared.profiles import Block, DeviceProfile, Fleet, Job, check_fleet, check_fleet_for_job, check_job
+from shared.profiles import (PROBE_FORMAT, Block, DeviceFacts, DeviceProfile, Fleet, Job, Measurement, ProbeMemory,
+                             check_fleet, check_fleet_for_job, check_job, profile_from_plain, profile_to_plain)
 
 
 def _job(**over) -> Job:
@@ -56,3 +57,18 @@ def test_layer_count_must_match_the_job() -> None:
 def test_bad_job_field_is_named(over: dict, message: str) -> None:
     with pytest.raises(InputError, match=message):
         check_job(_job(**over))
+
+
+def test_a_profile_measured_with_an_older_probe_is_refused_with_the_way_out() -> None:
+    # prepare: a measured profile as the agent wrote it before probes timed the length
+    # buckets (no probe_format in its measurement), and the same measured now
+    measurement = Measurement(at="2026-12-01T07:00:00+00:00", probe="p" * 16, model_id="m", repeats=3,
+                              method_s={"head": 0.1}, spread={"head": 0.0},
+                              memory=ProbeMemory(1.0, 1.0, {"head": 1.0}, {"head": 1.0}),
+                              facts=DeviceFacts("cpu", 2, 1e9, "1.5.1", ()), probe_format=PROBE_FORMAT)
+    plain = profile_to_plain(_dev(measurement=measurement))
+    del plain["measurement"]["probe_format"], plain["at_lengths"]
+    # execute + assert: the old record is refused by name and says to re-profile; the current one loads
+    with pytest.raises(InputError, match=r"measured with probe format 1, this deftly reads 2 .*re-profile"):
+        profile_from_plain(plain, "old.json")
+    assert profile_from_plain(profile_to_plain(_dev(measurement=measurement))).measurement == measurement

@@ -36,5 +36,6 @@ def test_the_bench_writes_every_figure_from_the_runs_it_made(tiny_model_dir, tin
     compute = results["measured_compute"]
     assert {(row["round"], row["device"]) for row in compute} <= {(r, d) for r in (1, 2) for d in devices}
     assert all(row["steps"] == 2 == sum(row["steps_by_seq_len"].values()) for row in compute)
+    assert all(row["predicted_compute_at_round_mix_s"] > 0 for row in results["prediction"])
     served = results["served_test_accuracy"]
     assert served["examples"] > 0 and 0 <= served["with_bias"] <= 1 and 0 <= served["without_bias"] <= 1

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from desktop.engine.shards import shard_indices, shard_split, write_shard
+from desktop.engine.shards import shard_indices, shard_split, step_mix, write_shard
+from device_agent.trainer import BUCKET_WINDOW_BATCHES
 from shared.errors import InputError
 from shared.task_data import Split, load_splits
 
@@ -42,3 +43,29 @@ def test_a_written_shard_reads_back_as_a_train_split(tmp_path) -> None:
     assert list(back) == ["train"]
     assert back["train"].input_ids.tolist() == [[2, 3], [8, 9]]
     assert back["train"].labels.tolist() == [1, 0]
+
+
+def _split(lengths: list[int], seed: int = 0) -> Split:
+    rng = np.random.default_rng(seed)
+    lengths = np.array(rng.permutation(lengths), dtype=np.int64)  # [n] in no particular order
+    ids = np.zeros((len(lengths), 32), dtype=np.int64)
+    return Split(ids, lengths, (np.arange(len(lengths)) % 2).astype(np.int64))
+
+
+def test_the_step_mix_counts_the_trainer_s_batches_at_each_length() -> None:
+    # prepare: batches of 2 from 16 rows: one epoch is one window of the trainer's order
+    # (8 batches), sorted by length bucket, so its short rows fill the first batches
+    # whatever the shuffle: 7 short rows make 3 short batches (the 4th holds a long row
+    # too, and runs at 32); 10 short rows make 5
+    assert BUCKET_WINDOW_BATCHES == 8
+    seven = _split([9] * 7 + [30] * 9)
+    ten = _split([16] * 10 + [17] * 6, seed=1)
+    # execute: two epochs each (16 steps)
+    one = step_mix([seven], [16, 32], batch_size=2, steps=16, seed=4)
+    both = step_mix([seven, ten], [16, 32], batch_size=2, steps=16, seed=4)
+    # assert: by hand, 3 of 8 and (3 + 5) of 16 steps at 16 tokens
+    assert one == ((16, 3 / 8), (32, 5 / 8))
+    assert both == ((16, 8 / 16), (32, 8 / 16))
+    assert step_mix([seven], [32], batch_size=2, steps=5) == ((32, 1.0),)
+    with pytest.raises(InputError, match="at least one split and one step"):
+        step_mix([], [16, 32], batch_size=2, steps=4)
