@@ -398,6 +398,10 @@ class AgentClient:
             await ws.send(frame if pace_bytes_per_s is None else paced_fragments(frame, pace_bytes_per_s))
         except ConnectionClosed as exc:
             raise ConnectionLost(f"{self.uri}: connection lost ({exc})") from None
+        except asyncio.CancelledError:
+            if pace_bytes_per_s is not None:  # a message cut between its fragments leaves the connection unusable
+                asyncio.ensure_future(ws.close())  # closed cleanly (the reconnect asks for the round again)
+            raise
 
     async def _request(self, message, expect: type, wait_connected: bool = True, timeout_s: float | None = None,
                        pace_bytes_per_s: float | None = None):

@@ -1055,7 +1055,8 @@ class Engine:
         """Raise _DeviceGone when the device is down past the patience window, or silent for too long."""
         loop = asyncio.get_running_loop()
         steps = max(self.config.local_steps, 1)
-        stall = max(STALL_MIN_S, STALL_FACTOR * part.compute_s / steps)
+        # + the round's comm: the block's upload is paced at the device's share, with no metric meanwhile
+        stall = max(STALL_MIN_S, STALL_FACTOR * part.compute_s / steps) + part.comm_s
         while True:
             await asyncio.sleep(0.2)
             now = loop.time()
