@@ -15,7 +15,10 @@ thread (``_in_worker``), so pings, metrics and control are answered while a
 step of 0.2-2 s runs. Rounds outlive connections: a round started goes on
 when the link drops, its metrics and result wait in the persistent outbox
 (``device_agent.outbox``), and whichever connection comes next gets everything
-its desktop has not acknowledged.
+its desktop has not acknowledged. A round's RoundDone goes out no faster than the
+rate its StartRound allotted (``link_bytes_per_s``: the plan's share of the link,
+``shared.pacing``), as the desktop sent the StartRound, so the round's transfers
+take what the plan predicts they take.
 
 State dir (``--state-dir``)::
 
@@ -57,12 +60,13 @@ from device_agent.data import PrivateData, TrainData, fit_to_program, load_shard
 from device_agent.outbox import Outbox
 from device_agent.programs import files_bytes, load_program, measure_device, probe_view, program_view
 from device_agent.rounds import RoundRunner, RoundState, load_round, request_key, settle_finished_round
-from device_agent.simulate import DeviceClass, LinkShaper, Pacer, SimulatedClock, estimated_need_bytes
+from device_agent.simulate import DeviceClass, LinkShaper, Pacer, SimulatedClock, estimated_need_bytes, paced_rate
 from device_agent.store import FileStore
 from shared.errors import InputError
 from shared.events import Step
 from shared.files import write_bytes_atomic
 from shared.manifest import Manifest
+from shared.pacing import paced_fragments
 from shared.protocol import (FATAL_CODES, PROTOCOL_VERSION, Ack, AgentState, ChunkAck, DataReady, DataShard, Error,
                              Hello, Offer, OfferReply, Pause, ProfileRequest, ProfileResponse, ProtocolError, Resume,
                              RoundDone,
@@ -141,6 +145,8 @@ class Agent:
         # already holds a probe's files (nothing crosses the link again) can still be profiled
         self._link_bytes_per_s: float | None = self._read_link()
         self._round_task: asyncio.Task | None = None
+        # seq of a RoundDone -> the rate its StartRound allotted (sent no faster; kept until acknowledged)
+        self._paced: dict[int, float] = {}
         self._round: RoundState | None = None
         self._control = _RoundControl()
         self._phase = "idle"
@@ -334,9 +340,13 @@ class Agent:
                     await wake.wait()
                     continue
                 for last, frame in frames:
-                    if self.shaper is not None:
-                        await self.shaper.carry(len(frame))
-                    await ws.send(frame)
+                    pace = paced_rate(self.shaper, self._paced.get(last))
+                    if pace is not None:
+                        await ws.send(paced_fragments(frame, pace))
+                    else:
+                        if self.shaper is not None:
+                            await self.shaper.carry(len(frame))
+                        await ws.send(frame)
                     sent = last
         except ConnectionClosed:
             pass
@@ -356,6 +366,7 @@ class Agent:
     async def _on_message(self, ws: ServerConnection, message) -> None:
         if isinstance(message, Ack):
             self.outbox.ack(message.seq)
+            self._paced = {seq: rate for seq, rate in self._paced.items() if seq > self.outbox.acked_seq}
         elif isinstance(message, Offer):
             have = await asyncio.to_thread(self.store.offer, message)
             self._offers[message.sha256] = message.id
@@ -560,6 +571,8 @@ class Agent:
                 stopped=state.step < request.k, block_offset=runner.span.offset, block_size=runner.span.size,
                 b_block=encode_f32(block), seconds=state.seconds, mean_loss=state.loss_sum / max(state.step, 1),
                 simulated=self.info.simulated, resumed_at=state.resumed_at))
+            if request.link_bytes_per_s is not None:  # before any await: the outbox sender reads it
+                self._paced[done.seq] = request.link_bytes_per_s
             control.finished = True
             self._completed = {"round": request.round, "key": state.key, "seq": done.seq, "steps": state.step}
             write_bytes_atomic(self.state_dir / "completed.json", json.dumps(self._completed).encode())

@@ -23,7 +23,9 @@ each as the device would have it (README, "Simulated devices"):
   a Wi-Fi channel). A frame the agent sends leaves when its bytes have crossed;
   a chunk it receives is written and hashed at once and acknowledged when its
   bytes would have crossed, so the desktop, which waits for acknowledgements,
-  sends no faster than the link.
+  sends no faster than the link. A round's frames paced below the class rate
+  (the plan's share of the link, ``StartRound.link_bytes_per_s``) go at that
+  pace instead and are not booked twice (:func:`paced_rate`).
 
 Device classes live in ``assets/fleets/classes/device_classes.toml``.
 """
@@ -148,6 +150,20 @@ class LinkShaper:
         delay = self.reserve(n_bytes) - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+
+
+def paced_rate(link: LinkShaper | None, allotted_bytes_per_s: float | None) -> float | None:
+    """The rate to pace a frame at that the plan allotted ``allotted_bytes_per_s``; None: send it as any other.
+
+    On a real device (``link`` None) the frame is paced at its allotment. A simulated link
+    that is no faster than the allotment already holds the frame to its own rate, so the
+    frame is booked on the shaper as any other. Below the class rate the frame is paced at
+    the allotment and *not* booked on the shaper too: its bytes would count twice (a 50 %
+    share would take 1.5x the time it was allotted).
+    """
+    if allotted_bytes_per_s is None or (link is not None and allotted_bytes_per_s >= link.bytes_per_s):
+        return None
+    return allotted_bytes_per_s
 
 
 def estimated_need_bytes(resident_bytes: float, program_bytes: int, weights_bytes: int) -> float:

@@ -57,7 +57,7 @@ import numpy as np
 
 from shared.bandwidth import (JointResult, balanced_shares, brute_force_joint, fractional_search, joint_exact,
                               start_time)
-from shared.costmodel import block_costs, memory_need
+from shared.costmodel import block_costs, memory_need, round_bytes
 from shared.profiles import Block, Fleet, Job
 
 EXACT_MAX_DEVICES = 12  # exact boundaries up to this many devices able to hold a block (2^12 device sets)
@@ -144,7 +144,7 @@ def _pieces(fleet: Fleet, job: Job, steps: np.ndarray) -> _Pieces:
     need = np.array([[memory_need(job, int(depth[p]), float(payload[p, e])) for e in start] for p in start])
     compute = job.local_steps * steps[:, depth]                 # (K, Lt+1)
     with np.errstate(divide="ignore"):
-        transfer = np.where(valid, (total + payload)[None] / rate[:, None, None], np.inf)
+        transfer = np.where(valid, round_bytes(total, payload)[None] / rate[:, None, None], np.inf)
     fits = valid[None] & (need[None] <= limit[:, None, None])
     return _Pieces(compute, transfer, fits)
 

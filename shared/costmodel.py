@@ -43,8 +43,11 @@ source of truth for the code):
   falls back to augmenting paths, and the joint solvers and the boundary DP
   take any pattern of fits.
 * **Communication.**  A round downloads the global B state (S_tot = Σ_b S_b) and
-  uploads the device's own block: `bytes_b = S_tot + S_b`.  With a share β_k of
-  the link (Σ_k β_k ≤ 1) this takes `bytes_b / (β_k · R_k)`.
+  uploads the device's own block: `bytes_b = w · (S_tot + S_b)`, where
+  w = 4/3 (`B_WIRE_BYTES_PER_BYTE`) because B crosses the wire as base64 text.
+  With a share β_k of the link (Σ_k β_k ≤ 1) this takes `bytes_b / (β_k · R_k)`,
+  and the desktop and the agent pace the round's frames at β_k · R_k
+  (`shared.pacing`), so it does on a link faster than the share too.
 * **Round latency.**  `T_k = bytes_b / (β_k R_k) + K_local · t_step(k, s_b)` and
   `T = max over involved devices`, subject to `m(b) ≤ M_k`.
 
@@ -57,6 +60,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared.profiles import Block, DeviceProfile, Fleet, Job
+from shared.protocol_limits import B_WIRE_BYTES_PER_BYTE
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ class Costs:
     """The numbers the solvers work on, for K devices and N blocks (shallowest first)."""
 
     compute_s: np.ndarray     # (K, N) K_local · t_step(k, s_b), seconds per round
-    comm_bytes: np.ndarray    # (N,) S_tot + S_b, bytes moved per round by block b's device
+    comm_bytes: np.ndarray    # (N,) w · (S_tot + S_b), bytes on the wire per round for block b's device
     rate: np.ndarray          # (K,) R_k, bytes/s at the full band
     memory_need: np.ndarray   # (N,) m(b), bytes
     memory_limit: np.ndarray  # (K,) M_k, bytes
@@ -159,6 +163,11 @@ def memory_need(job: Job, first_layer: int, payload_bytes: float) -> float:
             + 2 * job.q * payload_bytes)
 
 
+def round_bytes(total_payload, block_payload):
+    """Bytes on the wire in one round for a block: ``w · (S_tot + S_b)`` (floats or arrays alike)."""
+    return B_WIRE_BYTES_PER_BYTE * (total_payload + block_payload)
+
+
 def block_costs(fleet: Fleet, job: Job, blocks: tuple[Block, ...] | list[Block],
                 steps: np.ndarray | None = None) -> Costs:
     """Costs of every (device, block) pair.
@@ -178,7 +187,7 @@ def block_costs(fleet: Fleet, job: Job, blocks: tuple[Block, ...] | list[Block],
     payload = np.array([b.payload_bytes for b in blocks], dtype=float)
     return Costs(
         compute_s=job.local_steps * steps[:, depths],
-        comm_bytes=payload.sum() + payload,
+        comm_bytes=round_bytes(payload.sum(), payload),
         rate=np.array([d.link_bytes_per_s for d in fleet.devices], dtype=float),
         memory_need=np.array([memory_need(job, b.first_layer, b.payload_bytes) for b in blocks]),
         memory_limit=np.array([d.memory_bytes for d in fleet.devices], dtype=float),

@@ -110,9 +110,9 @@ def all_on_fastest(costs: Costs) -> float:
     ok = costs.fits.all(axis=1)
     if not ok.any():
         return math.inf
-    # comm_bytes[b] = S_tot + S_b, so Σ_b comm_bytes = (N + 1) · S_tot.
+    # comm_bytes[b] = w · (S_tot + S_b), so Σ_b comm_bytes = (N + 1) · w · S_tot (w: the wire's encoding).
     s_tot = costs.comm_bytes.sum() / (costs.comm_bytes.size + 1)
-    # Download the global state once and upload all of it: 2 · S_tot bytes.
+    # Download the global state once and upload all of it: 2 · w · S_tot bytes.
     rounds = costs.compute_s.sum(axis=1) + 2.0 * s_tot / costs.rate
     return float(rounds[ok].min())
 

@@ -9,7 +9,7 @@ and `shared/boundaries.py` (choosing block boundaries); in short:
     over a one-to-one matching σ of blocks to devices and shares Σ β ≤ 1,
     subject to m(b) ≤ M_{σ(b)},
 
-with S'_b = S_tot + S_b the bytes a round moves for block b.
+with S'_b = w · (S_tot + S_b) the bytes a round puts on the wire for block b (w = 4/3: base64).
 
 Steps: check the inputs → fix the blocks (the job's, or a chosen split) →
 diagnose memory infeasibility (a block no device can hold, or blocks that share

@@ -17,9 +17,9 @@ A conversation (D = desktop, A = agent)::
     D Offer(file) ───────► A OfferReply(have)   bytes it already holds (== size: nothing to send)
     D chunk …  ──────────► A ChunkAck(have)     per chunk; the last one verifies the sha256
     D DataShard(file) ───► A DataReady          a stored .npz becomes the training data
-    D StartRound ────────► A Status(training)   then, as the round runs:
+    D StartRound ────────► A Status(training)   paced at its link_bytes_per_s, if given; then, as the round runs:
                            A StepMetrics …      one Metric per step, numbered (seq)
-                           A RoundDone          the block's new b, numbered in the same sequence
+                           A RoundDone          the block's new b, numbered in the same sequence (paced likewise)
     D Ack(seq) ──────────► A                    everything up to seq is safe on the desktop
     D Pause/Resume/Stop ─► A Status             at the next step boundary
     D ProfileRequest ────► A ProfileResponse
@@ -348,6 +348,11 @@ class StartRound:
     seed: int  # seeds z and the batch order where the device has no trainer state for this program and data
     b_size: int  # P, the global b's length
     b: str  # the global b [P] float32, encode_f32
+    # The rate the plan allots this device for the round's transfers (its share β_k of its link's
+    # rate R_k, bytes/s): the desktop sends this frame no faster, and the agent sends the round's
+    # RoundDone no faster (shared.pacing), so the split the plan predicts with is the one on the
+    # wire. None (a desktop without a plan, or an older one): both go at full speed.
+    link_bytes_per_s: float | None = None
 
     def __post_init__(self) -> None:
         _check_counts(self, "id", "round", "seed", "b_size")
@@ -355,6 +360,8 @@ class StartRound:
         _check_count(self.k, "StartRound.k", least=1)
         _check_finite(self.lr, "StartRound.lr")
         _check_finite(self.eps, "StartRound.eps", positive=True)
+        if self.link_bytes_per_s is not None:
+            _check_finite(self.link_bytes_per_s, "StartRound.link_bytes_per_s", positive=True)
         decode_f32(self.b, self.b_size, "StartRound.b")
 
     def b_array(self) -> np.ndarray:

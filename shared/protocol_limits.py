@@ -18,6 +18,14 @@ CHUNK_WINDOW = 8  # chunks the client keeps in flight before waiting for an ack 
 METRICS_PER_FRAME = 256  # most step metrics coalesced into one frame when the link is slow
 HASH_READ_BYTES = 1 * MIB  # read size when hashing a stored or partial file
 LINK_SAMPLE_BYTES = 4 * MIB  # a transfer at least this long measures the agent's link (shorter: the window's burst)
+# A round's paced frames (StartRound down, RoundDone up: shared.pacing) go out as WebSocket
+# fragments of this many bytes, each released when the allotted rate has carried the ones before:
+# small enough to follow the rate closely (16 KiB is 1 s at 128 kbit/s), large enough that a fast
+# share costs few wake-ups (a 1 MiB global b is 64 fragments).
+PACE_FRAGMENT_BYTES = 16 * KIB
+# b crosses the wire as base64 text (shared.protocol.encode_f32): 4 characters for every 3 bytes
+# of float32, so a round moves 4/3 of the adapter's bytes (the cost model counts these).
+B_WIRE_BYTES_PER_BYTE = 4 / 3
 
 # -- timings (seconds) -----------------------------------------------------------------
 

@@ -10,7 +10,12 @@ rate; see the README's "Simulated devices"):
 * ``worst_prediction_error``: the largest |measured − predicted| / measured
   round time over devices and rounds, with the table (``prediction``): measured
   is the download until the agent took the round, its compute on the device's
-  clock, and the upload of its block; predicted is the plan's compute + comm;
+  clock, and the upload of its block; predicted is the plan's compute + comm.
+  Each row also holds the parts side by side (``measured_comm_s`` = download +
+  upload beside ``predicted_comm_s``, ``measured_compute_s`` beside
+  ``predicted_compute_s``); both runs pace each device's transfers at its
+  plan's share of the link (``StartRound.link_bytes_per_s``), so the comm
+  measured is the split's, and ``worst_comm_error`` says how close it came;
 * the baseline run: the same agents and job with equal-size blocks matched at
   random and equal link shares (``--policy equal_random``), ``--random-rounds``
   rounds; ``gain_vs_equal_random`` = 1 − (the plan's measured round latency ÷
@@ -32,7 +37,7 @@ import time
 from pathlib import Path
 
 from desktop.engine import Engine, EngineConfig, JobSpec
-from desktop.engine.events import PlanMade
+from desktop.engine.events import DeviceRoundDone, PlanMade
 from desktop.engine.local import LocalAgent
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,8 +85,15 @@ async def one_run(addresses: list[str], job: JobSpec, out: Path, args: argparse.
                                  agents=tuple(addresses), token=TOKEN, policy=policy, seed=0,
                                  eval_limit=args.eval_limit, test_limit=args.test_limit, test=policy == "planned",
                                  cache_dir=args.cache_dir, wait_s=600.0))
-    plans = []
-    engine.subscribe(lambda e: plans.append(e.plan) if isinstance(e, PlanMade) else None)
+    plans, parts = [], {}
+
+    def take(event) -> None:
+        if isinstance(event, PlanMade):
+            plans.append(event.plan)
+        elif isinstance(event, DeviceRoundDone):  # the measured parts of a device's round
+            parts[(event.round, event.device)] = event
+
+    engine.subscribe(take)
     started = time.monotonic()
     result = await engine.run()
     from shared.events import Round, read_events
@@ -89,18 +101,35 @@ async def one_run(addresses: list[str], job: JobSpec, out: Path, args: argparse.
     events = read_events(out / "metrics.jsonl")
     merged = [e for e in events if isinstance(e, Round)]
     eval_data = engine.manifest.file("data", engine.eval_manifest_path)  # the job's tokenised splits
-    return {"result": result, "rounds": merged, "plans": plans, "wall_s": time.monotonic() - started,
+    return {"result": result, "rounds": merged, "plans": plans, "parts": parts, "wall_s": time.monotonic() - started,
             "eval_data": eval_data, "compute": compute_by_round(events),
             "profiles": {view.name: view.profile for view in engine.state.devices.values() if view.profile}}
 
 
-def prediction_table(rounds) -> list[dict]:
+def prediction_table(rounds, plans, parts) -> list[dict]:
+    """Per round and device: the measured round time and its parts beside the plan's prediction of each.
+
+    Args:
+        rounds: the run's merged rounds (``shared.events.Round``).
+        plans: the plans made (``PlanView``), in order: a round is predicted by the last one starting at or before it.
+        parts: (round, device id) -> its ``DeviceRoundDone`` (download, compute, upload).
+    """
     rows = []
     for r in rounds:
+        plan = [p for p in plans if p.first_round <= r.round][-1]
+        by_name = {a.name: a for a in plan.assignments}
         for device, measured in sorted(r.measured_round_s.items()):
             predicted = r.predicted_round_s.get(device, math.nan)
-            rows.append({"round": r.round, "device": device, "measured_s": measured, "predicted_s": predicted,
-                         "error": abs(measured - predicted) / measured if measured > 0 else math.nan})
+            row = {"round": r.round, "device": device, "measured_s": measured, "predicted_s": predicted,
+                   "error": abs(measured - predicted) / measured if measured > 0 else math.nan}
+            part, done = by_name.get(device), None
+            if part is not None:
+                done = parts.get((r.round, part.device))
+                row.update(predicted_comm_s=part.comm_s, predicted_compute_s=part.compute_s, share=part.share)
+            if done is not None and done.download_s is not None and done.upload_s is not None:
+                row.update(measured_comm_s=done.download_s + done.upload_s, measured_download_s=done.download_s,
+                           measured_upload_s=done.upload_s, measured_compute_s=done.seconds)
+            rows.append(row)
     return rows
 
 
@@ -123,6 +152,24 @@ def add_compute_at_round_mix(table: list[dict], compute: list[dict], plans, prof
         row["predicted_compute_at_round_mix_s"] = sum(
             n * float(length_step_times(profile, plan.layers, int(length))[part.first_layer])
             for length, n in steps.items())
+
+
+def worst_comm_error(table: list[dict]) -> float:
+    """The largest |measured − predicted| / measured comm over the rows that hold both (nan: none does)."""
+    errors = [abs(row["measured_comm_s"] - row["predicted_comm_s"]) / row["measured_comm_s"] for row in table
+              if row.get("measured_comm_s", 0) > 0 and "predicted_comm_s" in row]
+    return max(errors) if errors else math.nan
+
+
+def worst_error_at_round_mix(table: list[dict]) -> float:
+    """The largest |measured − predicted| / measured round time when the prediction takes the
+    lengths the round ran (``predicted_comm_s`` + ``predicted_compute_at_round_mix_s``), so the
+    mix's sampling from round to round is not counted (nan: no row holds both)."""
+    errors = [abs(row["measured_s"] - (row["predicted_comm_s"] + row["predicted_compute_at_round_mix_s"]))
+              / row["measured_s"] for row in table
+              if row.get("predicted_compute_at_round_mix_s") is not None and "predicted_comm_s" in row
+              and row["measured_s"] > 0]
+    return max(errors) if errors else math.nan
 
 
 def compute_by_round(events) -> list[dict]:
@@ -213,8 +260,9 @@ def run(args: argparse.Namespace) -> dict:
                                            args.random_rounds))
         finally:
             lab.close()
-    table = prediction_table(planned["rounds"])
+    table = prediction_table(planned["rounds"], planned["plans"], planned["parts"])
     add_compute_at_round_mix(table, planned["compute"], planned["plans"], planned["profiles"])
+    random_table = prediction_table(baseline["rounds"], baseline["plans"], baseline["parts"])
     plan, random_plan = planned["plans"][0], baseline["plans"][0]
     plan_round, random_round = round_latency(planned["rounds"]), round_latency(baseline["rounds"])
     result = planned["result"]
@@ -223,6 +271,11 @@ def run(args: argparse.Namespace) -> dict:
     results = {
         "worst_prediction_error": max(row["error"] for row in table),
         "prediction": table,
+        "worst_comm_error": worst_comm_error(table),  # the paced transfers against the plan's comm
+        # The cost model alone: the plan's comm plus its compute for the lengths each round ran.
+        "worst_error_at_round_mix": worst_error_at_round_mix(table),
+        "random_prediction": random_table,  # the baseline's, paced at its equal shares
+        "random_worst_comm_error": worst_comm_error(random_table),
         "gain_vs_equal_random": 1.0 - plan_round / random_round,
         "plan_round_s": plan_round,
         "random_round_s": random_round,

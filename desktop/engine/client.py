@@ -51,6 +51,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMes
 from shared.errors import InputError
 from shared.hashing import sha256_file
 from shared.manifest import Manifest
+from shared.pacing import paced_fragments
 from shared.probe import ProbeManifest
 from shared.protocol import (PROTOCOL_VERSION, Ack, Chunk, ChunkAck, DataReady, DataShard, DataSummary, Error, Hello,
                              Metric, Offer, OfferReply, Pause, ProfileRequest, ProfileResponse, ProtocolError, Resume,
@@ -463,22 +464,29 @@ class AgentClient:
         self._next_id += 1
         return self._next_id - 1
 
-    async def _send(self, message) -> None:
+    async def _send(self, message, pace_bytes_per_s: float | None = None) -> None:
+        """Send one message; with ``pace_bytes_per_s``, as fragments no faster than that rate (shared.pacing)."""
         ws = self._ws
         if ws is None:
             raise ConnectionLost(f"{self.uri}: not connected")
+        frame = encode(message)
         try:
-            await ws.send(encode(message))
+            await ws.send(frame if pace_bytes_per_s is None else paced_fragments(frame, pace_bytes_per_s))
         except ConnectionClosed as exc:
             raise ConnectionLost(f"{self.uri}: connection lost ({exc})") from None
+        except asyncio.CancelledError:
+            if pace_bytes_per_s is not None:  # a message cut between its fragments leaves the connection unusable
+                asyncio.ensure_future(ws.close())  # closed cleanly (the reconnect asks for the round again)
+            raise
 
-    async def _request(self, message, expect: type, wait_connected: bool = True, timeout_s: float | None = None):
+    async def _request(self, message, expect: type, wait_connected: bool = True, timeout_s: float | None = None,
+                       pace_bytes_per_s: float | None = None):
         if wait_connected:
             await self.wait_connected()
         future = asyncio.get_running_loop().create_future()
         self._pending[message.id] = future
         try:
-            await self._send(message)
+            await self._send(message, pace_bytes_per_s)  # the answer's timeout starts once it is sent
             reply = await asyncio.wait_for(future, timeout_s or self.request_timeout_s)
         except TimeoutError:
             raise ConnectionLost(f"{self.uri}: no answer to {message.type} within "
@@ -616,44 +624,50 @@ class AgentClient:
     # -- rounds ---------------------------------------------------------------------------------------
 
     def _round_request(self, round: int, program: str, b: np.ndarray, k: int, lr: float, eps: float,
-                       seed: int) -> StartRound:
+                       seed: int, link_bytes_per_s: float | None) -> StartRound:
         """The StartRound for a round, with its result future (kept across reconnects) made ready."""
         b = np.asarray(b, dtype=np.float32).reshape(-1)
         request = StartRound(id=self._take_id(), round=round, program=program, k=k, lr=float(lr), eps=float(eps),
-                             seed=seed, b_size=int(b.shape[0]), b=encode_f32(b))
+                             seed=seed, b_size=int(b.shape[0]), b=encode_f32(b),
+                             link_bytes_per_s=None if link_bytes_per_s is None else float(link_bytes_per_s))
         if round not in self._rounds or self._rounds[round].done():
             self._rounds[round] = asyncio.get_running_loop().create_future()
         self._start_ids[request.id] = round
         return request
 
     async def start_round(self, round: int, program: str, b: np.ndarray, k: int, lr: float, eps: float,
-                          seed: int = 0) -> Status:
+                          seed: int = 0, link_bytes_per_s: float | None = None) -> Status:
         """Ask for a round; returns once the agent has accepted it (then await :meth:`round_result`).
+
+        Args:
+            link_bytes_per_s: the rate the plan allots this device (β_k · R_k): the StartRound
+                is sent no faster, and the agent sends the round's result no faster. None: full speed.
 
         Raises:
             AgentBusy: a round is running. RequestFailed: the request is wrong (e.g. b's size).
+            ProtocolError: ``link_bytes_per_s`` is not a finite positive number.
         """
-        request = self._round_request(round, program, b, k, lr, eps, seed)
-        status = await self._request(request, Status)
+        request = self._round_request(round, program, b, k, lr, eps, seed, link_bytes_per_s)
+        status = await self._request(request, Status, pace_bytes_per_s=request.link_bytes_per_s)
         self._round_requests[round] = request  # accepted: asked for again if a restart loses it
         return status
 
     async def continue_round(self, round: int, program: str, b: np.ndarray, k: int, lr: float, eps: float,
-                             seed: int = 0) -> None:
+                             seed: int = 0, link_bytes_per_s: float | None = None) -> None:
         """Take up a round asked for before this desktop restarted; then await :meth:`round_result`.
 
         The agent may be running it still, or hold its result unacknowledged (then it arrives
         with the replay): it is asked for again, with the same values, only if it does neither,
         and the agent continues it from its last checkpointed step.
         """
-        request = self._round_request(round, program, b, k, lr, eps, seed)
+        request = self._round_request(round, program, b, k, lr, eps, seed, link_bytes_per_s)
         await self.wait_connected()
         state = self.welcome.state
         running = state.state != "idle" and state.round == round
         # Its result is there to be replayed if anything is unacknowledged (by any client of this desktop).
         finished = state.completed_round == round and state.last_seq > max(self.delivered_seq, state.acked_seq)
         if not running and not finished:
-            await self._request(request, Status)
+            await self._request(request, Status, pace_bytes_per_s=request.link_bytes_per_s)
         self._round_requests[round] = request  # awaited: asked for again if a restart loses it
 
     def forget_round(self, round: int) -> None:
@@ -671,9 +685,10 @@ class AgentClient:
         return await asyncio.wait_for(asyncio.shield(future), timeout_s)
 
     async def run_round(self, round: int, program: str, b: np.ndarray, k: int, lr: float, eps: float,
-                        seed: int = 0, timeout_s: float | None = None) -> RoundDone:
+                        seed: int = 0, timeout_s: float | None = None,
+                        link_bytes_per_s: float | None = None) -> RoundDone:
         """Start a round and wait for its result."""
-        await self.start_round(round, program, b, k, lr, eps, seed)
+        await self.start_round(round, program, b, k, lr, eps, seed, link_bytes_per_s)
         return await self.round_result(round, timeout_s)
 
     def _ask_again_for_lost_rounds(self, welcome: Welcome) -> None:
@@ -690,9 +705,9 @@ class AgentClient:
                 self._start_ids[again.id] = round_number
                 asyncio.create_task(self._send_quietly(again))
 
-    async def _send_quietly(self, message) -> None:
+    async def _send_quietly(self, message: StartRound) -> None:
         try:
-            await self._send(message)
+            await self._send(message, message.link_bytes_per_s)
         except ConnectionLost:
             pass  # the next connection asks again
 

@@ -63,7 +63,8 @@ import numpy as np
 from desktop.engine import profiles as profile_cache
 from desktop.engine.discovery import Advert, Browser, advert_from_address, parse_address
 from desktop.engine.events import (
-    DeviceBack, DeviceError, DeviceGone, DeviceLost, DeviceProfiled, DeviceRoundDone, DeviceSeen, DeviceStatus,
+    Assignment, DeviceBack, DeviceError, DeviceGone, DeviceLost, DeviceProfiled, DeviceRoundDone, DeviceSeen,
+    DeviceStatus,
     EngineEvent, EventBus, Notice, PhaseChanged, PlanMade, PlanView, RoundMerged, RoundStarted,
     RunFinished, StepReceived, TransferProgress,
 )
@@ -1054,7 +1055,7 @@ class Engine:
         settings = self.record.settings
         try:
             sent = loop.time()
-            await self._start_round(device, r, base, settings)
+            await self._start_round(device, r, base, settings, _allotted_rate(device, part))
             accepted = loop.time()
             result = asyncio.ensure_future(device.link.round_result(r))
             watch = asyncio.ensure_future(self._watch(device, part, accepted))
@@ -1079,17 +1080,19 @@ class Engine:
             arrived = device.done_at or loop.time()
             upload = max(0.0, arrived - (device.last_metric_at or arrived))
             seconds = (accepted - sent) + done.seconds + upload
-            self._emit(DeviceRoundDone(device.key, r, done.steps, done.seconds, seconds, done.mean_loss))
+            self._emit(DeviceRoundDone(device.key, r, done.steps, done.seconds, seconds, done.mean_loss,
+                                       download_s=accepted - sent, upload_s=upload))
             self._emit(DeviceStatus(device.key, "ready", f"round {r} done", round=r))
             return done.b_block_array(), seconds
         finally:
             device.round_number = None
 
-    async def _start_round(self, device: _Device, r: int, base: np.ndarray, settings: RunSettings) -> None:
+    async def _start_round(self, device: _Device, r: int, base: np.ndarray, settings: RunSettings,
+                           link_bytes_per_s: float | None) -> None:
         from desktop.engine.client import AgentBusy, ConnectionLost
 
         args = dict(round=r, program=device.program_sha, b=base, k=settings.local_steps, lr=settings.lr,
-                    eps=settings.eps, seed=settings.seed)
+                    eps=settings.eps, seed=settings.seed, link_bytes_per_s=link_bytes_per_s)
         if device.resumed and r == self.record.completed_round + 1:
             device.resumed = False
             # The desktop stopped while this round ran: the agent may be running it still, or hold
@@ -1123,7 +1126,8 @@ class Engine:
         """Raise _DeviceGone when the device is down past the patience window, or silent for too long."""
         loop = asyncio.get_running_loop()
         steps = max(self.config.local_steps, 1)
-        stall = max(STALL_MIN_S, STALL_FACTOR * part.compute_s / steps)
+        # + the round's comm: the block's upload is paced at the device's share, with no metric meanwhile
+        stall = max(STALL_MIN_S, STALL_FACTOR * part.compute_s / steps) + part.comm_s
         while True:
             await asyncio.sleep(0.2)
             now = loop.time()
@@ -1261,6 +1265,16 @@ class Engine:
                 task = asyncio.create_task(getattr(device.link, what)())
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+
+
+def _allotted_rate(device: _Device, part: Assignment) -> float | None:
+    """The rate the plan gives ``device`` for its round's transfers: its share of the link it was profiled with.
+
+    Both policies pace with it (the baseline's equal shares too), so each plan is measured on the
+    split it predicts with; None (no share, no profile) sends at full speed.
+    """
+    rate = part.share * device.profile.link_bytes_per_s if device.profile is not None else 0.0
+    return rate if rate > 0 and math.isfinite(rate) else None
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

@@ -187,6 +187,8 @@ class DeviceRoundDone:
     seconds: float  # compute on the device's clock
     measured_round_s: float  # compute + the round's transfers, as the round time the plan predicts
     mean_loss: float | None = None
+    download_s: float | None = None  # of measured_round_s: sending StartRound until the agent took it
+    upload_s: float | None = None  # of measured_round_s: the last metric until the block arrived
     kind = "device_round_done"
 
 

@@ -23,8 +23,8 @@ from desktop.engine.client import AgentBusy, AgentClient, AuthError, RequestFail
 from desktop.engine.local import CuttableProxy
 from shared.hashing import sha256_file
 from shared.manifest import Manifest
-from shared.protocol import (Chunk, Error, Hello, Offer, OfferReply, ProtocolError, Welcome, decode, encode,
-                             encode_chunk)
+from shared.protocol import (Chunk, Error, Hello, Offer, OfferReply, ProtocolError, StartRound, Welcome, decode,
+                             encode, encode_chunk, encode_f32)
 from shared.protocol_limits import DESKTOP_HEADER, MAX_FRAME_BYTES, PROTOCOL_HEADER, TOKEN_HEADER, WS_PATH
 from shared.task_data import save_splits
 from tests.device_agent.conftest import TOKEN, write_task
@@ -119,6 +119,10 @@ def _bad_frames(sha: str) -> list[tuple[str, object, str, str]]:
         ("a binary frame before an offer", chunk, "out_of_place", "before its offer"),
         ("a message only agents send", encode(OfferReply(reply_to=1, sha256=sha, have=0)), "out_of_place",
          "offer_reply is a message the agent sends"),
+        ("a start_round allotted no rate at all", encode(StartRound(
+            id=2, round=0, program=sha, k=1, lr=LR, eps=EPS, seed=0, b_size=1, b=encode_f32(np.zeros(1)),
+            link_bytes_per_s=1.0)).replace('"link_bytes_per_s":1.0', '"link_bytes_per_s":0'), "bad_frame",
+         "StartRound.link_bytes_per_s: expected a finite positive number, got 0"),
     ]
 
 
@@ -369,6 +373,35 @@ def test_pause_resume_and_stop_take_effect_at_step_boundaries(agents, agent_prog
     assert {m.step.device for m in metrics} == {"agent"} and {m.step.round for m in metrics} == {0}
     sent = [json.loads(line) for line in (agent.state_dir / "outbox.jsonl").read_text().splitlines()]
     assert {frame.get("simulated") for frame in sent} == {"slow"}  # every report says it is simulated
+
+
+def test_a_round_allotted_a_low_rate_moves_its_b_down_and_its_block_up_no_faster_than_that_rate(
+        agents, agent_program) -> None:
+    agent = agents()
+    rate = 4000.0  # bytes/s: the tiny b (768 float32, 4 KiB as base64) takes over a second each way
+    heard: dict[str, float] = {}
+    loop_time = lambda: asyncio.get_running_loop().time()  # noqa: E731
+
+    async def go() -> tuple[float, float, int, int]:
+        async with client(agent, on_metric=lambda m: heard.update(metric=loop_time()),
+                          on_round_done=lambda d: heard.update(done=loop_time())) as desk:
+            program = await desk.send_program(agent_program.manifest)
+            await desk.send_data_shard(agent_program.data)
+            b = np.zeros(B_SIZE, np.float32)
+            sent = loop_time()
+            await desk.start_round(0, program, b, k=2, lr=LR, eps=EPS, link_bytes_per_s=rate)
+            download = loop_time() - sent  # until the agent had the whole StartRound and took it
+            done = await desk.round_result(0)
+            upload = heard["done"] - heard["metric"]  # the last step's metric, then the paced block
+            # the same agent, asked without a rate, still runs a round (unpaced)
+            again = await desk.run_round(1, program, done.b_block_array(), k=2, lr=LR, eps=EPS)
+            assert again.steps == 2 and not again.stopped
+            return download, upload, len(encode_f32(b)), len(done.b_block)
+
+    download, upload, b_bytes, block_bytes = run(go())
+    # lower bounds only: each frame holds at least its b's bytes, which the pace holds to the rate
+    assert download >= b_bytes / rate
+    assert upload >= block_bytes / rate
 
 
 # -- kill, cut, restore ---------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from device_agent.simulate import DEVICE_CLASSES, LinkShaper, SimulatedClock, load_device_class
+from device_agent.simulate import DEVICE_CLASSES, LinkShaper, SimulatedClock, load_device_class, paced_rate
 from shared.errors import InputError
 
 
@@ -64,3 +64,11 @@ def test_the_link_shaper_holds_bytes_to_its_rate_without_idle_credit() -> None:
         return time.monotonic() - start
 
     assert asyncio.run(carry()) >= 0.2 * 0.98  # 200 kB at 1 MB/s
+
+
+def test_a_frame_allotted_less_than_the_simulated_link_is_paced_and_not_also_booked_on_it() -> None:
+    link = LinkShaper(bytes_per_s=1e6)
+    assert paced_rate(link, 5e5) == 5e5  # a 50 % share: paced at it, the shaper left out (else 1.5x)
+    assert paced_rate(link, 1e6) is None and paced_rate(link, 4e6) is None  # the link is the slower: shaped
+    assert paced_rate(link, None) is None  # no allotment: shaped as any frame
+    assert paced_rate(None, 5e5) == 5e5 and paced_rate(None, None) is None  # a real device

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from shared.costmodel import block_costs, latency, memory_need, step_times
@@ -111,10 +112,10 @@ def test_block_costs_and_latency_under_shares() -> None:
     costs = block_costs(fleet, job, blocks)
     lat = latency(costs, np.array([0.5, 0.5]))
     # assert
-    assert costs.comm_bytes.tolist() == [500.0, 700.0]  # S_tot + S_b
+    assert costs.comm_bytes.tolist() == pytest.approx([4 / 3 * 500.0, 4 / 3 * 700.0])  # base64 of S_tot + S_b
     assert costs.compute_s.tolist() == [[16.0, 12.0], [16.0, 12.0]]  # 2 local steps
     # memory: 1000 + 10·(4 − s_b) + 2q·S_b = 1440 and 2220 bytes: x holds neither
     assert costs.memory_need.tolist() == [1440.0, 2220.0]
     assert np.isinf(lat[0]).all()
-    assert lat[1].tolist() == [16.0 + 500.0 / 1e3, 12.0 + 700.0 / 1e3]
+    assert lat[1].tolist() == pytest.approx([16.0 + 4 / 3 * 500.0 / 1e3, 12.0 + 4 / 3 * 700.0 / 1e3])
     assert np.isinf(latency(costs, np.array([0.0, 0.0]))).all()  # no share, no block

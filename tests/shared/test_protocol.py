@@ -47,6 +47,8 @@ def every_message() -> list:
         DataShard(id=4, sha256=SHA),
         DataReady(reply_to=4, data=DataSummary(source="shard", examples=8, label_shares={"a": 1.0}, sha256=SHA)),
         StartRound(id=5, round=3, program=SHA, k=10, lr=0.1, eps=1e-3, seed=7, b_size=3, b=encode_f32(B)),
+        StartRound(id=9, round=4, program=SHA, k=10, lr=0.1, eps=1e-3, seed=7, b_size=3, b=encode_f32(B),
+                   link_bytes_per_s=1.25e4),
         StepMetrics(metrics=(Metric(seq=11, step=_step(1)), Metric(seq=12, step=_step(2))), simulated="pi4-4gb"),
         RoundDone(seq=13, round=3, program=SHA, device="pi4-a", steps=10, stopped=False, block_offset=1,
                   block_size=2, b_block=encode_f32(B[1:]), seconds=4.5, mean_loss=0.68, resumed_at=4),
@@ -145,6 +147,27 @@ def test_each_kind_of_bad_binary_frame_is_a_named_protocol_error() -> None:
         decode_chunk(bytes(other_version))
     with pytest.raises(ProtocolError, match="limit is"):
         Chunk(sha256=SHA, offset=0, total=CHUNK_BYTES + 1, data=bytes(CHUNK_BYTES + 1))
+
+
+START_ROUND = (f'{{"type": "start_round", "v": 1, "id": 1, "round": 0, "program": "{SHA}", "k": 1, "lr": 0.1, '
+               f'"eps": 0.01, "seed": 0, "b_size": 3, "b": "{encode_f32(B)}"')
+
+
+def test_a_start_round_without_an_allotted_rate_is_unpaced_and_one_with_a_rate_carries_it() -> None:
+    # an older desktop's frame has no link_bytes_per_s at all
+    assert decode(START_ROUND + "}").link_bytes_per_s is None
+    assert decode(START_ROUND + ', "link_bytes_per_s": null}').link_bytes_per_s is None
+    assert decode(START_ROUND + ', "link_bytes_per_s": 2500}').link_bytes_per_s == 2500.0
+
+
+@pytest.mark.parametrize("rate", ["0", "-3.5", "NaN", "Infinity", "-Infinity"])
+def test_an_allotted_rate_that_is_not_finite_and_positive_is_a_named_protocol_error(rate: str) -> None:
+    with pytest.raises(ProtocolError, match=r"StartRound\.link_bytes_per_s: expected a finite positive number") as caught:
+        decode(START_ROUND + f', "link_bytes_per_s": {rate}}}')
+    assert caught.value.code == "bad_frame"
+    with pytest.raises(ProtocolError, match=r"StartRound\.link_bytes_per_s"):
+        StartRound(id=1, round=0, program=SHA, k=1, lr=0.1, eps=0.01, seed=0, b_size=3, b=encode_f32(B),
+                   link_bytes_per_s=float(rate))
 
 
 def test_values_are_checked_when_messages_are_built_in_code_too() -> None:

@@ -31,6 +31,14 @@ def test_the_bench_writes_every_figure_from_the_runs_it_made(tiny_model_dir, tin
     devices = {row["device"] for row in results["plan"] if row["block"]}  # the tiny job has 2 layers: 2 blocks
     assert len(results["prediction"]) == 2 * len(devices)
     assert results["worst_prediction_error"] == max(row["error"] for row in results["prediction"])
+    # each row holds the round's parts beside the plan's (both runs paced at their plan's shares)
+    for row in results["prediction"] + results["random_prediction"]:
+        assert row["measured_comm_s"] == pytest.approx(row["measured_download_s"] + row["measured_upload_s"])
+        assert row["measured_comm_s"] + row["measured_compute_s"] == pytest.approx(row["measured_s"])
+        assert row["predicted_comm_s"] + row["predicted_compute_s"] == pytest.approx(row["predicted_s"])
+        assert 0 < row["share"] <= 1
+    assert len(results["random_prediction"]) == len({row["device"] for row in results["random_plan"] if row["block"]})
+    assert math.isfinite(results["worst_comm_error"]) and math.isfinite(results["random_worst_comm_error"])
     assert math.isclose(results["gain_vs_equal_random"], 1 - results["plan_round_s"] / results["random_round_s"])
     assert len(results["accuracy_per_round"]) == 2
     compute = results["measured_compute"]

@@ -1,9 +1,11 @@
 """bench e2e's prediction table: the cost model's compute for the steps each round actually ran."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from desktop.bench.e2e import add_compute_at_round_mix
+from desktop.bench.e2e import add_compute_at_round_mix, worst_error_at_round_mix
 from desktop.engine.events import Assignment, PlanView
 from shared.profiles import DeviceProfile, LengthTimes
 
@@ -34,3 +36,13 @@ def test_a_round_is_priced_at_the_lengths_its_steps_ran() -> None:
     got = [row["predicted_compute_at_round_mix_s"] for row in table]
     assert got[:3] == pytest.approx([3 * 4.0 + 7.5, 2 * 3.0, 2 * 5.5])
     assert got[3] is None
+
+
+def test_the_error_at_the_round_mix_takes_comm_plus_that_compute() -> None:
+    # prepare: two rows priced at their round's mix, one not priced (its plan had no block for it)
+    table = [{"measured_s": 10.0, "predicted_comm_s": 2.0, "predicted_compute_at_round_mix_s": 7.0},
+             {"measured_s": 4.0, "predicted_comm_s": 1.0, "predicted_compute_at_round_mix_s": 4.0},
+             {"measured_s": 3.0, "predicted_comm_s": 1.0, "predicted_compute_at_round_mix_s": None}]
+    # execute / assert: |10 - 9| / 10 = 0.1 and |4 - 5| / 4 = 0.25; the unpriced row is left out
+    assert worst_error_at_round_mix(table) == pytest.approx(0.25)
+    assert math.isnan(worst_error_at_round_mix(table[2:]))

@@ -22,10 +22,11 @@ import pytest
 from desktop.engine import Engine, EngineConfig, JobSpec
 from desktop.engine.engine import LEFT_ALONE
 from desktop.engine.events import (
-    DeviceError, DeviceLost, DeviceSeen, DeviceStatus, Notice, PlanMade, StepReceived,
+    DeviceError, DeviceLost, DeviceRoundDone, DeviceSeen, DeviceStatus, Notice, PlanMade, StepReceived,
 )
 from shared.blocks import block_span, check_cover
 from shared.events import Round, Step, read_events
+from shared.protocol import encode_f32
 
 ROOT = Path(__file__).resolve().parents[3]
 ROUNDS, K = 2, 3
@@ -93,6 +94,16 @@ def test_two_agents_found_by_zeroconf_train_rounds_and_the_adapter_loads_in_peft
     check_cover(layout, [block_span(layout, a.first_layer, a.last_layer) for a in plan.active()])
     assert len(plan.active()) == 2
     assert all(a.profile.startswith("measured") for a in plan.assignments)
+    # each StartRound went at the device's share of the link it was profiled with: the agent could not take
+    # the round before that pace had carried b (a lower bound on one clock; no upper bound on a shared machine)
+    b_bytes = len(encode_f32(np.zeros(engine.manifest.b_size, np.float32)))
+    done = [e for e in events if isinstance(e, DeviceRoundDone)]
+    assert len(done) == len(labels) * ROUNDS
+    for e in done:
+        share = next(a.share for a in plan.assignments if a.device == e.device)
+        assert 0 < share < 1
+        assert e.download_s >= b_bytes / (share * engine._devices[e.device].profile.link_bytes_per_s)
+        assert e.download_s + e.seconds + e.upload_s == pytest.approx(e.measured_round_s)
     saved = json.loads((run / "plan.json").read_text())
     assert saved["current"]["round_s"] == pytest.approx(plan.round_s)
     assert set(json.loads((run / "profiles.json").read_text())) == {d.key for d in engine._devices.values()
