@@ -7,11 +7,17 @@ did.
 """
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import pytest
 
 from desktop.engine.local import LocalAgent
+
+
+# One pairing token per test session: other test runs on the same machine advertise their agents
+# on 127.0.0.1 too, and with a token every run shared, their engines paired with ours.
+TOKEN = f"test-token-{secrets.token_hex(4)}"
 
 
 class Agents:
@@ -21,7 +27,7 @@ class Agents:
         self.root = root
         self.started: list[LocalAgent] = []
 
-    def start(self, name: str, simulate: str | None = None, token: str = "test-token",
+    def start(self, name: str, simulate: str | None = None, token: str = TOKEN,
               advertise: bool = True, tls: bool = False) -> LocalAgent:
         args = ["--name", name, "--token", token, "--advertise" if advertise else "--no-advertise"]
         if simulate:

@@ -27,6 +27,7 @@ from desktop.engine.events import (
 from shared.blocks import block_span, check_cover
 from shared.events import Round, Step, read_events
 from shared.protocol import encode_f32
+from tests.desktop.engine.conftest import TOKEN
 
 ROOT = Path(__file__).resolve().parents[3]
 ROUNDS, K = 2, 3
@@ -38,7 +39,7 @@ def job(tiny_model_dir: Path, tiny_task: Path) -> JobSpec:
 
 def config(tiny_model_dir, tiny_task, export_cache, out: Path, **overrides) -> EngineConfig:
     settings = dict(job=job(tiny_model_dir, tiny_task), out=out, rounds=ROUNDS, local_steps=K,
-                    cache_dir=export_cache, token="test-token", mdns_interfaces=("127.0.0.1",), wait_s=120.0)
+                    cache_dir=export_cache, token=TOKEN, mdns_interfaces=("127.0.0.1",), wait_s=120.0)
     return EngineConfig(**{**settings, **overrides})
 
 
@@ -229,7 +230,7 @@ def test_a_desktop_killed_mid_run_resumes_from_the_last_merged_round_losing_noth
     run = tmp_path / "run"
     command = [sys.executable, "-m", "desktop.cli", "run", "--model", str(tiny_model_dir), "--task", str(tiny_task),
                "--layers", "0-1", "--seq", "32", "--q", "2", "--bs", "4", "--agent", one.address,
-               "--agent", two.address, "--token", "test-token", "--rounds", "3", "--local-steps", "6",
+               "--agent", two.address, "--token", TOKEN, "--rounds", "3", "--local-steps", "6",
                "--out", str(run), "--cache-dir", str(export_cache)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CI": "1"}
     with open(tmp_path / "desktop.log", "wb") as log:

@@ -7,6 +7,7 @@ per session into the shared cache).
 """
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from desktop.ui.app import Dashboard
 from desktop.ui.job_form import RunChoice
 from shared.events import Step, read_events
 
+# Per test session: another run's agents advertise on 127.0.0.1 too, and must not pair with ours.
+RIGHT_TOKEN = f"right-token-{secrets.token_hex(4)}"
 RUN_S = 300_000  # ms: a tiny run's time on a loaded 2-core machine, with its first export
 
 
@@ -28,7 +31,7 @@ def settings(tiny_job: JobSpec, export_cache: Path, out: Path, **overrides) -> E
 
 @pytest.fixture()
 def lab(tmp_path):
-    agents = LocalAgents(tmp_path / "agents", token="right-token")
+    agents = LocalAgents(tmp_path / "agents", token=RIGHT_TOKEN)
     try:
         yield agents
     finally:
@@ -87,7 +90,7 @@ def test_an_agent_on_loopback_gets_a_card_and_a_wrong_token_is_said_on_that_card
     qtbot.waitUntil(lambda: "wrong pairing token" in card.error.text().lower()
                     and "check the token" in card.error.text().lower(), timeout=10_000)
     assert "#a1120b" in card.styleSheet() and not card.pair_row.isHidden()
-    card.token.setText("right-token")
+    card.token.setText(RIGHT_TOKEN)
     card.pair_button.click()
     qtbot.waitUntil(lambda: dashboard.window.model.state.devices[device].status == "paired", timeout=30_000)
     qtbot.waitUntil(lambda: card.error.isHidden() and card.pair_row.isHidden(), timeout=10_000)
@@ -97,7 +100,7 @@ def test_what_real_agents_stream_is_what_the_plots_draw(
         lab, dashboards, qtbot, tiny_job, export_cache, tmp_path) -> None:
     # prepare: two simulated devices of different classes, paired with their token
     lab.start([("plot-laptop", "laptop"), ("plot-phone", "midrange-phone")])
-    config = settings(tiny_job, export_cache, tmp_path / "run", token="right-token", devices=2,
+    config = settings(tiny_job, export_cache, tmp_path / "run", token=RIGHT_TOKEN, devices=2,
                       zero_shot=True)
     dashboard = dashboards(config, lobby=False)
     window = dashboard.window
@@ -127,7 +130,7 @@ def test_a_device_killed_mid_round_turns_red_and_the_plan_view_shows_the_replan(
     # prepare: two devices; the phone is killed at its first step
     laptop, phone = lab.start([("lost-laptop", "laptop"), ("lost-phone", "midrange-phone")])
     # rounds of 300 tiny steps (seconds): the kill lands mid-round, not after the phone's round is done
-    config = settings(tiny_job, export_cache, tmp_path / "run", token="right-token", devices=2,
+    config = settings(tiny_job, export_cache, tmp_path / "run", token=RIGHT_TOKEN, devices=2,
                       rounds=2, local_steps=300, patience_s=1.0)
     dashboard = dashboards(config, lobby=False)
     window = dashboard.window
@@ -160,12 +163,13 @@ def test_an_agent_added_by_address_with_its_token_gets_one_paired_card(lab, dash
     dashboard = dashboards(lobby, lobby=True)
     window = dashboard.window
     # execute: the operator types its address with the token it printed
-    window.devices.address.setText(f"right-token@{agent.address}")
+    window.devices.address.setText(f"{RIGHT_TOKEN}@{agent.address}")
     window.devices.add_button.click()
     # assert: one card, named by the agent once it said who it is, paired
     qtbot.waitUntil(lambda: any(v.name == "addr-phone" and v.status == "paired"
                                 for v in window.model.state.devices.values()), timeout=30_000)
-    qtbot.waitUntil(lambda: len(window.devices.cards) == 1
-                    and "addr-phone" in next(iter(window.devices.cards.values())).name.text(), timeout=10_000)
-    card = next(iter(window.devices.cards.values()))
+    # (one card for it: other cards can only be another test run's agents advertised on loopback)
+    mine = lambda: [c for c in window.devices.cards.values() if "addr-phone" in c.name.text()]  # noqa: E731
+    qtbot.waitUntil(lambda: len(mine()) == 1, timeout=10_000)
+    card = mine()[0]
     assert "added by address" in card.where.text() and "SIMULATED · midrange-phone" in card.badge.text()
