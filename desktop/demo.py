@@ -159,6 +159,9 @@ def _headless(config: EngineConfig) -> int:
     report = Path(config.out) / "report.md"
     if not report.exists():
         return code
+    if not (Path(config.out) / "metrics.jsonl").exists():  # stopped before any device trained a step
+        print("no dashboard picture: the run stopped before anything was trained", flush=True)
+        return code
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # no display: draw the window into memory
     try:
         from desktop.ui.app import render_end_state

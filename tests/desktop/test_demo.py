@@ -94,3 +94,25 @@ def test_the_demo_runs_in_an_offscreen_window_and_closing_it_stops_its_agents(
     assert seen["cards"] == sorted(name for name, _cls in LAB)
     assert sum(seen["plotted"].values()) == sum(1 for e in read_events(settings.out / "metrics.jsonl")
                                                 if isinstance(e, Step))
+
+
+def test_a_headless_demo_stopped_before_any_step_says_so_instead_of_drawing_a_picture(
+        monkeypatch, tmp_path, capsys) -> None:
+    # prepare: a run that Ctrl-C stopped during the export: a report, no metrics.jsonl
+    import desktop.demo as demo
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "report.md").write_text("# stopped\n")
+
+    async def stopped_run(engine, plain):
+        return 130
+
+    monkeypatch.setattr(demo, "Engine", lambda config: None)
+    monkeypatch.setattr("desktop.cli.run.drive", stopped_run)
+    # execute
+    code = demo._headless(demo.EngineConfig(job=JobSpec(), out=out))
+    # assert: the run's own exit code, a plain line, no picture, and the report left as it was
+    assert code == 130
+    assert "the run stopped before anything was trained" in capsys.readouterr().out
+    assert not (out / "dashboard.png").exists() and (out / "report.md").read_text() == "# stopped\n"
