@@ -230,8 +230,10 @@ def test_a_desktop_killed_mid_run_resumes_from_the_last_merged_round_losing_noth
     run = tmp_path / "run"
     command = [sys.executable, "-m", "desktop.cli", "run", "--model", str(tiny_model_dir), "--task", str(tiny_task),
                "--layers", "0-1", "--seq", "32", "--q", "2", "--bs", "4", "--agent", one.address,
-               "--agent", two.address, "--token", TOKEN, "--rounds", "3", "--local-steps", "6",
+               "--agent", two.address, "--token", TOKEN, "--rounds", "3", "--local-steps", "60",
                "--out", str(run), "--cache-dir", str(export_cache)]
+    # 60 tiny steps a round, so round 2 lasts long enough for the kill to land in it: with 6, round 2
+    # was sometimes merged in the 50 ms between two looks at the file (a clean-clone run saw [1, 2])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CI": "1"}
     with open(tmp_path / "desktop.log", "wb") as log:
         desktop = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
@@ -263,6 +265,6 @@ def test_a_desktop_killed_mid_run_resumes_from_the_last_merged_round_losing_noth
     assert after[:len(before)] == before
     steps = steps_in(run / "metrics.jsonl")
     assert len(steps) == len(set(steps))
-    assert steps_per_round(run / "metrics.jsonl") == {(d, r): 6 for d in ("r-laptop", "r-pi") for r in (1, 2, 3)}
+    assert steps_per_round(run / "metrics.jsonl") == {(d, r): 60 for d in ("r-laptop", "r-pi") for r in (1, 2, 3)}
     assert [r.round for r in rounds_in(run / "metrics.jsonl")] == [1, 2, 3]
     assert "resuming" in resumed.stdout and (run / "adapter" / "adapter_model.safetensors").exists()
