@@ -185,6 +185,16 @@ def _positive(value: float, where: str, allow_zero: bool = False) -> None:
         raise InputError(f"{where} must be {need}, got {value!r}")
 
 
+def _check_layer_fields(times: DeviceProfile | LengthTimes, at: str) -> None:
+    """``layer_s_bs`` and ``layer_s_wide`` of a profile or of one of its lengths: non-empty, each ≥ 0."""
+    for fname in ("layer_s_bs", "layer_s_wide"):
+        values = getattr(times, fname)
+        if len(values) == 0:
+            raise InputError(f"{at}: field '{fname}' is empty")
+        for i, t in enumerate(values):
+            _positive(t, f"{at}: {fname}[{i}]", allow_zero=True)
+
+
 def check_device(device: DeviceProfile, where: str = "") -> None:
     """Check one profile on its own.
 
@@ -194,12 +204,7 @@ def check_device(device: DeviceProfile, where: str = "") -> None:
     at = where or f"device {device.name!r}"
     if not device.name:
         raise InputError(f"{at}: field 'name' is empty")
-    for fname in ("layer_s_bs", "layer_s_wide"):
-        times = getattr(device, fname)
-        if len(times) == 0:
-            raise InputError(f"{at}: field '{fname}' is empty")
-        for i, t in enumerate(times):
-            _positive(t, f"{at}: {fname}[{i}]", allow_zero=True)
+    _check_layer_fields(device, at)
     _positive(device.head_s, f"{at}: head_s", allow_zero=True)
     _positive(device.memory_bytes, f"{at}: memory_bytes")
     _positive(device.link_bytes_per_s, f"{at}: link_bytes_per_s")
@@ -211,12 +216,7 @@ def check_device(device: DeviceProfile, where: str = "") -> None:
         tat = f"{at}: at_lengths[{i}] (T={times.seq_len})"
         if not isinstance(times.seq_len, int) or isinstance(times.seq_len, bool) or times.seq_len < 1:
             raise InputError(f"{tat}: seq_len must be an integer >= 1")
-        for fname in ("layer_s_bs", "layer_s_wide"):
-            values = getattr(times, fname)
-            if len(values) == 0:
-                raise InputError(f"{tat}: field '{fname}' is empty")
-            for j, t in enumerate(values):
-                _positive(t, f"{tat}: {fname}[{j}]", allow_zero=True)
+        _check_layer_fields(times, tat)
         _check_times(times.layer_s_bs, times.layer_s_wide, tat)
     if device.measurement is not None and device.measurement.probe_format != PROBE_FORMAT:
         raise InputError(f"{at}: measured with probe format {device.measurement.probe_format}, this deftly "
