@@ -30,6 +30,12 @@ from shared.probe import PROBE_SUFFIX, ProbeManifest
 from shared.protocol import ProtocolError
 from device_agent.store import FileStore
 
+# Of the memory free when a program loads, the share its resident methods may take (see
+# `resident_methods_budget`): a quarter is left to the device's other work and the methods'
+# workspaces. SmolLM2 fp32 on lab3's 2.5 GiB phone: ~300 MB held, ~520 MB a method, so
+# both of a program's methods stay (budget ~2.1 GB, ~1.7 GB used).
+RESIDENT_METHODS_SHARE_OF_FREE = 0.75
+
 log = logging.getLogger("deftly.agent.programs")
 REQUIRED_ROLES = ("weights",)  # beside its methods' .pte files, what a device needs; data, lora_a stay on the desktop
 MANIFEST_NAME = "program.manifest.json"
@@ -148,15 +154,27 @@ def measure_device(probe_manifest: Path, name: str, link_bytes_per_s: float, clo
         raise ProtocolError(str(exc), code="not_a_program") from None
 
 
-def load_program(view_manifest: Path, manifest: Manifest, one_thread: bool) -> Any:
+def resident_methods_budget(resident_bytes: float, free_bytes: float) -> float:
+    """The memory a program may keep methods resident in: what the process holds plus
+    ``RESIDENT_METHODS_SHARE_OF_FREE`` of what is free (the rest is left to the device's other
+    work and to the methods' workspaces). One method is always kept, whatever the budget."""
+    return resident_bytes + RESIDENT_METHODS_SHARE_OF_FREE * max(free_bytes, 0.0)
+
+
+def load_program(view_manifest: Path, manifest: Manifest, one_thread: bool,
+                 memory_cap_bytes: float | None = None) -> Any:
     """Open the program and check its ``step`` signature against the manifest.
 
     Args:
         view_manifest: the manifest in its view (:func:`program_view`).
         one_thread: run ExecuTorch's kernels on the calling thread only (a simulated device).
+        memory_cap_bytes: the device's memory (a simulated device's cap); None: this
+            machine's available memory is what is free.
 
     Returns:
-        A ``device_agent.program.Program`` (one resident method at a time).
+        A ``device_agent.program.Program`` that keeps its methods (one per length
+        bucket) resident within :func:`resident_methods_budget`, so that switching
+        lengths does not reload the model.
 
     Raises:
         ProtocolError: not_a_program (the runtime cannot load it), wrong_model (the
@@ -183,7 +201,13 @@ def load_program(view_manifest: Path, manifest: Manifest, one_thread: bool) -> A
                                 f"{takes.get(index)}, its manifest (model {manifest.model_id}) says {shape}: the "
                                 f"manifest was written for another model or block", code="wrong_model")
     del native_program
+    import psutil
+
+    process = psutil.Process()
+    resident = float(process.memory_info().rss)
+    free = (memory_cap_bytes - resident) if memory_cap_bytes is not None else float(psutil.virtual_memory().available)
     try:
-        return Program(view_manifest, verify=False, max_resident_methods=1)
+        return Program(view_manifest, verify=False, memory_budget_bytes=resident_methods_budget(resident, free),
+                       resident_bytes=lambda: float(process.memory_info().rss))
     except InputError as exc:
         raise ProtocolError(str(exc), code="not_a_program") from None

@@ -169,6 +169,39 @@ def test_a_bounded_program_releases_the_least_recently_used_method_and_computes_
             np.testing.assert_array_equal(g, w)
 
 
+@pytest.mark.parametrize("budget, most_resident", [(125.0, 2), (115.0, 1), (1e9, 3)])
+def test_a_memory_budget_keeps_methods_resident_while_one_more_fits(tiny_program, budget, most_resident) -> None:
+    # prepare: a resident-memory reading of 100 bytes plus 10 per loaded method
+    holder: list[Program] = []
+    bounded = Program(tiny_program.pte, memory_budget_bytes=budget,
+                      resident_bytes=lambda: 100.0 + 10.0 * len(holder[0].resident_methods))
+    holder.append(bounded)
+    data = bounded.load_data()
+    train = data["train"]
+    b = np.zeros(bounded.b_size, dtype=np.float32)
+    short, long = np.flatnonzero(train.lengths <= 16)[:4], np.flatnonzero(train.lengths > 16)[:4]
+    seen = []
+    # execute: three methods in turn, then the first again
+    for method, rows in [("eval_t16", short), ("eval", long), ("eval_t16", short)]:
+        bounded.class_logits(train.input_ids[rows], train.lengths[rows], b)
+        seen.append(list(bounded.resident_methods))
+    z = np.zeros((bounded.q, bounded.b_size), dtype=np.float32)
+    bounded.step(train.input_ids[long], train.lengths[long], train.labels[long], b, z, 0.05, 1e-2)
+    seen.append(list(bounded.resident_methods))
+    # assert: a method stays while one more (10 bytes) fits the budget; the least recently used goes first
+    assert max(len(s) for s in seen) == min(most_resident, 3)
+    assert seen[-1][-1] == "step" and seen[2][-1] == "eval_t16"
+    if most_resident == 2:
+        assert seen == [["eval_t16"], ["eval_t16", "eval"], ["eval", "eval_t16"], ["eval_t16", "step"]]
+    if most_resident == 1:
+        assert seen == [["eval_t16"], ["eval"], ["eval_t16"], ["step"]]
+
+
+def test_a_memory_budget_without_a_resident_reading_is_refused(tiny_program) -> None:
+    with pytest.raises(InputError, match="needs a way to read resident memory"):
+        Program(tiny_program.pte, memory_budget_bytes=1e9)
+
+
 def test_a_resident_bound_below_one_is_refused(tiny_program) -> None:
     with pytest.raises(InputError, match="max_resident_methods must be at least 1"):
         Program(tiny_program.pte, max_resident_methods=0)
