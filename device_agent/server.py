@@ -516,7 +516,8 @@ class Agent:
                                         f"the {self.info.simulated} has {self.memory_cap / 2**20:.0f} MiB",
                                         code="memory")
             started = time.perf_counter()
-            self._program = (request.program, load_program(view_manifest, manifest, one_thread=self.config.simulate is not None))
+            self._program = (request.program, load_program(view_manifest, manifest, one_thread=self.config.simulate is not None,
+                                                             memory_cap_bytes=self.memory_cap))
             log.info("loaded program %s (%s) in %.2f s", manifest.method_files["step"], manifest.model_id,
                      time.perf_counter() - started)
         data = self._shard or self._private.for_program(manifest, self._tokenizer(view_manifest, manifest))
@@ -558,13 +559,17 @@ class Agent:
                     if control.stop:
                         break
                 event = await self._in_worker(runner.step, state)
+                if pacer is not None:
+                    # The simulated device finishes its step when its clock says, and only then reports
+                    # it: sent earlier, the desktop would see the step end before the round's time did,
+                    # and count the wait after the round's last step as upload time.
+                    await pacer.after_step(event.seconds)
+                    event = dataclasses.replace(event, ended_at=time.time())
                 self._emit(event)
                 if self.memory_cap is not None and (event.peak_rss_mb or 0) * 2**20 > self.memory_cap:
                     raise ProtocolError(f"round {request.round}: the agent reached {event.peak_rss_mb:.0f} MiB, over "
                                         f"the {self.info.simulated}'s {self.memory_cap / 2**20:.0f} MiB",
                                         code="memory")
-                if pacer is not None:
-                    await pacer.after_step(event.seconds)
             block = runner.block_b
             done = self.outbox.add_round(lambda seq: RoundDone(
                 seq=seq, round=request.round, program=request.program, device=self.info.name, steps=state.step,

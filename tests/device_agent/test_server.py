@@ -527,6 +527,32 @@ def test_a_simulated_device_refuses_a_program_over_its_memory_and_its_link_holds
     assert "round 0 failed: memory" in agent.log()
 
 
+def test_a_simulated_slow_device_reports_its_last_step_when_its_clock_has_run_it(agents, agent_program,
+                                                                                tmp_path) -> None:
+    slow = tmp_path / "slow.toml"
+    slow.write_text('[[class]]\nname = "slow-board"\ndescription = "200x slower than one host core"\n'
+                    'compute_factor = 200\nmemory_gib = 8\nlink_mbit_s = 1000\ncores = 1\n')
+    agent = agents("--simulate", f"{slow}:slow-board")
+    heard: list[tuple[float, float]] = []  # (loop time a metric arrived, its step's simulated seconds)
+    loop_time = lambda: asyncio.get_running_loop().time()  # noqa: E731
+
+    async def go() -> float:
+        async with client(agent, on_metric=lambda m: heard.append((loop_time(), m.step.seconds))) as desk:
+            program = await desk.send_program(agent_program.manifest)
+            await desk.send_data_shard(agent_program.data)
+            await desk.run_round(0, program, np.zeros(B_SIZE, np.float32), k=3, lr=LR, eps=EPS)
+            return loop_time()
+
+    done_at = run(go())
+    # the agent holds each step back to the device's pace and only then reports it, so the round's block
+    # follows its last metric at once; reported before that wait, the block would trail it by the wait
+    # (nearly the whole simulated step, which the desktop would count as upload time)
+    assert len(heard) == 3
+    last_at, last_seconds = heard[-1]
+    assert last_seconds > 0.3  # the wait this test would see is long
+    assert done_at - last_at < 0.5 * last_seconds
+
+
 def test_a_profile_request_measures_the_device_with_the_probe_and_its_own_link(agents, tiny_probe, tmp_path) -> None:
     phone = tmp_path / "phone.toml"
     phone.write_text('[[class]]\nname = "phone"\ndescription = "a phone"\ncompute_factor = 1.5\nmemory_gib = 2\n'
