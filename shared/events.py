@@ -136,8 +136,11 @@ class Round:
     examples: int
     seconds: float
     measured_round_s: dict[str, float] = field(default_factory=dict)  # device -> its round, seconds
-    predicted_round_s: dict[str, float] = field(default_factory=dict)  # device -> the plan's prediction
+    # device -> its round as predicted when the round started: at the lengths its steps would run,
+    # calibrated by its earlier steps (desktop.engine.predict); a run before that wrote the plan's.
+    predicted_round_s: dict[str, float] = field(default_factory=dict)
     lost: list[str] = field(default_factory=list)  # devices whose round was lost
+    planned_round_s: dict[str, float] = field(default_factory=dict)  # device -> the plan's (every round alike)
     kind = "round"
 
 

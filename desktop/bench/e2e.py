@@ -109,6 +109,10 @@ async def one_run(addresses: list[str], job: JobSpec, out: Path, args: argparse.
 def prediction_table(rounds, plans, parts) -> list[dict]:
     """Per round and device: the measured round time and its parts beside the plan's prediction of each.
 
+    ``predicted_s`` is the engine's prediction made as the round started (the lengths the
+    round's steps would run, calibrated by the device's earlier steps: ``desktop.engine.predict``);
+    ``planned_s`` the plan's, the same every round.
+
     Args:
         rounds: the run's merged rounds (``shared.events.Round``).
         plans: the plans made (``PlanView``), in order: a round is predicted by the last one starting at or before it.
@@ -120,8 +124,11 @@ def prediction_table(rounds, plans, parts) -> list[dict]:
         by_name = {a.name: a for a in plan.assignments}
         for device, measured in sorted(r.measured_round_s.items()):
             predicted = r.predicted_round_s.get(device, math.nan)
+            planned = r.planned_round_s.get(device, math.nan)
             row = {"round": r.round, "device": device, "measured_s": measured, "predicted_s": predicted,
-                   "error": abs(measured - predicted) / measured if measured > 0 else math.nan}
+                   "error": abs(measured - predicted) / measured if measured > 0 else math.nan,
+                   "planned_s": planned,
+                   "error_vs_plan": abs(measured - planned) / measured if measured > 0 else math.nan}
             part, done = by_name.get(device), None
             if part is not None:
                 done = parts.get((r.round, part.device))
@@ -213,7 +220,9 @@ def draw(results: dict, path: Path) -> None:
         middle.plot([r["round"] for r in rows], [r["measured_s"] for r in rows], "o-", color=f"C{i}",
                     label=f"{device} measured")
         middle.plot([r["round"] for r in rows], [r["predicted_s"] for r in rows], "x--", color=f"C{i}",
-                    label=f"{device} predicted")
+                    label=f"{device} predicted at round start")
+        middle.plot([r["round"] for r in rows], [r["planned_s"] for r in rows], ":", color=f"C{i}", alpha=0.6,
+                    label=f"{device} plan")
     middle.set_xlabel("round")
     middle.set_ylabel("round time (s)")
     middle.set_title(f"predicted vs measured (worst error {100 * results['worst_prediction_error']:.1f} %)")
@@ -269,7 +278,10 @@ def run(args: argparse.Namespace) -> dict:
     coop_path = ROOT / "bench" / "results" / "coop.json"
     coop = json.loads(coop_path.read_text()) if coop_path.exists() else None
     results = {
+        # The engine's per-round prediction (made as each round started).
         "worst_prediction_error": max(row["error"] for row in table),
+        # The plan's one figure for every round (the job's expected mix of lengths, uncalibrated).
+        "worst_error_vs_plan": max(row["error_vs_plan"] for row in table),
         "prediction": table,
         "worst_comm_error": worst_comm_error(table),  # the paced transfers against the plan's comm
         # The cost model alone: the plan's comm plus its compute for the lengths each round ran.

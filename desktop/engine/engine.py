@@ -72,6 +72,10 @@ from desktop.engine.exports import ExportRequest, ExportResult, block_key, run_e
 from desktop.engine.job import JobSpec
 from desktop.engine.planning import POLICIES, fleet_names, make_plan
 from desktop.engine.rundir import DeviceRecord, LossRecord, RunDir, RunRecord, RunSettings
+from device_agent.trainer import step_lengths
+from desktop.engine.predict import (
+    Calibration, TrainerPosition, lengths_of_round, predicted_round_s, round_compute_s,
+)
 from desktop.engine.shards import shard_indices, shard_split, step_mix, write_shard
 from desktop.engine.state import EngineState
 from shared.blocks import BlockSpan, merge_b
@@ -207,6 +211,13 @@ class _Device:
     reprofile: bool = False
     connecting: bool = False
     resumed: bool = False  # known from the run's state: its round in flight may be running on it still
+    # Each round's prediction (desktop.engine.predict): where its trainer stands, what its steps
+    # measured against their prices, the lengths its trainer draws on its shard, this round's prices.
+    position: TrainerPosition = field(default_factory=TrainerPosition)
+    calibration: Calibration = field(default_factory=Calibration)
+    lengths: np.ndarray | None = None
+    step_s_at: dict[int, float] = field(default_factory=dict)
+    predicted_s: float | None = None
 
     @property
     def address(self) -> str:
@@ -692,6 +703,9 @@ class Engine:
             return  # from before this run, or a round this run no longer waits for: taken, not kept
         step = replace(metric.step, device=device.label)
         device.last_metric_at = self._loop.time()
+        if step.seq_len is not None:
+            device.calibration.observe(device.program_sha or "", step.seq_len, step.seconds,
+                                       device.step_s_at.get(int(step.seq_len)))
         if self.run_dir.write_events([step]):
             self.run_dir.flush_metrics()
             self._emit(StepReceived(step))
@@ -878,9 +892,32 @@ class Engine:
 
         train = self._data()["train"]
         splits = [load_splits(d.shard)["train"] if d.shard is not None else train for d in devices]
-        buckets = sorted(int(t) for t in self.manifest.eval_buckets) or [self.manifest.seq_len]
-        return step_mix(splits, buckets, self.manifest.batch_size, self.config.rounds * self.config.local_steps,
+        return step_mix(splits, self._buckets(), self.manifest.batch_size, self.config.rounds * self.config.local_steps,
                         seed=self.config.seed, batches=self.manifest.batches)
+
+    def _buckets(self) -> list[int]:
+        """The lengths the programs' steps run at: the shorter buckets and the full length."""
+        return sorted(int(t) for t in self.manifest.eval_buckets) or [self.manifest.seq_len]
+
+    def _predict_round(self, device: _Device, part: Assignment, r: int) -> float:
+        """The device's round r, predicted at the lengths its trainer draws next (desktop.engine.predict)."""
+        from shared.costmodel import length_step_times
+        from shared.task_data import load_splits
+
+        layers, k = self.state.plan.layers, self.config.local_steps
+        full = self.manifest.seq_len
+        device.step_s_at = {t: float(length_step_times(device.profile, layers, None if t == full else t)
+                                     [part.first_layer]) for t in self._buckets()}
+        if device.shard is None or device.private_data:  # its rows are its own: the plan's expected step
+            return predicted_round_s(part.comm_s, part.compute_s, device.calibration)
+        position = device.position.at(device.program_sha, assumed=(r - 1) * k)
+        if device.lengths is None or len(device.lengths) < position + k:
+            device.lengths = step_lengths(load_splits(device.shard)["train"], self._buckets(),
+                                          self.manifest.batch_size, max(self.config.rounds * k, position + k),
+                                          seed=self.config.seed, batches=self.manifest.batches)
+        lengths = lengths_of_round(device.lengths, position, k)
+        compute = round_compute_s(lengths, device.step_s_at, device.step_s_at.get(full, part.compute_s / k))
+        return predicted_round_s(part.comm_s, compute, device.calibration)
 
     async def _export_blocks(self, plan: PlanView) -> None:
         """The plan's block programs (those of earlier plans are kept; the exporter takes the rest from its cache)."""
@@ -1031,7 +1068,9 @@ class Engine:
             self._zero_shot = None
         accuracy, examples = await asyncio.to_thread(self._validate, merged)
         event = Round(r, accuracy, examples, loop.time() - started, measured,
-                      {d.label: a.round_s for a, d in active if d.label in measured}, lost)
+                      {d.label: d.predicted_s if d.predicted_s is not None else a.round_s
+                       for a, d in active if d.label in measured}, lost,
+                      planned_round_s={d.label: a.round_s for a, d in active if d.label in measured})
         self.run_dir.write_events([event])
         self.run_dir.sync_metrics()
         self.b = merged
@@ -1051,6 +1090,7 @@ class Engine:
         manifest_path = self.programs[block_key(part.first_layer, part.last_layer)]
         device.round_number, device.program_sha = r, device.programs[str(manifest_path)]
         device.last_metric_at = device.done_at = None
+        device.predicted_s = self._predict_round(device, part, r)
         self._emit(DeviceStatus(device.key, "training", f"block {part.block}", round=r))
         settings = self.record.settings
         try:
@@ -1080,8 +1120,9 @@ class Engine:
             arrived = device.done_at or loop.time()
             upload = max(0.0, arrived - (device.last_metric_at or arrived))
             seconds = (accepted - sent) + done.seconds + upload
+            device.position.ran(device.program_sha, done.steps)
             self._emit(DeviceRoundDone(device.key, r, done.steps, done.seconds, seconds, done.mean_loss,
-                                       download_s=accepted - sent, upload_s=upload))
+                                       download_s=accepted - sent, upload_s=upload, predicted_s=device.predicted_s))
             self._emit(DeviceStatus(device.key, "ready", f"round {r} done", round=r))
             return done.b_block_array(), seconds
         finally:

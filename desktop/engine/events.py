@@ -189,6 +189,7 @@ class DeviceRoundDone:
     mean_loss: float | None = None
     download_s: float | None = None  # of measured_round_s: sending StartRound until the agent took it
     upload_s: float | None = None  # of measured_round_s: the last metric until the block arrived
+    predicted_s: float | None = None  # the round as predicted when it started (desktop.engine.predict)
     kind = "device_round_done"
 
 

@@ -35,7 +35,7 @@ def test_the_bench_writes_every_figure_from_the_runs_it_made(tiny_model_dir, tin
     for row in results["prediction"] + results["random_prediction"]:
         assert row["measured_comm_s"] == pytest.approx(row["measured_download_s"] + row["measured_upload_s"])
         assert row["measured_comm_s"] + row["measured_compute_s"] == pytest.approx(row["measured_s"])
-        assert row["predicted_comm_s"] + row["predicted_compute_s"] == pytest.approx(row["predicted_s"])
+        assert row["predicted_comm_s"] + row["predicted_compute_s"] == pytest.approx(row["planned_s"])
         assert 0 < row["share"] <= 1
     assert len(results["random_prediction"]) == len({row["device"] for row in results["random_plan"] if row["block"]})
     assert math.isfinite(results["worst_comm_error"]) and math.isfinite(results["random_worst_comm_error"])
@@ -45,5 +45,11 @@ def test_the_bench_writes_every_figure_from_the_runs_it_made(tiny_model_dir, tin
     assert {(row["round"], row["device"]) for row in compute} <= {(r, d) for r in (1, 2) for d in devices}
     assert all(row["steps"] == 2 == sum(row["steps_by_seq_len"].values()) for row in compute)
     assert all(row["predicted_compute_at_round_mix_s"] > 0 for row in results["prediction"])
+    assert results["worst_error_vs_plan"] == max(row["error_vs_plan"] for row in results["prediction"])
+    # round 1 is predicted before any step was seen (no calibration): the plan's comm plus the cost model's
+    # compute at the lengths the round then ran, which the bench prices from the steps' own records
+    for row in results["prediction"]:
+        if row["round"] == 1:
+            assert row["predicted_s"] == pytest.approx(row["predicted_comm_s"] + row["predicted_compute_at_round_mix_s"])
     served = results["served_test_accuracy"]
     assert served["examples"] > 0 and 0 <= served["with_bias"] <= 1 and 0 <= served["without_bias"] <= 1

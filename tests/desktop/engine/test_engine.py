@@ -25,6 +25,7 @@ from desktop.engine.events import (
     DeviceError, DeviceLost, DeviceRoundDone, DeviceSeen, DeviceStatus, Notice, PlanMade, StepReceived,
 )
 from shared.blocks import block_span, check_cover
+from shared.costmodel import length_step_times
 from shared.events import Round, Step, read_events
 from shared.protocol import encode_f32
 from tests.desktop.engine.conftest import TOKEN
@@ -105,6 +106,32 @@ def test_two_agents_found_by_zeroconf_train_rounds_and_the_adapter_loads_in_peft
         assert 0 < share < 1
         assert e.download_s >= b_bytes / (share * engine._devices[e.device].profile.link_bytes_per_s)
         assert e.download_s + e.seconds + e.upload_s == pytest.approx(e.measured_round_s)
+    # each round was predicted as it started: at the lengths its steps then ran, priced by the device's profile,
+    # and from round 2 on scaled by what its earlier steps measured over their prices (a length's first step,
+    # which loads that length's method, left out); the plan's one figure is kept beside it
+    full = engine.manifest.seq_len
+    for label in labels:
+        device = next(d for d in engine._devices.values() if d.label == label)
+        part = next(a for a in plan.assignments if a.name == label)
+
+        def price(t: int) -> float:
+            return float(length_step_times(device.profile, plan.layers, None if t == full else t)[part.first_layer])
+
+        ran = sorted((e for e in read_events(run / "metrics.jsonl") if isinstance(e, Step) and e.device == label),
+                     key=lambda e: e.step)
+        measured = priced = 0.0
+        loaded: set[int] = set()
+        for r in merged:
+            this_round = [e for e in ran if e.round == r.round]
+            factor = measured / priced if priced > 0 else 1.0
+            assert r.planned_round_s[label] == pytest.approx(part.round_s)
+            assert r.predicted_round_s[label] == pytest.approx(
+                part.comm_s + factor * sum(price(e.seq_len) for e in this_round))
+            for e in this_round:
+                if e.seq_len in loaded:
+                    measured, priced = measured + e.seconds, priced + price(e.seq_len)
+                loaded.add(e.seq_len)
+    assert {e.predicted_s for e in done} == {r.predicted_round_s[d] for r in merged for d in r.predicted_round_s}
     saved = json.loads((run / "plan.json").read_text())
     assert saved["current"]["round_s"] == pytest.approx(plan.round_s)
     assert set(json.loads((run / "profiles.json").read_text())) == {d.key for d in engine._devices.values()
