@@ -97,6 +97,8 @@ class DeviceView:
     step_s: Series = field(default_factory=Series)
     rss_mb: Series = field(default_factory=Series)
     measured_round_s: dict[int, float] = field(default_factory=dict)  # round -> seconds
+    # round -> seconds, as the engine predicted the round when it started (desktop.engine.predict)
+    round_predicted_s: dict[int, float] = field(default_factory=dict)
     error: str | None = None  # the last error, in plain words
     advice: str = ""
     seen_by_mdns: bool = False
@@ -255,12 +257,22 @@ def _device_round(state: EngineState, event: DeviceRoundDone) -> None:
     view = state.devices.get(event.device)
     if view is not None:
         view.measured_round_s[event.round] = event.measured_round_s
+        if event.predicted_s is not None:
+            view.round_predicted_s[event.round] = event.predicted_s
 
 
 def _merged(state: EngineState, event: RoundMerged) -> None:
     state.round = max(state.round, event.round.round)  # round 0 (the untrained adapter) lands during round 1
     state.accuracy.append((event.round.round, event.round.accuracy))
     state.round_seconds.append((event.round.round, event.round.seconds))
+    # The round's line holds every device's measured and predicted time: a replay has no other source.
+    for name, seconds in event.round.measured_round_s.items():
+        view = state.device_named(name)
+        if view is not None:
+            view.measured_round_s[event.round.round] = seconds
+            predicted = event.round.predicted_round_s.get(name)
+            if predicted is not None:
+                view.round_predicted_s[event.round.round] = predicted
 
 
 def _lost(state: EngineState, event: DeviceLost) -> None:

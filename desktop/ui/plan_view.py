@@ -247,7 +247,9 @@ class PlanPanel(QWidget):
             measured = None
             if view is not None and view.measured_round_s:
                 last = max(view.measured_round_s)
-                measured = f"{view.measured_round_s[last]:.2f} (round {last})"
+                predicted = view.round_predicted_s.get(last)
+                measured = (f"{view.measured_round_s[last]:.2f} (round {last}"
+                            + (f", predicted {predicted:.2f})" if predicted is not None else ")"))
             lost = view is not None and view.status == "lost"
             memory = f"{a.memory_bytes / 2**30:.2f} / {a.memory_limit_bytes / 2**30:.1f} GiB" if a.block else "-"
             cells = (a.name + (" (lost)" if lost else ""), a.block or "idle",

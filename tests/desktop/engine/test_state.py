@@ -110,6 +110,19 @@ def test_steps_tagged_with_the_plans_name_of_a_device_reach_its_series() -> None
     assert state.device_named("ID-A") is state.devices["id-a"]
 
 
+def test_a_merged_round_gives_each_device_its_measured_and_predicted_round_as_a_replay_needs() -> None:
+    # a replay has only metrics.jsonl's Round lines (no DeviceRoundDone): they name devices as the plan does
+    state = EngineState()
+    state.apply(DeviceSeen("id-a", "pi", "h:1", "mdns"))
+    state.apply(DeviceSeen("id-b", "phone", "h:2", "mdns"))
+    state.apply(PlanMade(plan("id-a", "id-b")))
+    state.apply(RoundMerged(Round(1, 0.8, 20, 3.0, {"ID-A": 2.5, "ID-B": 3.0}, {"ID-A": 2.25}, [],
+                                  planned_round_s={"ID-A": 1.1, "ID-B": 1.1})))
+    a, b = state.devices["id-a"], state.devices["id-b"]
+    assert (a.measured_round_s, a.round_predicted_s) == ({1: 2.5}, {1: 2.25})
+    assert (b.measured_round_s, b.round_predicted_s) == ({1: 3.0}, {})
+
+
 def test_a_device_added_by_address_keeps_one_entry_once_its_id_is_known() -> None:
     state = EngineState()
     state.apply(DeviceSeen("10.0.0.2:8765", "10.0.0.2:8765", "10.0.0.2:8765", "address"))

@@ -150,3 +150,21 @@ def test_export_progress_shows_with_time_left_while_devices_are_found_and_goes_w
     assert "1 min 05 s so far, about 1 min 37 s left" in bar.label.text() and bar.bar.value() == 400
     now[0] += EXPORT_QUIET_S + 1  # the exporter went quiet: its programs are done
     qtbot.waitUntil(lambda: not bar.isVisible(), timeout=5_000)
+
+
+def test_after_a_round_the_plan_table_shows_each_devices_measured_round_beside_its_prediction(
+        window, lab_events, qtbot) -> None:
+    # the Round line alone, as a replay of metrics.jsonl has it: devices named as the plan names them
+    names = [name for name, _cls in LAB.values()]
+    measured = {name: 20.0 + i for i, name in enumerate(names)}
+    window.apply_events(lab_events + [RoundMerged(Round(1, 0.8, 200, 30.0, measured, {names[0]: 19.5}, []))])
+    column = [window.plan.table.horizontalHeaderItem(c).text() for c in range(window.plan.table.columnCount())].index(
+        "measured s")
+
+    def cell(name: str) -> str:
+        row = next(r for r in range(window.plan.table.rowCount()) if window.plan.table.item(r, 0).text() == name)
+        return window.plan.table.item(row, column).text()
+
+    qtbot.waitUntil(lambda: cell(names[0]) != "-")
+    assert cell(names[0]) == "20.00 (round 1, predicted 19.50)"
+    assert cell(names[1]) == "21.00 (round 1)"
