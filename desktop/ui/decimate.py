@@ -44,16 +44,23 @@ def decimate(x: np.ndarray, y: np.ndarray, x0: float, width: float) -> np.ndarra
     new_run[0] = True
     np.not_equal(column[1:], column[:-1], out=new_run[1:])
     starts = np.flatnonzero(new_run)  # [r]
-    run = np.cumsum(new_run) - 1  # [m] each point's run
-    lowest = _first_hit(values == np.minimum.reduceat(values, starts)[run], run)  # [r]
-    highest = _first_hit(values == np.maximum.reduceat(values, starts)[run], run)  # [r]
-    return np.unique(np.concatenate([at[lowest], at[highest], np.flatnonzero(~finite)]))
+    lengths = np.diff(np.append(starts, len(at)))  # [r]
+    lowest = _first_hit(values == np.repeat(np.minimum.reduceat(values, starts), lengths), column)  # [r]
+    highest = _first_hit(values == np.repeat(np.maximum.reduceat(values, starts), lengths), column)  # [r]
+    keep = ~finite  # [n] (a mask, not np.unique: sorting the indices cost a third of the call)
+    keep[at[lowest]] = True
+    keep[at[highest]] = True
+    return np.flatnonzero(keep)
 
 
-def _first_hit(hit: np.ndarray, run: np.ndarray) -> np.ndarray:
-    """Per run (each has at least one hit), the position of its first hit. ``hit``, ``run``: [m]."""
+def _first_hit(hit: np.ndarray, column: np.ndarray) -> np.ndarray:
+    """Per run (each has at least one hit), the position of its first hit. ``hit``, ``column``: [m].
+
+    Two hits in a row belong to different runs exactly when their columns differ: every run has
+    a hit, so hits of two runs in a row are of neighbouring runs, which are of different columns.
+    """
     positions = np.flatnonzero(hit)
     first = np.empty(len(positions), dtype=bool)
     first[0] = True
-    np.not_equal(run[positions[1:]], run[positions[:-1]], out=first[1:])
+    np.not_equal(column[positions[1:]], column[positions[:-1]], out=first[1:])
     return positions[first]

@@ -55,7 +55,7 @@ def test_a_following_plot_draws_two_points_a_pixel_and_a_zoomed_one_clips_to_its
     window.live.redraw()
     x, y = window.live.plotted(ids[0])
     assert len(y) == 3009 and y[3000] == 9.0  # the line holds every point; only the screen gets fewer
-    x_lo, x_hi, pixels, zoomed = plot.lines.layout()
+    x_lo, x_hi, pixels, zoomed = plot.lines.view_layout()
     assert not zoomed and 3009 > 2 * pixels
     shown_x, shown_y = window.live.drawn(ids[0])
     assert len(shown_x) <= 2 * pixels + 2  # two points per pixel column at most
