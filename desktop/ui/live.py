@@ -259,12 +259,13 @@ class DeviceLines(pg.GraphicsObject):
         layout = self.view_layout()
         if layout == self._layout:
             return
+        was_zoomed = self._layout[3]
         self._layout = layout
         pixels = layout[2]
         for device, line in self.lines.items():
-            if line.built_for is not None or len(line.x) > 2 * pixels or layout[3]:
+            if line.built_for is not None or len(line.x) > 2 * pixels or self.zoomed:
                 self.stale[device] = None
-        if self.zoomed:  # the operator is looking: follow the view now, as pyqtgraph's clip to view does
+        if self.zoomed or was_zoomed:  # the operator is looking (or just let go): follow the view now
             self.rebuild_stale(math.inf)
             self.update()
 
@@ -319,17 +320,13 @@ class SeriesPlot:
         for device in devices:
             self.dirty.setdefault(device, None)
 
-    def _line(self, device: str) -> Line:
-        line = self.lines.lines.get(device)
-        if line is None:
-            lines = self.lines.lines
-            if len(lines) == THICK_UP_TO:  # the fleet outgrew thick lines: thin the ones drawn so far
-                for other in lines:
-                    self.lines.set_pen(other, pg.mkPen(self.model.colour(other), width=1))
-            width = 2 if len(lines) < THICK_UP_TO else 1
-            self.lines.add(device, pg.mkPen(self.model.colour(device), width=width))
-            line = lines[device]
-        return line
+    def _add_line(self, device: str) -> None:
+        """The device's line, in its colour (its pen made once: thick for a small fleet, thin past it)."""
+        lines = self.lines.lines
+        if len(lines) == THICK_UP_TO:  # the fleet outgrew thick lines: thin the ones drawn so far
+            for other in lines:
+                self.lines.set_pen(other, pg.mkPen(self.model.colour(other), width=1))
+        self.lines.add(device, pg.mkPen(self.model.colour(device), width=2 if len(lines) < THICK_UP_TO else 1))
 
     def _following(self, following: bool) -> None:
         """The operator zoomed or panned (False), or asked to follow again (True)."""
@@ -349,7 +346,8 @@ class SeriesPlot:
             del self.dirty[device]
             view = devices.get(device)
             if view is not None:
-                self._line(device)
+                if device not in self.lines.lines:
+                    self._add_line(device)
                 x, y = getattr(view, self.attribute).view()
                 bounds = self.lines.set_data(device, x, y)
                 if self.follow.cover(bounds):
@@ -561,7 +559,7 @@ class LivePlots(QWidget):
     def redraw(self) -> None:
         """Draw everything marked now, without a budget (a screenshot, a test's end state)."""
         for plot in self.series.values():
-            while plot.dirty:
+            while plot.pending:
                 plot.redraw(budget_ms=math.inf)
         self.accuracy.redraw()
         self._update_legend()

@@ -79,3 +79,5 @@ def test_a_following_plot_draws_two_points_a_pixel_and_a_zoomed_one_clips_to_its
     assert window.live.plotted(ids[0])[1][-1] == 0.5
     shown_x, shown_y = window.live.drawn(ids[0])
     assert shown_x[0] == 1.0 and (shown_x[-1], shown_y[-1]) == (3010.0, 0.5)
+    shown_x, _ = window.live.drawn(ids[1])  # no new point, but no longer clipped either
+    assert shown_x[0] == 1.0 and shown_x[-1] == 3000.0 and len(shown_x) <= 2 * pixels + 2
