@@ -339,7 +339,9 @@ class DevicesPanel(QWidget):
             if time.perf_counter() > deadline:
                 break
         self._dirty &= wanted_set  # a device without a card (gone from mDNS, never paired) waits for none
-        self.timer.setInterval(CREATING_MS if len(self.cards) < len(wanted) else REFRESH_MS)
+        interval = CREATING_MS if len(self.cards) < len(wanted) else REFRESH_MS
+        if self.timer.interval() != interval:  # (setting it restarts the timer)
+            self.timer.setInterval(interval)
         self.empty.setVisible(not self.cards)
         paired = sum(v.status not in UNPAIRED for v in state.devices.values())
         _text(self.title, f"<b>Devices</b> ({len(self.cards)} shown, {paired} paired)")
