@@ -328,11 +328,13 @@ class DevicesPanel(QWidget):
                 card = self.cards[device] = DeviceCard(device, self.model.colour(device))
                 card.pair_requested.connect(self.pair_requested)
                 self._list_layout.insertWidget(self._list_layout.count() - 1, card)
-                self._dirty.add(device)
                 added.add(device)
+        for device in added:  # a new card is filled at once, whatever the budget: out of view, it may wait long
+            self._dirty.discard(device)
+            self.cards[device].show_view(state.devices[device], state.local_steps, self.model.transfer_left_s(device))
         for device in [d for d in self._dirty if d in self.cards]:
             card = self.cards[device]
-            if not (everywhere or device in added or not card.visibleRegion().isEmpty()):
+            if not everywhere and card.visibleRegion().isEmpty():
                 continue  # out of view: filled when it comes into view
             self._dirty.discard(device)
             card.show_view(state.devices[device], state.local_steps, self.model.transfer_left_s(device))
