@@ -24,3 +24,13 @@ def test_cards_out_of_view_wait_and_are_filled_once_scrolled_into_view(window, q
     assert not last.visibleRegion().isEmpty() and "step 7" in last.status.text()
     window.devices.refresh_all()  # a screenshot's end state: every card, in view or not
     assert all("step 7" in card.status.text() for card in panel.cards.values())
+
+
+def test_a_new_card_is_filled_at_once_even_when_the_refresh_has_no_budget_left(window) -> None:
+    window.apply_events([DeviceSeen("a", "alpha", "10.0.0.1:8765", "address"),
+                         DeviceSeen("b", "beta", "10.0.0.2:8765", "address")])
+    panel = window.devices
+    panel.timer.stop()
+    panel.refresh(budget_ms=0.0)  # a loaded machine: the budget is spent before the first card is filled
+    assert sorted(panel.cards) == ["a", "b"]
+    assert "alpha" in panel.cards["a"].name.text() and "beta" in panel.cards["b"].name.text()
