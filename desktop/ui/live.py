@@ -3,35 +3,37 @@
 Data arrives into preallocated ring buffers (each device's
 :class:`desktop.engine.state.Series` in the dashboard's state mirror); an
 event batch only marks the devices it touched. One timer (:class:`LivePlots`)
-redraws the plots (:class:`SeriesPlot`, :class:`AccuracyPlot`) in turn, one
-plot with news per tick, so two plots never paint in one turn of Qt's loop
-(with a timer each, a loaded machine ran their overdue ticks back to back: one
-frame held two or three repaints). A tick calls ``setData`` on the marked
-devices' curves within a time budget and leaves the rest marked for the next
-turn (oldest first), then paints that plot; so a hundred devices streaming ten
-steps a second each never hold the window for long: at worst a line lags by a
-few ticks. Every device's line has the colour the plan view gives it, and the
-legend names it.
+ticks the plots (:class:`SeriesPlot`, :class:`AccuracyPlot`) in turn, one plot
+with news per tick, so two plots never paint in one turn of Qt's loop. A tick
+hands the marked devices' series to the plot's lines within a time budget and
+leaves the rest marked for the next turn (oldest first); Qt paints the plot
+once, in its next turn. So a hundred devices streaming ten steps a second each
+never hold the window for long: at worst a line lags by a few ticks. Every
+device's line has the colour the plan view gives it, and the legend names it.
 
-Downsampling: while a plot follows its data (:class:`Follow`: the view spans
-every point), each curve is peak-downsampled by a factor it is given with its
-data (points per pixel of the plot's width), and nothing is clipped (nothing is
-outside the view). pyqtgraph's automatic downsampling, clip-to-view and
-dynamic-range limit would redo every curve's display data at each range change
-(a hundred curves: 15-30 ms in one frame, the live view's worst); they are
-turned on only while the operator has zoomed or panned, when they pay.
+A plot's device lines are one graphics item (:class:`DeviceLines`), not a
+pyqtgraph curve each: a hundred curves cost ~20 ms of Python a tick to update
+and paint, one item ~5 ms. It keeps each series whole (what the plot was
+given, read back by :meth:`LivePlots.plotted`) and draws of it what the view
+needs: never more than two points per pixel column (the lowest and the
+highest, :mod:`desktop.ui.decimate`), and, while the operator has zoomed or
+panned, only the visible range (clip to view).
 """
 from __future__ import annotations
 
+import html
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, QTimer
+from PySide6.QtCore import QRectF, Qt, QTimer
+from PySide6.QtGui import QPainter, QPainterPath, QPen
 from PySide6.QtWidgets import QGraphicsItem, QGridLayout, QHBoxLayout, QLabel, QScrollArea, QVBoxLayout, QWidget
 
+from desktop.ui.decimate import decimate
 from desktop.ui.model import Changes, DashboardModel
 
 REDRAW_MS = 100  # each plot's redraw period: 10 frames a second is smooth for curves that grow a point at a time
@@ -109,16 +111,17 @@ class Follow:
     def reset(self) -> None:
         self.x_max, self.y_lo, self.y_hi = 0.0, math.inf, -math.inf
 
-    def cover(self, x: np.ndarray, y: np.ndarray) -> bool:
-        """Widen the range, if needed, to show this data too; returns whether it changed."""
+    def cover(self, bounds: tuple[float, float, float, float] | None) -> bool:
+        """Widen the range, if needed, to show data of these finite bounds (x_lo, x_hi, y_lo, y_hi) too.
+
+        Returns whether the range changed.
+        """
         if any(self.view.state["autoRange"]):  # the operator pressed "A": follow the data again
             self.view.disableAutoRange()
             self._set_following(True)
-        if not self.following or not len(x):
+        if not self.following or bounds is None:
             return False
-        finite = y[np.isfinite(y)]
-        x_max = float(x[-1])
-        lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (self.y_lo, self.y_hi)
+        _x_lo, x_max, lo, hi = bounds
         changed = False
         if x_max > self.x_max:
             step = _nice_ceiling(max(x_max, 1.0)) / 4
@@ -134,71 +137,227 @@ class Follow:
         return changed
 
 
+@dataclass
+class Line:
+    """One device's line: the series it was given, its pen, and the path drawn of it."""
+
+    x: np.ndarray  # [n] the whole series, as handed to the plot
+    y: np.ndarray  # [n]
+    pen: QPen
+    bounds: tuple[float, float, float, float] | None = None  # finite x_lo, x_hi, y_lo, y_hi
+    path: QPainterPath = field(default_factory=QPainterPath)
+    drawn: int = 0  # points in the path (after clipping and decimation)
+    built_for: tuple | None = None  # the view layout its path was clipped or decimated for; None: whole
+
+
+def _bounds(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float] | None:
+    finite = np.isfinite(x) & np.isfinite(y)
+    if finite.all():
+        return (float(x.min()), float(x.max()), float(y.min()), float(y.max())) if len(x) else None
+    if not finite.any():
+        return None
+    x, y = x[finite], y[finite]
+    return float(x.min()), float(x.max()), float(y.min()), float(y.max())
+
+
+class DeviceLines(pg.GraphicsObject):
+    """Every device's line on one plot, as one graphics item.
+
+    One item instead of a pyqtgraph curve per device: a curve's ``setData`` and ``paint``
+    cost ~0.07 and ~0.1 ms of Python each, so a hundred of them held a tick for ~20 ms;
+    here a line's update is one path built from numpy, and a paint is a ``drawPath`` per
+    line. What is drawn follows the view (its :meth:`view_layout`): a line with more than two
+    points per pixel column is decimated to its lowest and highest point per column
+    (:func:`desktop.ui.decimate.decimate`); while the operator has zoomed or panned
+    (``zoomed``), each line is first clipped to the visible x range (one point either side,
+    so it reaches the edges) and rebuilt at once when the range moves. A following plot's
+    range grows in steps; the lines it made stale are rebuilt by the plot's ticks
+    (:attr:`stale`), within their budget, and drawn meanwhile as they were (finer).
+
+    Args:
+        view: the plot's view box (its range and pixel width decide what is drawn).
+    """
+
+    def __init__(self, view: pg.ViewBox) -> None:
+        super().__init__()
+        self.view = view
+        self.lines: dict[str, Line] = {}
+        self.stale: dict[str, None] = {}  # lines whose path was made for an older layout, oldest first
+        self.zoomed = False
+        self._layout = self.view_layout()
+        self._bounds: tuple[float, float, float, float] | None = None  # over every line
+        self._rect: QRectF | None = None  # boundingRect's cache
+
+    def view_layout(self) -> tuple[float, float, int, bool]:
+        """What a path depends on: the view's x range, its width in pixels, whether it is clipped."""
+        (x_lo, x_hi), _y = self.view.viewRange()
+        return float(x_lo), float(x_hi), max(1, int(self.view.width())), self.zoomed
+
+    def add(self, device: str, pen: QPen) -> None:
+        self.lines[device] = Line(np.zeros(0), np.zeros(0), pen)
+
+    def set_pen(self, device: str, pen: QPen) -> None:
+        self.lines[device].pen = pen
+        self.update()
+
+    def set_data(self, device: str, x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float] | None:
+        """The device's whole series (x ascending); returns its finite bounds. Drawn at :meth:`commit`."""
+        line = self.lines[device]
+        line.x, line.y, line.bounds = x, y, _bounds(x, y)
+        self._build(line)
+        self.stale.pop(device, None)
+        return line.bounds
+
+    def rebuild_stale(self, deadline: float) -> None:
+        """Rebuild stale lines, oldest first, until ``deadline`` (``time.perf_counter`` seconds)."""
+        for device in list(self.stale):
+            del self.stale[device]
+            self._build(self.lines[device])
+            if time.perf_counter() > deadline:
+                break
+
+    def commit(self) -> None:
+        """After a tick's ``set_data`` calls: the item's bounds, and one repaint for them all."""
+        boxes = [line.bounds for line in self.lines.values() if line.bounds is not None]
+        bounds = (min(b[0] for b in boxes), max(b[1] for b in boxes), min(b[2] for b in boxes),
+                  max(b[3] for b in boxes)) if boxes else None
+        if bounds != self._bounds:
+            self.prepareGeometryChange()
+            self._bounds, self._rect = bounds, None
+        self.update()
+
+    def remove_all(self) -> None:
+        self.prepareGeometryChange()
+        self.lines.clear()
+        self.stale.clear()
+        self._bounds, self._rect = None, None
+
+    def set_zoomed(self, zoomed: bool) -> None:
+        if zoomed != self.zoomed:
+            self.zoomed = zoomed
+            self.viewRangeChanged()
+
+    def _build(self, line: Line) -> None:
+        x, y = line.x, line.y
+        x_lo, x_hi, pixels, zoomed = self._layout
+        if zoomed and len(x):  # clip to the view, keeping the points just outside it
+            first = max(0, int(np.searchsorted(x, x_lo, "left")) - 1)
+            last = int(np.searchsorted(x, x_hi, "right")) + 1
+            x, y = x[first:last], y[first:last]
+        decimated = len(x) > 2 * pixels and x_hi > x_lo
+        if decimated:
+            keep = decimate(x, y, x_lo, (x_hi - x_lo) / pixels)
+            x, y = x[keep], y[keep]
+        line.path = pg.arrayToQPath(x, y, connect="finite")
+        line.drawn = len(x)
+        line.built_for = self._layout if zoomed or decimated else None
+
+    # -- pyqtgraph's and Qt's side ------------------------------------------------------
+
+    def viewRangeChanged(self) -> None:  # noqa: N802 — pyqtgraph's name
+        """The view moved or was resized: lines drawn for the old layout are stale (rebuilt now if zoomed)."""
+        layout = self.view_layout()
+        if layout == self._layout:
+            return
+        was_zoomed = self._layout[3]
+        self._layout = layout
+        pixels = layout[2]
+        for device, line in self.lines.items():
+            if line.built_for is not None or len(line.x) > 2 * pixels or self.zoomed:
+                self.stale[device] = None
+        if self.zoomed or was_zoomed:  # the operator is looking (or just let go): follow the view now
+            self.rebuild_stale(math.inf)
+            self.update()
+
+    def viewTransformChanged(self) -> None:  # noqa: N802 — pyqtgraph's name
+        self.prepareGeometryChange()
+        self._rect = None  # the pen's padding, in data units, changed
+        self.viewRangeChanged()  # a resize changes the pixel width without changing the range
+
+    def boundingRect(self) -> QRectF:  # noqa: N802 — Qt's name
+        if self._rect is None:
+            if self._bounds is None:
+                self._rect = QRectF()
+            else:
+                x_lo, x_hi, y_lo, y_hi = self._bounds
+                px, py = self.view.viewPixelSize()  # data units per pixel: pad by a few for the pens
+                pad_x, pad_y = 3 * px, 3 * py
+                self._rect = QRectF(x_lo - pad_x, y_lo - pad_y, x_hi - x_lo + 2 * pad_x, y_hi - y_lo + 2 * pad_y)
+        return self._rect
+
+    def dataBounds(self, ax: int, frac: float = 1.0, orthoRange=None) -> tuple[float, float] | None:  # noqa: N802
+        """For the "A" button's auto-range: every line's finite extent on axis ``ax`` (0: x, 1: y)."""
+        if self._bounds is None:
+            return None
+        return self._bounds[2 * ax], self._bounds[2 * ax + 1]
+
+    def paint(self, painter: QPainter, *_args) -> None:
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing, False)
+        for line in self.lines.values():
+            painter.setPen(line.pen)
+            painter.drawPath(line.path)
+
+
 class SeriesPlot:
-    """One per-device metric: its plot widget and a curve per device (:class:`LivePlots` ticks it)."""
+    """One per-device metric: its plot widget and every device's line (:class:`LivePlots` ticks it)."""
 
     def __init__(self, model: DashboardModel, metric: str) -> None:
         attribute, title, ylabel = METRICS[metric]
         self.model, self.metric, self.attribute = model, metric, attribute
         self.widget = _plot_widget(title, ylabel, "step on the device (all rounds)")
         self.follow = Follow(self.widget, on_follow=self._following)
-        self.curves: dict[str, pg.PlotDataItem] = {}
+        self.lines = DeviceLines(self.follow.view)
+        self.widget.addItem(self.lines)
         self.dirty: dict[str, None] = {}  # devices with new points, oldest first (a dict keeps the order)
         self.marks: list[pg.GraphicsObject] = []
         self.redraws = 0
 
     @property
     def pending(self) -> bool:
-        return bool(self.dirty)
+        return bool(self.dirty or self.lines.stale)
 
     def mark(self, devices) -> None:
         for device in devices:
             self.dirty.setdefault(device, None)
 
-    def curve(self, device: str) -> pg.PlotDataItem:
-        curve = self.curves.get(device)
-        if curve is None:
-            view = self.model.state.devices[device]
-            width = 2 if len(self.curves) < THICK_UP_TO else 1
-            if len(self.curves) == THICK_UP_TO:  # the fleet outgrew thick lines: thin the ones drawn so far
-                for other, line in self.curves.items():
-                    line.setPen(pg.mkPen(self.model.colour(other), width=1))
-            curve = self.widget.plot([], [], pen=pg.mkPen(self.model.colour(device), width=width), name=view.name)
-            _zoomed_mode(curve, not self.follow.following)
-            self.curves[device] = curve
-        return curve
+    def _add_line(self, device: str) -> None:
+        """The device's line, in its colour (its pen made once: thick for a small fleet, thin past it)."""
+        lines = self.lines.lines
+        if len(lines) == THICK_UP_TO:  # the fleet outgrew thick lines: thin the ones drawn so far
+            for other in lines:
+                self.lines.set_pen(other, pg.mkPen(self.model.colour(other), width=1))
+        self.lines.add(device, pg.mkPen(self.model.colour(device), width=2 if len(lines) < THICK_UP_TO else 1))
 
     def _following(self, following: bool) -> None:
-        """The operator zoomed or panned (False), or asked to follow again (True): each curve's mode."""
-        for curve in self.curves.values():
-            _zoomed_mode(curve, not following)
-
-    def _downsample(self, points: int) -> int:
-        """Points per pixel of the plot's width (at least 1): the factor a following view needs."""
-        pixels = max(1, int(self.follow.view.width()))
-        return max(1, points // pixels)
+        """The operator zoomed or panned (False), or asked to follow again (True)."""
+        self.lines.set_zoomed(not following)
 
     def redraw(self, budget_ms: float = BUDGET_MS) -> None:
-        """setData on the marked devices' curves, oldest mark first, until the budget is spent; then paint."""
-        if not self.dirty:
+        """New data into the marked devices' lines, oldest mark first, then stale lines, within the budget.
+
+        Qt paints the plot once, in its next turn (the item asks for one repaint for the whole tick).
+        """
+        if not self.pending:
             return
         devices = self.model.state.devices
         deadline = time.perf_counter() + budget_ms / 1000.0
+        moved = False
         for device in list(self.dirty):
             del self.dirty[device]
             view = devices.get(device)
             if view is not None:
+                if device not in self.lines.lines:
+                    self._add_line(device)
                 x, y = getattr(view, self.attribute).view()
-                curve = self.curve(device)
-                if self.follow.following:
-                    curve.setDownsampling(ds=self._downsample(len(x)), auto=False, method="peak")
-                curve.setData(x, y)
-                if self.follow.cover(x, y):
-                    break  # the range moved: every curve and both axes repaint, the rest wait for the next tick
+                bounds = self.lines.set_data(device, x, y)
+                if self.follow.cover(bounds):
+                    moved = True
+                    break  # the range moved: every line and both axes repaint, the rest wait for the next tick
             if time.perf_counter() > deadline:
                 break
-        # Paint now, in this tick: left to Qt, the plots' repaints would pile into one long frame.
-        self.widget.viewport().repaint()
+        if not moved and time.perf_counter() < deadline:
+            self.lines.rebuild_stale(deadline)
+        self.lines.commit()
         self.redraws += 1
 
     def mark_lost(self, device: str) -> None:
@@ -216,24 +375,12 @@ class SeriesPlot:
             self.marks.append(item)
 
     def clear(self) -> None:
-        for item in list(self.curves.values()) + self.marks:
+        for item in self.marks:
             self.widget.removeItem(item)
-        self.curves.clear()
         self.marks.clear()
+        self.lines.remove_all()
         self.dirty.clear()
         self.follow.reset()
-
-
-def _zoomed_mode(curve: pg.PlotDataItem, zoomed: bool) -> None:
-    """pyqtgraph's view-dependent display (auto downsampling, clip to view, range limit) only when zoomed."""
-    if zoomed:
-        curve.setDynamicRangeLimit(1e6)  # pyqtgraph's default: points far off a zoomed view stay drawable
-        curve.setClipToView(True)
-        curve.setDownsampling(auto=True, method="peak")
-    else:
-        curve.setDynamicRangeLimit(None)
-        curve.setClipToView(False)
-        curve.setDownsampling(auto=False, method="peak")
 
 
 class AccuracyPlot:
@@ -300,15 +447,22 @@ class AccuracyPlot:
 
 
 class LegendStrip(QWidget):
-    """One row naming each device in its colour, shared by the plots (and matching the plan view)."""
+    """One row naming each device in its colour, shared by the plots (and matching the plan view).
+
+    One rich-text label for the whole row: a label per device cost ~0.4 ms each to make and
+    show, ~10 ms for a fleet's legend in the frame it appeared (and again at each change).
+    """
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self._layout = QHBoxLayout(self)
-        self._layout.setContentsMargins(4, 0, 4, 0)
-        self._layout.setSpacing(14)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(4, 0, 4, 0)
+        self.label = QLabel()
+        self.label.setTextFormat(Qt.TextFormat.RichText)
+        layout.addWidget(self.label)
+        layout.addStretch(1)
         self._shown: tuple = ()
-        self.labels: list[QLabel] = []
+        self.entries: list[str] = []  # each named device's entry (rich text), in order
 
     def show_devices(self, entries: list[tuple[str, str, str]]) -> None:
         """``entries``: (device id, name, colour) in the order to show them."""
@@ -316,19 +470,10 @@ class LegendStrip(QWidget):
         if key == self._shown:
             return
         self._shown = key
-        while self._layout.count():
-            child = self._layout.takeAt(0).widget()
-            if child is not None:
-                child.deleteLater()
-        self.labels = []
-        for _device, name, colour in entries[:LEGEND_MAX]:
-            label = QLabel(f"<span style='color:{colour}; font-size:16px'>&#9632;</span> {name}")
-            label.setTextFormat(Qt.TextFormat.RichText)
-            self._layout.addWidget(label)
-            self.labels.append(label)
-        if len(entries) > LEGEND_MAX:
-            self._layout.addWidget(QLabel(f"… and {len(entries) - LEGEND_MAX} more"))
-        self._layout.addStretch(1)
+        self.entries = [f"<span style='color:{colour}; font-size:16px'>&#9632;</span>&nbsp;{html.escape(name)}"
+                        for _device, name, colour in entries[:LEGEND_MAX]]
+        more = [f"… and {len(entries) - LEGEND_MAX} more"] if len(entries) > LEGEND_MAX else []
+        self.label.setText("&nbsp;&nbsp;&nbsp;&nbsp;".join(self.entries + more))
 
 
 class LivePlots(QWidget):
@@ -414,7 +559,7 @@ class LivePlots(QWidget):
     def redraw(self) -> None:
         """Draw everything marked now, without a budget (a screenshot, a test's end state)."""
         for plot in self.series.values():
-            while plot.dirty:
+            while plot.pending:
                 plot.redraw(budget_ms=math.inf)
         self.accuracy.redraw()
         self._update_legend()
@@ -439,11 +584,18 @@ class LivePlots(QWidget):
     # -- reading back (tests, benchmark) -----------------------------------------------
 
     def plotted(self, device: str, metric: str = "loss") -> tuple[np.ndarray, np.ndarray]:
-        """The full series handed to the device's curve (before downsampling for the screen)."""
-        curve = self.series[metric].curves.get(device)
-        if curve is None or curve.xData is None:
+        """The full series handed to the device's line (before clipping and decimation for the screen)."""
+        line = self.series[metric].lines.lines.get(device)
+        if line is None:
             return np.zeros(0), np.zeros(0)
-        return np.asarray(curve.xData), np.asarray(curve.yData)
+        return line.x, line.y
+
+    def drawn(self, device: str, metric: str = "loss") -> tuple[np.ndarray, np.ndarray]:
+        """The points the device's line draws now (after clipping and decimation), read from its path."""
+        line = self.series[metric].lines.lines.get(device)
+        path = line.path if line is not None else QPainterPath()
+        points = [path.elementAt(i) for i in range(path.elementCount())]
+        return np.array([p.x for p in points]), np.array([p.y for p in points])
 
     def plotted_accuracy(self) -> tuple[np.ndarray, np.ndarray]:
         x, y = self.accuracy.curve.xData, self.accuracy.curve.yData

@@ -59,6 +59,15 @@ class LoadResult:
         return max(self.frames_cpu_ms)
 
     @property
+    def p99_frame_cpu_ms(self) -> float:
+        return float(np.percentile(self.frames_cpu_ms, 99))
+
+    @property
+    def cpu_in_worst_frame_ms(self) -> float:
+        """The GUI thread's CPU in the frame of the worst wall time (the rest of it: other processes)."""
+        return self.frames_cpu_ms[int(np.argmax(self.frames_ms))]
+
+    @property
     def worst_frame_ms(self) -> float:
         return max(self.frames_ms)
 

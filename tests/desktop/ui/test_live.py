@@ -45,27 +45,39 @@ def test_a_tick_redraws_one_plot_and_the_next_tick_the_next(window) -> None:
         assert list(window.live.plotted(device)[1]) == [0.7 - 0.001 * n + 0.01 * i for n in range(1, 6)]
 
 
-def test_a_following_plot_downsamples_by_its_width_and_a_zoomed_one_by_pyqtgraph(window, qtbot) -> None:
+def test_a_following_plot_draws_two_points_a_pixel_and_a_zoomed_one_clips_to_its_view(window, qtbot) -> None:
     ids = stream(window, devices=2, steps=3000)
+    spike = StepReceived(Step(3001, 9.0, 0.01, 0.1, 32, 300.0, 0.1, device=ids[0], round=1))
+    window.apply_events([spike] + [StepReceived(Step(n, 0.6, 0.01, 0.1, 32, 300.0, 0.1, device=ids[0], round=1))
+                                   for n in range(3002, 3010)])
     plot = window.live.series["loss"]
     qtbot.waitUntil(lambda: plot.follow.view.width() > 100)  # laid out
     window.live.redraw()
-    curve = plot.curves[ids[0]]
-    pixels = int(plot.follow.view.width())
-    assert 3000 > pixels  # more points than pixels: a factor above 1
-    assert curve.opts["downsample"] == 3000 // pixels and not curve.opts["autoDownsample"]
-    assert not curve.opts["clipToView"] and curve.opts["dynamicRangeLimit"] is None
     x, y = window.live.plotted(ids[0])
-    assert len(y) == 3000  # the curve holds every point; only the screen gets fewer
-    # the operator zooms in: pyqtgraph's view-dependent display takes over, for every curve
-    plot.follow.view.setXRange(100, 200)
+    assert len(y) == 3009 and y[3000] == 9.0  # the line holds every point; only the screen gets fewer
+    x_lo, x_hi, pixels, zoomed = plot.lines.view_layout()
+    assert not zoomed and 3009 > 2 * pixels
+    shown_x, shown_y = window.live.drawn(ids[0])
+    assert len(shown_x) <= 2 * pixels + 2  # two points per pixel column at most
+    assert set(zip(shown_x, shown_y)) <= set(zip(x, y))  # points of the series, none made up
+    assert (3001.0, 9.0) in set(zip(shown_x, shown_y))  # the spike is drawn
+    column = np.floor((x - x_lo) / ((x_hi - x_lo) / pixels))
+    for c in np.unique(column):  # every pixel column shows its lowest and highest loss
+        assert {y[column == c].min(), y[column == c].max()} <= set(shown_y[np.isin(shown_x, x[column == c])])
+    # the operator zooms in: each line is clipped to the view (and a point either side)
+    plot.follow.view.setXRange(100, 200, padding=0)
     plot.follow.view.sigRangeChangedManually.emit([True, False])
-    assert not plot.follow.following
-    assert all(c.opts["autoDownsample"] and c.opts["clipToView"] and c.opts["dynamicRangeLimit"] == 1e6
-               for c in plot.curves.values())
-    # ... and the "A" button: following again, the plot's own factor again
+    assert not plot.follow.following and plot.lines.zoomed
+    for device in ids:
+        shown_x, _ = window.live.drawn(device)
+        assert shown_x.tolist() == list(np.arange(99.0, 202.0))
+    # ... and the "A" button: following again, the whole line again
     plot.follow.view.enableAutoRange()
-    window.apply_events([StepReceived(Step(3001, 0.5, 0.01, 0.1, 32, 300.0, 0.1, device=ids[0], round=1))])
+    window.apply_events([StepReceived(Step(3010, 0.5, 0.01, 0.1, 32, 300.0, 0.1, device=ids[0], round=1))])
     window.live.redraw()
-    assert plot.follow.following and not curve.opts["autoDownsample"] and not curve.opts["clipToView"]
-    assert np.asarray(window.live.plotted(ids[0])[1])[-1] == 0.5
+    assert plot.follow.following and not plot.lines.zoomed
+    assert window.live.plotted(ids[0])[1][-1] == 0.5
+    shown_x, shown_y = window.live.drawn(ids[0])
+    assert shown_x[0] == 1.0 and (shown_x[-1], shown_y[-1]) == (3010.0, 0.5)
+    shown_x, _ = window.live.drawn(ids[1])  # no new point, but no longer clipped either
+    assert shown_x[0] == 1.0 and shown_x[-1] == 3000.0 and len(shown_x) <= 2 * pixels + 2

@@ -42,9 +42,10 @@ def test_a_plan_paints_each_block_in_the_colour_of_the_device_that_trains_it(win
     # The table names every device; the legend over the plots names them in the same colours.
     names = {window.plan.table.item(r, 0).text() for r in range(window.plan.table.rowCount())}
     assert names == {name for name, _cls in LAB.values()}
-    qtbot.waitUntil(lambda: len(window.live.legend.labels) == 3)
-    for label, a in zip(window.live.legend.labels, plan.active()):
-        assert window.model.colour(a.device) in label.text() and a.name in label.text()
+    qtbot.waitUntil(lambda: len(window.live.legend.entries) == 3)
+    for entry, a in zip(window.live.legend.entries, plan.active()):
+        assert window.model.colour(a.device) in entry and a.name in entry
+    assert window.live.legend.label.text() == "&nbsp;&nbsp;&nbsp;&nbsp;".join(window.live.legend.entries)
 
 
 def test_steps_reach_the_plots_exactly_as_sent_and_the_cards_say_the_round(window, lab_events, qtbot) -> None:
