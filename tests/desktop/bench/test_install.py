@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from desktop.bench.install import (
     REPO,
     REQUIREMENTS,
     Platform,
+    agent_answers,
     build_agent_venv,
     canonical,
     disk_bytes,
@@ -26,6 +28,7 @@ from desktop.bench.install import (
     package_sizes,
     project_wheel,
     read_pins,
+    recorded_install_mb,
     selfcheck,
     venv_mb,
     write_results,
@@ -142,25 +145,70 @@ def test_a_venv_built_the_documented_way_runs_a_program(tiny_program, tmp_path) 
     assert np.isfinite(check["run"]["loss"]) and check["run"]["b_step_norm"] > 0
 
 
-def _variant(mb: float, ran: bool) -> dict:
-    return {"venv_mb": mb, "packages_mb": {"torch": mb * 0.7, "numpy": 60.0}, "program_ran": ran,
-            "programs": {"portable": {"ran": ran}}}
+def _variant(mb: float, ran: bool, answered: bool | None = None) -> dict:
+    variant = {"venv_mb": mb, "packages_mb": {"torch": mb * 0.7, "numpy": 60.0}, "packages": {"torch": "2.13.0"},
+               "program_ran": ran, "programs": {"portable": {"ran": ran}}}
+    return variant if answered is None else variant | {"agent": {"answered": answered}}
 
 
-def test_install_mb_is_the_lightest_variant_that_ran_a_program(tmp_path) -> None:
+def test_install_mb_is_the_lightest_variant_that_ran_a_program_else_the_lightest_built(tmp_path) -> None:
     platforms = {
         "aarch64": {"date": "2026-12-01", "emulated": True,
-                    "variants": {"documented": _variant(1100.0, False), "torch_with_deps": _variant(4800.0, True)}},
-        "x86_64": {"date": "2026-12-01", "emulated": False,
+                    "variants": {"documented": _variant(1100.0, False, True),
+                                 "torch_with_deps": _variant(4800.0, True, True)}},
+        "x86_64": {"date": "2026-12-02", "emulated": False,
                    "variants": {"documented": _variant(999.0, True), "extra_with_deps": _variant(1530.0, True)}},
-        "riscv64": {"date": "2026-12-01", "emulated": True, "variants": {"documented": _variant(900.0, False)}},
+        "riscv64": {"date": "2026-12-01", "emulated": True,
+                    "variants": {"documented": _variant(900.0, False, False), "other": _variant(950.0, False)}},
+        "armv7l": {"date": "2026-12-01", "emulated": True, "variants": {}},
     }
     out = tmp_path / "install.json"
     write_results(platforms, out)
     results = json.loads(out.read_text())
+    common = {"torch": "2.13.0", "date": "2026-12-01", "emulated": True}
     assert results["install_mb"] == {
-        "aarch64": {"mb": 4800.0, "variant": "torch_with_deps", "emulated": True, "date": "2026-12-01"},
-        "riscv64": None,
-        "x86_64": {"mb": 999.0, "variant": "documented", "emulated": False, "date": "2026-12-01"},
+        "aarch64": {"mb": 4800.0, "variant": "torch_with_deps", "program_ran": True, "agent_answered": True} | common,
+        "armv7l": None,
+        "riscv64": {"mb": 900.0, "variant": "documented", "program_ran": False, "agent_answered": False} | common,
+        "x86_64": {"mb": 999.0, "variant": "documented", "program_ran": True, "agent_answered": None, "torch": "2.13.0",
+                   "emulated": False, "date": "2026-12-02"},
     }
     assert results["platforms"] == platforms and out.with_suffix(".png").stat().st_size > 0
+    assert not (tmp_path / "agent.json").exists()  # no agent results to add the figures to
+
+
+def test_the_agent_results_beside_get_the_same_install_figures_and_keep_their_own(tmp_path) -> None:
+    agent = tmp_path / "agent.json"
+    assert recorded_install_mb(tmp_path).startswith("not measured: no install.json in")
+    agent.write_text(json.dumps({"idle_rss_mb": 48.1, "install_mb": {"x86_64": {"mb": 1.0}}}))
+    write_results({"x86_64": {"date": "2026-12-01", "emulated": False,
+                              "variants": {"documented": _variant(1029.4, True, True)}}}, tmp_path / "install.json")
+    figures = json.loads((tmp_path / "install.json").read_text())["install_mb"]
+    assert figures["x86_64"]["mb"] == 1029.4
+    assert json.loads(agent.read_text()) == {"idle_rss_mb": 48.1, "install_mb": figures}
+    assert recorded_install_mb(tmp_path) == figures
+    (tmp_path / "install.json").write_text('{"benchmark": "agent"}')
+    with pytest.raises(InputError, match=r"install.json: not a deftly bench install result \(KeyError"):
+        recorded_install_mb(tmp_path)
+
+
+def test_an_installed_agent_says_hello_and_is_seen_advertising_then_stops(tmp_path) -> None:
+    # This environment's agent (a real process on 127.0.0.1), as the bench checks each fresh venv's.
+    started: list = []
+    host = Platform(sys.executable)
+    start = host.start
+    host.start = lambda *args, **kwargs: started.append(start(*args, **kwargs)) or started[-1]
+    outcome = agent_answers(host, sys.executable, str(tmp_path / "state"))
+    assert outcome["answered"] and outcome["started"], outcome
+    assert outcome["hello"]["arch"] == outcome["advertised"]["arch"] == platform.machine()
+    assert outcome["advertised"]["address"].startswith("127.0.0.1:")
+    assert started[0].poll() is not None and not (tmp_path / "state").exists()
+
+
+def test_an_install_without_the_agent_is_reported_as_not_started(tmp_path) -> None:
+    # The base interpreter has neither the project nor websockets: the agent exits at once, and the check says why.
+    outcome = agent_answers(Platform(sys.executable), getattr(sys, "_base_executable", sys.executable),
+                            str(tmp_path / "state"), start_timeout_s=60)
+    assert outcome == {"started": False, "hello": None, "advertised": None, "answered": False,
+                       "error": outcome["error"]}
+    assert "no banner" in outcome["error"] and "ModuleNotFoundError" in outcome["error"], outcome["error"]
