@@ -297,24 +297,39 @@ _BANNER_ID = re.compile(r"^deftly-agent .* \(id (?P<id>[^)]+)\)")
 _BANNER_PORT = re.compile(r"^listening on ws://127\.0\.0\.1:(?P<port>\d+)/")
 
 
-def agent_answers(platform_: Platform, python: str, state_dir: str, start_timeout_s: float = AGENT_START_TIMEOUT_S,
-                  advert_timeout_s: float = ADVERT_TIMEOUT_S) -> dict:
+def agent_answers(platform_: Platform, python: str, state_dir: str, advertise: bool = True,
+                  start_timeout_s: float = AGENT_START_TIMEOUT_S, advert_timeout_s: float = ADVERT_TIMEOUT_S) -> dict:
     """Start the venv's ``deftly-agent`` (``python -m device_agent.cli``) on 127.0.0.1, say hello to it over its
     WebSocket with the desktop's client, and browse for its advert on 127.0.0.1; then stop it.
 
     An idle agent imports no torch, so this says whether an install can be found and paired even where
-    no program runs in it.
+    no program runs in it. An agent that said no hello (under qemu-user, zeroconf's socket set-up fails
+    and the agent exits) is started once more with ``--no-advertise``: ``without_advert`` says whether
+    it is reachable by address.
+
+    Args:
+        advertise: start it with ``--advertise`` (else ``--no-advertise``, and no advert is looked for).
 
     Returns:
         ``started`` and ``start_s`` (to its banner's last line); ``hello`` (what its Welcome says of it) and
         ``advertised`` (its advert's TXT as the desktop read it), each None when it did not come, with
-        ``error`` saying why; ``answered``: both came.
+        ``error`` saying why, and ``exited`` (its status and stderr) if it was no longer running;
+        ``answered``: both came (with ``advertise``; else the hello).
     """
+    outcome = _agent_session(platform_, python, state_dir, advertise, start_timeout_s, advert_timeout_s)
+    if advertise and outcome["hello"] is None and outcome["started"]:
+        outcome["without_advert"] = agent_answers(platform_, python, state_dir, False, start_timeout_s)
+    outcome["answered"] = outcome["hello"] is not None and (outcome["advertised"] is not None or not advertise)
+    return outcome
+
+
+def _agent_session(platform_: Platform, python: str, state_dir: str, advertise: bool, start_timeout_s: float,
+                   advert_timeout_s: float) -> dict:
     shutil.rmtree(platform_.host_path(state_dir), ignore_errors=True)
     platform_.host_path(state_dir).mkdir(parents=True)
     stderr = platform_.host_path(state_dir).with_suffix(".stderr")
     argv = [python, "-m", "device_agent.cli", "--name", "bench-install", "--host", "127.0.0.1", "--port", "0",
-            "--state-dir", state_dir]
+            "--state-dir", state_dir, "--advertise" if advertise else "--no-advertise"]
     start = time.perf_counter()
     process = platform_.start(argv, stderr)
     outcome: dict = {"started": False, "hello": None, "advertised": None}
@@ -323,12 +338,18 @@ def agent_answers(platform_: Platform, python: str, state_dir: str, start_timeou
         ids = [m["id"] for m in map(_BANNER_ID.match, banner) if m]
         ports = [int(m["port"]) for m in map(_BANNER_PORT.match, banner) if m]
         tokens = [line.split(": ", 1)[1] for line in banner if line.startswith("pairing token: ")]
-        if not (ids and ports and tokens and banner[-1].startswith("advertising")):
-            tail = stderr.read_text(errors="replace").strip().splitlines()[-5:]
-            outcome["error"] = f"no banner in {start_timeout_s:.0f} s: {banner}; stderr: {tail}"
+        if not (ids and ports and tokens and banner[-1].startswith("advertising" if advertise else "not advertising")):
+            outcome["error"] = f"no banner in {start_timeout_s:.0f} s: {banner}"
+            try:  # its stdout ended: it is exiting (else it hangs, and is stopped below)
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
         else:
             outcome |= {"started": True, "start_s": round(time.perf_counter() - start, 1)}
-            outcome |= asyncio.run(_greet(ids[0], ports[0], tokens[0], advert_timeout_s))
+            outcome |= asyncio.run(_greet(ids[0], ports[0], tokens[0], advert_timeout_s if advertise else None))
+        if process.poll() is not None:  # it should still be serving: say how it ended
+            tail = [line for line in stderr.read_text(errors="replace").splitlines() if "INFO" not in line][-5:]
+            outcome["exited"] = {"returncode": process.returncode, "stderr": tail}
     finally:
         process.terminate()
         try:
@@ -339,7 +360,6 @@ def agent_answers(platform_: Platform, python: str, state_dir: str, start_timeou
         process.stdout.close()
         shutil.rmtree(platform_.host_path(state_dir), ignore_errors=True)
         stderr.unlink(missing_ok=True)
-    outcome["answered"] = outcome["hello"] is not None and outcome["advertised"] is not None
     return outcome
 
 
@@ -359,8 +379,9 @@ def _banner(process: subprocess.Popen, timeout_s: float) -> list[str]:
     return list(lines)
 
 
-async def _greet(agent_id: str, port: int, token: str, advert_timeout_s: float) -> dict:
-    """Hello over the WebSocket, then the agent's advert from a browser on 127.0.0.1 (matched by its id)."""
+async def _greet(agent_id: str, port: int, token: str, advert_timeout_s: float | None) -> dict:
+    """Hello over the WebSocket, then the agent's advert from a browser on 127.0.0.1 (matched by its id;
+    not looked for when ``advert_timeout_s`` is None)."""
     from desktop.engine.client import AgentClient, AgentError
     from desktop.engine.discovery import Browser
 
@@ -381,6 +402,8 @@ async def _greet(agent_id: str, port: int, token: str, advert_timeout_s: float) 
                               "protocol": welcome.agent.protocol, "version": welcome.agent.version}
         except AgentError as exc:
             found["error"] = f"hello: {exc}"
+        if advert_timeout_s is None:
+            return found
         try:
             advert = await asyncio.wait_for(seen, advert_timeout_s)
             found["advertised"] = {"arch": advert.arch, "runtime": advert.runtime, "protocol": advert.protocol,

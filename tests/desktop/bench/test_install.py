@@ -203,6 +203,11 @@ def test_an_installed_agent_says_hello_and_is_seen_advertising_then_stops(tmp_pa
     assert outcome["hello"]["arch"] == outcome["advertised"]["arch"] == platform.machine()
     assert outcome["advertised"]["address"].startswith("127.0.0.1:")
     assert started[0].poll() is not None and not (tmp_path / "state").exists()
+    assert "without_advert" not in outcome  # asked only of an agent that said no hello
+
+    by_address = agent_answers(host, sys.executable, str(tmp_path / "state"), advertise=False)
+    assert by_address["answered"] and by_address["advertised"] is None and by_address["hello"]["protocol"] == 1
+    assert started[1].poll() is not None
 
 
 def test_an_install_without_the_agent_is_reported_as_not_started(tmp_path) -> None:
@@ -210,5 +215,6 @@ def test_an_install_without_the_agent_is_reported_as_not_started(tmp_path) -> No
     outcome = agent_answers(Platform(sys.executable), getattr(sys, "_base_executable", sys.executable),
                             str(tmp_path / "state"), start_timeout_s=60)
     assert outcome == {"started": False, "hello": None, "advertised": None, "answered": False,
-                       "error": outcome["error"]}
-    assert "no banner" in outcome["error"] and "ModuleNotFoundError" in outcome["error"], outcome["error"]
+                       "error": "no banner in 60 s: []", "exited": outcome["exited"]}
+    assert outcome["exited"]["returncode"] == 1
+    assert any("ModuleNotFoundError" in line for line in outcome["exited"]["stderr"]), outcome["exited"]
