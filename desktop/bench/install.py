@@ -20,7 +20,8 @@ programs (one XNNPACK-delegated, one on portable kernels only), and records per 
                   its zeroconf advert, as the desktop's client and browser see them (`agent_answers`)
 
 `install_mb` is, per machine, the smallest variant in which a program ran, else the smallest built
-(`install_figure`: its MiB, its name, whether a program ran and the agent answered, torch's version,
+(`install_figure`: its MiB, its name, whether a program ran, whether its agent said hello and was
+seen advertising, torch's version,
 whether emulated, the date). `deftly bench agent` reports the same under the same key in agent.json,
 read from this file (`recorded_install_mb`), and this bench refreshes that key when agent.json is there.
 
@@ -588,9 +589,9 @@ def install_figure(entry: dict) -> dict | None:
     smallest variant built (``program_ran`` false says so); None when it has no variant.
 
     Returns:
-        ``mb``, ``variant``, ``program_ran``, ``agent_answered`` (its agent said hello and was seen
-        advertising; None for an entry measured before that check), ``torch`` (the version installed),
-        ``emulated`` and ``date``.
+        ``mb``, ``variant``, ``program_ran``, ``agent_hello`` (its agent said hello, advertising or, that
+        failing, by address) and ``agent_advertised`` (it was seen advertising; both None for an entry
+        measured before that check), ``torch`` (the version installed), ``emulated`` and ``date``.
     """
     variants = entry["variants"]
     if not variants:
@@ -598,8 +599,11 @@ def install_figure(entry: dict) -> dict | None:
     ran = [(v["venv_mb"], name) for name, v in variants.items() if v["program_ran"]]
     mb, name = min(ran or [(v["venv_mb"], name) for name, v in variants.items()])
     variant = variants[name]
-    answered = variant["agent"]["answered"] if "agent" in variant else None
-    return {"mb": mb, "variant": name, "program_ran": variant["program_ran"], "agent_answered": answered,
+    agent = variant.get("agent")
+    hello = None if agent is None else agent["hello"] is not None or \
+        (agent.get("without_advert") or {}).get("hello") is not None
+    return {"mb": mb, "variant": name, "program_ran": variant["program_ran"], "agent_hello": hello,
+            "agent_advertised": None if agent is None else agent["advertised"] is not None,
             "torch": variant.get("packages", {}).get("torch"), "emulated": entry["emulated"], "date": entry["date"]}
 
 

@@ -145,21 +145,30 @@ def test_a_venv_built_the_documented_way_runs_a_program(tiny_program, tmp_path) 
     assert np.isfinite(check["run"]["loss"]) and check["run"]["b_step_norm"] > 0
 
 
-def _variant(mb: float, ran: bool, answered: bool | None = None) -> dict:
+_HELLO = {"arch": "aarch64", "protocol": 1}
+
+
+def _variant(mb: float, ran: bool, agent: str | None = None) -> dict:
+    """A measured variant; ``agent``: "advertised", "by address" (hello only with --no-advertise), "silent"."""
     variant = {"venv_mb": mb, "packages_mb": {"torch": mb * 0.7, "numpy": 60.0}, "packages": {"torch": "2.13.0"},
                "program_ran": ran, "programs": {"portable": {"ran": ran}}}
-    return variant if answered is None else variant | {"agent": {"answered": answered}}
+    if agent == "advertised":
+        variant["agent"] = {"hello": _HELLO, "advertised": {"arch": "aarch64"}, "answered": True}
+    elif agent is not None:
+        again = {"hello": _HELLO if agent == "by address" else None, "advertised": None}
+        variant["agent"] = {"hello": None, "advertised": None, "answered": False, "without_advert": again}
+    return variant
 
 
 def test_install_mb_is_the_lightest_variant_that_ran_a_program_else_the_lightest_built(tmp_path) -> None:
     platforms = {
         "aarch64": {"date": "2026-12-01", "emulated": True,
-                    "variants": {"documented": _variant(1100.0, False, True),
-                                 "torch_with_deps": _variant(4800.0, True, True)}},
+                    "variants": {"documented": _variant(1100.0, False, "by address"),
+                                 "torch_with_deps": _variant(4800.0, True, "by address")}},
         "x86_64": {"date": "2026-12-02", "emulated": False,
                    "variants": {"documented": _variant(999.0, True), "extra_with_deps": _variant(1530.0, True)}},
         "riscv64": {"date": "2026-12-01", "emulated": True,
-                    "variants": {"documented": _variant(900.0, False, False), "other": _variant(950.0, False)}},
+                    "variants": {"documented": _variant(900.0, False, "silent"), "other": _variant(950.0, False)}},
         "armv7l": {"date": "2026-12-01", "emulated": True, "variants": {}},
     }
     out = tmp_path / "install.json"
@@ -167,11 +176,13 @@ def test_install_mb_is_the_lightest_variant_that_ran_a_program_else_the_lightest
     results = json.loads(out.read_text())
     common = {"torch": "2.13.0", "date": "2026-12-01", "emulated": True}
     assert results["install_mb"] == {
-        "aarch64": {"mb": 4800.0, "variant": "torch_with_deps", "program_ran": True, "agent_answered": True} | common,
+        "aarch64": {"mb": 4800.0, "variant": "torch_with_deps", "program_ran": True, "agent_hello": True,
+                    "agent_advertised": False} | common,
         "armv7l": None,
-        "riscv64": {"mb": 900.0, "variant": "documented", "program_ran": False, "agent_answered": False} | common,
-        "x86_64": {"mb": 999.0, "variant": "documented", "program_ran": True, "agent_answered": None, "torch": "2.13.0",
-                   "emulated": False, "date": "2026-12-02"},
+        "riscv64": {"mb": 900.0, "variant": "documented", "program_ran": False, "agent_hello": False,
+                    "agent_advertised": False} | common,
+        "x86_64": {"mb": 999.0, "variant": "documented", "program_ran": True, "agent_hello": None,
+                   "agent_advertised": None, "torch": "2.13.0", "emulated": False, "date": "2026-12-02"},
     }
     assert results["platforms"] == platforms and out.with_suffix(".png").stat().st_size > 0
     assert not (tmp_path / "agent.json").exists()  # no agent results to add the figures to
@@ -182,9 +193,10 @@ def test_the_agent_results_beside_get_the_same_install_figures_and_keep_their_ow
     assert recorded_install_mb(tmp_path).startswith("not measured: no install.json in")
     agent.write_text(json.dumps({"idle_rss_mb": 48.1, "install_mb": {"x86_64": {"mb": 1.0}}}))
     write_results({"x86_64": {"date": "2026-12-01", "emulated": False,
-                              "variants": {"documented": _variant(1029.4, True, True)}}}, tmp_path / "install.json")
+                              "variants": {"documented": _variant(1029.4, True, "advertised")}}}, tmp_path / "install.json")
     figures = json.loads((tmp_path / "install.json").read_text())["install_mb"]
-    assert figures["x86_64"]["mb"] == 1029.4
+    assert (figures["x86_64"]["mb"], figures["x86_64"]["agent_hello"], figures["x86_64"]["agent_advertised"]) == \
+        (1029.4, True, True)
     assert json.loads(agent.read_text()) == {"idle_rss_mb": 48.1, "install_mb": figures}
     assert recorded_install_mb(tmp_path) == figures
     (tmp_path / "install.json").write_text('{"benchmark": "agent"}')
