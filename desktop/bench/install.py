@@ -684,8 +684,9 @@ def draw(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = [(f"{machine}\n{variant}\n{'ran' if v['program_ran'] else 'no program ran'}", v["venv_mb"],
-             v["packages_mb"]) for machine, entry in results["platforms"].items()
+    bars = [(f"{machine}{' (emulated)' if entry['emulated'] else ''}\n{variant}\n"
+             f"torch {v.get('packages', {}).get('torch', '?')}\n{'ran' if v['program_ran'] else 'no program ran'}",
+             v["venv_mb"], v["packages_mb"]) for machine, entry in results["platforms"].items()
             for variant, v in entry["variants"].items()]
     big = sorted({name for _, _, sizes in bars for name, mb in sizes.items() if mb >= 40})
     color = {name: f"C{i % 10}" for i, name in enumerate(big)}
@@ -696,7 +697,8 @@ def draw(results: dict, path: Path) -> None:
             if name not in color or mb < 40:
                 continue
             ax.bar(x, mb, bottom=bottom, color=color[name], edgecolor="white")
-            ax.text(x, bottom + mb / 2, f"{name} {mb:.0f}", ha="center", va="center", fontsize=7)
+            if mb >= 60:  # a label fits
+                ax.text(x, bottom + mb / 2, f"{name} {mb:.0f}", ha="center", va="center", fontsize=7)
             bottom += mb
         ax.bar(x, max(total - bottom, 0), bottom=bottom, color="lightgrey", edgecolor="white")
         ax.text(x, total, f"{total:.0f} MB", ha="center", va="bottom", fontsize=8)
@@ -704,7 +706,8 @@ def draw(results: dict, path: Path) -> None:
     ax.text(len(bars) - 0.5, 1000, "aarch64 target", color="red", fontsize=7, ha="right", va="bottom")
     ax.set_xticks(range(len(bars)), [label for label, _, _ in bars], fontsize=7)
     ax.set_ylabel("MiB on disk")
-    ax.set_title("The device agent's venv (grey: pip, setuptools, bytecode, packages under 40 MB)", fontsize=9)
+    ax.set_title("The device agent's venv (grey: pip, setuptools, bytecode, packages under 40 MB; "
+                 "unlabelled: under 60 MB)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
