@@ -28,7 +28,8 @@ The programs are the tiny random Llama's (2 layers, hidden 64) exported twice wi
 different trainable layers, so they share one weights file; the transfer figures add
 a synthetic weights file of `--weights-mb` random bytes (incompressible, as weights
 are to a byte compressor; the WebSocket compression is off anyway). `install_mb`
-is the install helper's. Timings come from whatever else the machine is doing:
+(the agent's fresh install per platform) is `deftly bench install`'s, read from the
+install.json beside agent.json (`desktop.bench.install.recorded_install_mb`). Timings come from whatever else the machine is doing:
 the JSON says how many cores it had and the load average at the start and end.
 """
 from __future__ import annotations
@@ -49,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from desktop.bench.install import recorded_install_mb
 from desktop.engine.client import AgentClient
 from desktop.engine.local import CuttableProxy, LocalAgent
 from shared.hashing import sha256_file
@@ -364,6 +366,7 @@ def run(args: argparse.Namespace) -> dict:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     histogram = results.pop("latency_histogram_ms")
+    results["install_mb"] = recorded_install_mb(out_dir)
     (out_dir / "agent.json").write_text(json.dumps(results, indent=2) + "\n")
     draw(results, histogram, out_dir / "agent.png")
     if args.work_dir is None:

@@ -16,8 +16,14 @@ programs (one XNNPACK-delegated, one on portable kernels only), and records per 
                   loss, g, step and logits from the same check in the environment running the bench
 * `commands`      the commands that built and checked it, as run
 
-`install_mb` is, per machine, the smallest variant in which a program ran (its MiB,
-its name, whether emulated, the date): the figure `deftly bench agent` reports.
+* `agent`         the venv's ``deftly-agent`` started on 127.0.0.1: its hello over the WebSocket and
+                  its zeroconf advert, as the desktop's client and browser see them (`agent_answers`)
+
+`install_mb` is, per machine, the smallest variant in which a program ran, else the smallest built
+(`install_figure`: its MiB, its name, whether a program ran, whether its agent said hello and was
+seen advertising, torch's version,
+whether emulated, the date). `deftly bench agent` reports the same under the same key in agent.json,
+read from this file (`recorded_install_mb`), and this bench refreshes that key when agent.json is there.
 
 The host is measured unless `--no-host`. `--root DIR` adds a Debian root of another architecture,
 run with ``chroot`` through the kernel's binfmt_misc and qemu-user (README, "Run an
@@ -30,6 +36,7 @@ Platforms not measured in a run keep their last entry, with its date.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import datetime as dt
 import json
@@ -40,6 +47,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -117,13 +125,25 @@ class Platform:
 
         PYTHONPATH would put a working tree's packages before the venv's own install.
         """
+        command, options = self._command(argv, cwd)
+        return subprocess.run(command, **options, capture_output=True, text=True, timeout=timeout)
+
+    def start(self, argv: list[str], stderr: Path, cwd: str = "/") -> subprocess.Popen:
+        """Start ``argv`` as `run` would, without waiting: its stdout a text pipe, its stderr into ``stderr``
+        (a path here). Inside a root the process is the same one (``exec``), so signals reach it."""
+        command, options = self._command(argv, cwd)
+        with open(stderr, "wb") as err:
+            return subprocess.Popen(command, **options, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=err, text=True)
+
+    def _command(self, argv: list[str], cwd: str) -> tuple[list[str], dict]:
         if self.root is None:
             env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-            return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+            return argv, {"cwd": cwd, "env": env}
         # A clean environment: the host's pip settings (its local wheel folders) are not the device's.
-        command = ["chroot", str(self.root), "/usr/bin/env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin",
-                   "HOME=/root", "LANG=C.UTF-8", *(f"{k}={v}" for k, v in self.env.items()), "/bin/sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", cwd, *argv]
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        return ["chroot", str(self.root), "/usr/bin/env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/root",
+                "LANG=C.UTF-8", *(f"{k}={v}" for k, v in self.env.items()), "/bin/sh", "-c",
+                'cd "$1" && shift && exec "$@"', "sh", cwd, *argv], {}
 
     def host_path(self, path: str) -> Path:
         return Path(path) if self.root is None else self.root / path.lstrip("/")
@@ -272,6 +292,131 @@ def _report(stdout: str) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
+AGENT_START_TIMEOUT_S = 600.0  # to its banner's last line: under qemu-user, importing websockets and zeroconf is slow
+ADVERT_TIMEOUT_S = 60.0  # from the hello to its advert seen by a browser on 127.0.0.1
+_BANNER_ID = re.compile(r"^deftly-agent .* \(id (?P<id>[^)]+)\)")
+_BANNER_PORT = re.compile(r"^listening on ws://127\.0\.0\.1:(?P<port>\d+)/")
+
+
+def agent_answers(platform_: Platform, python: str, state_dir: str, advertise: bool = True,
+                  start_timeout_s: float = AGENT_START_TIMEOUT_S, advert_timeout_s: float = ADVERT_TIMEOUT_S) -> dict:
+    """Start the venv's ``deftly-agent`` (``python -m device_agent.cli``) on 127.0.0.1, say hello to it over its
+    WebSocket with the desktop's client, and browse for its advert on 127.0.0.1; then stop it.
+
+    An idle agent imports no torch, so this says whether an install can be found and paired even where
+    no program runs in it. An agent that said no hello (under qemu-user, zeroconf's socket set-up fails
+    and the agent exits) is started once more with ``--no-advertise``: ``without_advert`` says whether
+    it is reachable by address.
+
+    Args:
+        advertise: start it with ``--advertise`` (else ``--no-advertise``, and no advert is looked for).
+
+    Returns:
+        ``started`` and ``start_s`` (to its banner's last line); ``hello`` (what its Welcome says of it) and
+        ``advertised`` (its advert's TXT as the desktop read it), each None when it did not come, with
+        ``error`` saying why, and ``exited`` (its status and stderr) if it was no longer running;
+        ``answered``: both came (with ``advertise``; else the hello).
+    """
+    outcome = _agent_session(platform_, python, state_dir, advertise, start_timeout_s, advert_timeout_s)
+    if advertise and outcome["hello"] is None and outcome["started"]:
+        outcome["without_advert"] = agent_answers(platform_, python, state_dir, False, start_timeout_s)
+    outcome["answered"] = outcome["hello"] is not None and (outcome["advertised"] is not None or not advertise)
+    return outcome
+
+
+def _agent_session(platform_: Platform, python: str, state_dir: str, advertise: bool, start_timeout_s: float,
+                   advert_timeout_s: float) -> dict:
+    shutil.rmtree(platform_.host_path(state_dir), ignore_errors=True)
+    platform_.host_path(state_dir).mkdir(parents=True)
+    stderr = platform_.host_path(state_dir).with_suffix(".stderr")
+    argv = [python, "-m", "device_agent.cli", "--name", "bench-install", "--host", "127.0.0.1", "--port", "0",
+            "--state-dir", state_dir, "--advertise" if advertise else "--no-advertise"]
+    start = time.perf_counter()
+    process = platform_.start(argv, stderr)
+    outcome: dict = {"started": False, "hello": None, "advertised": None}
+    try:
+        banner = _banner(process, start_timeout_s)
+        ids = [m["id"] for m in map(_BANNER_ID.match, banner) if m]
+        ports = [int(m["port"]) for m in map(_BANNER_PORT.match, banner) if m]
+        tokens = [line.split(": ", 1)[1] for line in banner if line.startswith("pairing token: ")]
+        if not (ids and ports and tokens and banner[-1].startswith("advertising" if advertise else "not advertising")):
+            outcome["error"] = f"no banner in {start_timeout_s:.0f} s: {banner}"
+            try:  # its stdout ended: it is exiting (else it hangs, and is stopped below)
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            outcome |= {"started": True, "start_s": round(time.perf_counter() - start, 1)}
+            outcome |= asyncio.run(_greet(ids[0], ports[0], tokens[0], advert_timeout_s if advertise else None))
+        if process.poll() is not None:  # it should still be serving: say how it ended
+            tail = [line for line in stderr.read_text(errors="replace").splitlines() if "INFO" not in line][-5:]
+            outcome["exited"] = {"returncode": process.returncode, "stderr": tail}
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        shutil.rmtree(platform_.host_path(state_dir), ignore_errors=True)
+        stderr.unlink(missing_ok=True)
+    return outcome
+
+
+def _banner(process: subprocess.Popen, timeout_s: float) -> list[str]:
+    """The agent's start-up lines, up to the one about advertising (or until it exits, or the timeout)."""
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith(("advertising", "not advertising")):
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    return list(lines)
+
+
+async def _greet(agent_id: str, port: int, token: str, advert_timeout_s: float | None) -> dict:
+    """Hello over the WebSocket, then the agent's advert from a browser on 127.0.0.1 (matched by its id;
+    not looked for when ``advert_timeout_s`` is None)."""
+    from desktop.engine.client import AgentClient, AgentError
+    from desktop.engine.discovery import Browser
+
+    seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def on_seen(advert) -> None:
+        if advert.id == agent_id and not seen.done():
+            seen.set_result(advert)
+
+    found: dict = {}
+    browser = Browser(on_seen, lambda _advert: None, interfaces=["127.0.0.1"])
+    client = AgentClient(f"127.0.0.1:{port}", token, "bench-install", reconnect=False)
+    try:
+        await browser.start()
+        try:
+            welcome = await client.connect()
+            found["hello"] = {"id": welcome.agent.id, "arch": welcome.agent.arch, "runtime": welcome.agent.runtime,
+                              "protocol": welcome.agent.protocol, "version": welcome.agent.version}
+        except AgentError as exc:
+            found["error"] = f"hello: {exc}"
+        if advert_timeout_s is None:
+            return found
+        try:
+            advert = await asyncio.wait_for(seen, advert_timeout_s)
+            found["advertised"] = {"arch": advert.arch, "runtime": advert.runtime, "protocol": advert.protocol,
+                                   "address": advert.address}
+        except TimeoutError:
+            found["error"] = f"{found.get('error', '')}; no advert in {advert_timeout_s:.0f} s".lstrip("; ")
+    finally:
+        await client.close()
+        await browser.close()
+    return found
+
+
 def disk_bytes(path: Path) -> int:
     """Disk use of a directory tree in bytes, as ``du -s`` counts it: allocated blocks, each inode once."""
     seen, total = set(), 0
@@ -399,6 +544,7 @@ def measure_variant(platform_: Platform, scratch: str, wheel: str, variant: str,
             outcome["error"] = run.get("error") or check["stderr"] or "no report"
         entry["programs"][name] = outcome
     entry["program_ran"] = any(outcome["ran"] for outcome in entry["programs"].values())
+    entry["agent"] = agent_answers(platform_, f"{venv}/bin/python", f"{scratch}/agent-state-{variant}")
     shutil.rmtree(platform_.host_path(venv), ignore_errors=True)
     return entry
 
@@ -438,13 +584,39 @@ def measure_platform(platform_: Platform, wheel: Path, programs: dict[str, Path]
     return entry
 
 
-def lightest_running(entry: dict) -> dict | None:
-    """The smallest variant of a platform in which a program ran: its name and size; None if none ran."""
-    ran = [(v["venv_mb"], name) for name, v in entry["variants"].items() if v["program_ran"]]
-    if not ran:
+def install_figure(entry: dict) -> dict | None:
+    """A platform's install figure: its smallest variant in which a program ran or, where none ran, its
+    smallest variant built (``program_ran`` false says so); None when it has no variant.
+
+    Returns:
+        ``mb``, ``variant``, ``program_ran``, ``agent_hello`` (its agent said hello, advertising or, that
+        failing, by address) and ``agent_advertised`` (it was seen advertising; both None for an entry
+        measured before that check), ``torch`` (the version installed), ``emulated`` and ``date``.
+    """
+    variants = entry["variants"]
+    if not variants:
         return None
-    mb, name = min(ran)
-    return {"mb": mb, "variant": name, "emulated": entry["emulated"], "date": entry["date"]}
+    ran = [(v["venv_mb"], name) for name, v in variants.items() if v["program_ran"]]
+    mb, name = min(ran or [(v["venv_mb"], name) for name, v in variants.items()])
+    variant = variants[name]
+    agent = variant.get("agent")
+    hello = None if agent is None else agent["hello"] is not None or \
+        (agent.get("without_advert") or {}).get("hello") is not None
+    return {"mb": mb, "variant": name, "program_ran": variant["program_ran"], "agent_hello": hello,
+            "agent_advertised": None if agent is None else agent["advertised"] is not None,
+            "torch": variant.get("packages", {}).get("torch"), "emulated": entry["emulated"], "date": entry["date"]}
+
+
+def recorded_install_mb(out_dir: Path) -> dict | str:
+    """install.json's ``install_mb`` (per platform) in ``out_dir``: what ``deftly bench agent`` reports under
+    that key; a sentence when no ``deftly bench install`` result is there."""
+    path = Path(out_dir) / "install.json"
+    if not path.exists():
+        return f"not measured: no {path.name} in {out_dir} (run deftly bench install)"
+    try:
+        return json.loads(path.read_text())["install_mb"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise InputError(f"{path}: not a deftly bench install result ({type(exc).__name__}: {exc})") from None
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -489,13 +661,20 @@ def write_results(platforms: dict[str, dict], out: Path) -> None:
     results = {
         "benchmark": "install",
         "requirements": REQUIREMENTS.name,
-        "install_mb": {machine: lightest_running(entry) for machine, entry in sorted(platforms.items())},
+        "install_mb": {machine: install_figure(entry) for machine, entry in sorted(platforms.items())},
         "target": TARGET,
         "platforms": dict(sorted(platforms.items())),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     draw(results, out.with_suffix(".png"))
+    # agent.json beside it reports the same figures under the same key (issue 20's list of agent keys):
+    # refreshed here from this file, as `deftly bench agent` reads them from it, never typed in.
+    agent = out.parent / "agent.json"
+    if agent.exists():
+        agent_results = json.loads(agent.read_text())
+        agent_results["install_mb"] = recorded_install_mb(out.parent)
+        agent.write_text(json.dumps(agent_results, indent=2) + "\n")
 
 
 def draw(results: dict, path: Path) -> None:
@@ -505,8 +684,9 @@ def draw(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = [(f"{machine}\n{variant}\n{'ran' if v['program_ran'] else 'no program ran'}", v["venv_mb"],
-             v["packages_mb"]) for machine, entry in results["platforms"].items()
+    bars = [(f"{machine}{' (emulated)' if entry['emulated'] else ''}\n{variant}\n"
+             f"torch {v.get('packages', {}).get('torch', '?')}\n{'ran' if v['program_ran'] else 'no program ran'}",
+             v["venv_mb"], v["packages_mb"]) for machine, entry in results["platforms"].items()
             for variant, v in entry["variants"].items()]
     big = sorted({name for _, _, sizes in bars for name, mb in sizes.items() if mb >= 40})
     color = {name: f"C{i % 10}" for i, name in enumerate(big)}
@@ -517,7 +697,8 @@ def draw(results: dict, path: Path) -> None:
             if name not in color or mb < 40:
                 continue
             ax.bar(x, mb, bottom=bottom, color=color[name], edgecolor="white")
-            ax.text(x, bottom + mb / 2, f"{name} {mb:.0f}", ha="center", va="center", fontsize=7)
+            if mb >= 60:  # a label fits
+                ax.text(x, bottom + mb / 2, f"{name} {mb:.0f}", ha="center", va="center", fontsize=7)
             bottom += mb
         ax.bar(x, max(total - bottom, 0), bottom=bottom, color="lightgrey", edgecolor="white")
         ax.text(x, total, f"{total:.0f} MB", ha="center", va="bottom", fontsize=8)
@@ -525,7 +706,8 @@ def draw(results: dict, path: Path) -> None:
     ax.text(len(bars) - 0.5, 1000, "aarch64 target", color="red", fontsize=7, ha="right", va="bottom")
     ax.set_xticks(range(len(bars)), [label for label, _, _ in bars], fontsize=7)
     ax.set_ylabel("MiB on disk")
-    ax.set_title("The device agent's venv (grey: pip, setuptools, bytecode, packages under 40 MB)", fontsize=9)
+    ax.set_title("The device agent's venv (grey: pip, setuptools, bytecode, packages under 40 MB; "
+                 "unlabelled: under 60 MB)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from desktop.bench.install import (
     REPO,
     REQUIREMENTS,
     Platform,
+    agent_answers,
     build_agent_venv,
     canonical,
     disk_bytes,
@@ -26,6 +28,7 @@ from desktop.bench.install import (
     package_sizes,
     project_wheel,
     read_pins,
+    recorded_install_mb,
     selfcheck,
     venv_mb,
     write_results,
@@ -142,25 +145,88 @@ def test_a_venv_built_the_documented_way_runs_a_program(tiny_program, tmp_path) 
     assert np.isfinite(check["run"]["loss"]) and check["run"]["b_step_norm"] > 0
 
 
-def _variant(mb: float, ran: bool) -> dict:
-    return {"venv_mb": mb, "packages_mb": {"torch": mb * 0.7, "numpy": 60.0}, "program_ran": ran,
-            "programs": {"portable": {"ran": ran}}}
+_HELLO = {"arch": "aarch64", "protocol": 1}
 
 
-def test_install_mb_is_the_lightest_variant_that_ran_a_program(tmp_path) -> None:
+def _variant(mb: float, ran: bool, agent: str | None = None) -> dict:
+    """A measured variant; ``agent``: "advertised", "by address" (hello only with --no-advertise), "silent"."""
+    variant = {"venv_mb": mb, "packages_mb": {"torch": mb * 0.7, "numpy": 60.0}, "packages": {"torch": "2.13.0"},
+               "program_ran": ran, "programs": {"portable": {"ran": ran}}}
+    if agent == "advertised":
+        variant["agent"] = {"hello": _HELLO, "advertised": {"arch": "aarch64"}, "answered": True}
+    elif agent is not None:
+        again = {"hello": _HELLO if agent == "by address" else None, "advertised": None}
+        variant["agent"] = {"hello": None, "advertised": None, "answered": False, "without_advert": again}
+    return variant
+
+
+def test_install_mb_is_the_lightest_variant_that_ran_a_program_else_the_lightest_built(tmp_path) -> None:
     platforms = {
         "aarch64": {"date": "2026-12-01", "emulated": True,
-                    "variants": {"documented": _variant(1100.0, False), "torch_with_deps": _variant(4800.0, True)}},
-        "x86_64": {"date": "2026-12-01", "emulated": False,
+                    "variants": {"documented": _variant(1100.0, False, "by address"),
+                                 "torch_with_deps": _variant(4800.0, True, "by address")}},
+        "x86_64": {"date": "2026-12-02", "emulated": False,
                    "variants": {"documented": _variant(999.0, True), "extra_with_deps": _variant(1530.0, True)}},
-        "riscv64": {"date": "2026-12-01", "emulated": True, "variants": {"documented": _variant(900.0, False)}},
+        "riscv64": {"date": "2026-12-01", "emulated": True,
+                    "variants": {"documented": _variant(900.0, False, "silent"), "other": _variant(950.0, False)}},
+        "armv7l": {"date": "2026-12-01", "emulated": True, "variants": {}},
     }
     out = tmp_path / "install.json"
     write_results(platforms, out)
     results = json.loads(out.read_text())
+    common = {"torch": "2.13.0", "date": "2026-12-01", "emulated": True}
     assert results["install_mb"] == {
-        "aarch64": {"mb": 4800.0, "variant": "torch_with_deps", "emulated": True, "date": "2026-12-01"},
-        "riscv64": None,
-        "x86_64": {"mb": 999.0, "variant": "documented", "emulated": False, "date": "2026-12-01"},
+        "aarch64": {"mb": 4800.0, "variant": "torch_with_deps", "program_ran": True, "agent_hello": True,
+                    "agent_advertised": False} | common,
+        "armv7l": None,
+        "riscv64": {"mb": 900.0, "variant": "documented", "program_ran": False, "agent_hello": False,
+                    "agent_advertised": False} | common,
+        "x86_64": {"mb": 999.0, "variant": "documented", "program_ran": True, "agent_hello": None,
+                   "agent_advertised": None, "torch": "2.13.0", "emulated": False, "date": "2026-12-02"},
     }
     assert results["platforms"] == platforms and out.with_suffix(".png").stat().st_size > 0
+    assert not (tmp_path / "agent.json").exists()  # no agent results to add the figures to
+
+
+def test_the_agent_results_beside_get_the_same_install_figures_and_keep_their_own(tmp_path) -> None:
+    agent = tmp_path / "agent.json"
+    assert recorded_install_mb(tmp_path).startswith("not measured: no install.json in")
+    agent.write_text(json.dumps({"idle_rss_mb": 48.1, "install_mb": {"x86_64": {"mb": 1.0}}}))
+    write_results({"x86_64": {"date": "2026-12-01", "emulated": False,
+                              "variants": {"documented": _variant(1029.4, True, "advertised")}}}, tmp_path / "install.json")
+    figures = json.loads((tmp_path / "install.json").read_text())["install_mb"]
+    assert (figures["x86_64"]["mb"], figures["x86_64"]["agent_hello"], figures["x86_64"]["agent_advertised"]) == \
+        (1029.4, True, True)
+    assert json.loads(agent.read_text()) == {"idle_rss_mb": 48.1, "install_mb": figures}
+    assert recorded_install_mb(tmp_path) == figures
+    (tmp_path / "install.json").write_text('{"benchmark": "agent"}')
+    with pytest.raises(InputError, match=r"install.json: not a deftly bench install result \(KeyError"):
+        recorded_install_mb(tmp_path)
+
+
+def test_an_installed_agent_says_hello_and_is_seen_advertising_then_stops(tmp_path) -> None:
+    # This environment's agent (a real process on 127.0.0.1), as the bench checks each fresh venv's.
+    started: list = []
+    host = Platform(sys.executable)
+    start = host.start
+    host.start = lambda *args, **kwargs: started.append(start(*args, **kwargs)) or started[-1]
+    outcome = agent_answers(host, sys.executable, str(tmp_path / "state"))
+    assert outcome["answered"] and outcome["started"], outcome
+    assert outcome["hello"]["arch"] == outcome["advertised"]["arch"] == platform.machine()
+    assert outcome["advertised"]["address"].startswith("127.0.0.1:")
+    assert started[0].poll() is not None and not (tmp_path / "state").exists()
+    assert "without_advert" not in outcome  # asked only of an agent that said no hello
+
+    by_address = agent_answers(host, sys.executable, str(tmp_path / "state"), advertise=False)
+    assert by_address["answered"] and by_address["advertised"] is None and by_address["hello"]["protocol"] == 1
+    assert started[1].poll() is not None
+
+
+def test_an_install_without_the_agent_is_reported_as_not_started(tmp_path) -> None:
+    # The base interpreter has neither the project nor websockets: the agent exits at once, and the check says why.
+    outcome = agent_answers(Platform(sys.executable), getattr(sys, "_base_executable", sys.executable),
+                            str(tmp_path / "state"), start_timeout_s=60)
+    assert outcome == {"started": False, "hello": None, "advertised": None, "answered": False,
+                       "error": "no banner in 60 s: []", "exited": outcome["exited"]}
+    assert outcome["exited"]["returncode"] == 1
+    assert any("ModuleNotFoundError" in line for line in outcome["exited"]["stderr"]), outcome["exited"]
