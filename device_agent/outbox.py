@@ -10,6 +10,8 @@ Lines are flushed as they are written (they survive the process being killed);
 a round result is also fsynced (it survives a power cut). A line cut off by a
 kill mid-write is dropped when the file is read back. Acknowledged lines are
 removed by rewriting the file every ``OUTBOX_COMPACT_EVERY`` acknowledgements.
+A round result carries the rate it is sent at (``RoundDone.paced_bytes_per_s``),
+so its replay after a restart is paced as its first sending was.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import bisect
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, NamedTuple, Union
 
 from shared.events import Step
 from shared.files import write_bytes_atomic
@@ -26,6 +28,14 @@ from shared.protocol_limits import METRICS_PER_FRAME, OUTBOX_COMPACT_EVERY
 
 log = logging.getLogger("deftly.agent.outbox")
 Entry = Union[Metric, RoundDone]
+
+
+class OutFrame(NamedTuple):
+    """One frame to send: what it carries up to, its text, and the rate it goes no faster than."""
+
+    last_seq: int  # the last seq in the frame
+    text: str  # the encoded message
+    paced_bytes_per_s: float | None = None  # a round result's RoundDone.paced_bytes_per_s; None: unpaced
 
 
 class Outbox:
@@ -122,18 +132,19 @@ class Outbox:
     def _message(self, entry: Entry):
         return StepMetrics(metrics=(entry,), simulated=self.simulated) if isinstance(entry, Metric) else entry
 
-    def frames_after(self, seq: int) -> list[tuple[int, str]]:
+    def frames_after(self, seq: int) -> list[OutFrame]:
         """The entries past ``seq`` as wire frames, consecutive metrics coalesced (up to METRICS_PER_FRAME).
 
         Returns:
-            (the last seq in the frame, the frame) pairs, in order.
+            the frames, in order; a round result's with the rate it goes out at (read back with it
+            from the file after a restart).
         """
-        frames: list[tuple[int, str]] = []
+        frames: list[OutFrame] = []
         run: list[Metric] = []
 
         def flush() -> None:
             if run:
-                frames.append((run[-1].seq, encode(StepMetrics(metrics=tuple(run), simulated=self.simulated))))
+                frames.append(OutFrame(run[-1].seq, encode(StepMetrics(metrics=tuple(run), simulated=self.simulated))))
                 run.clear()
 
         for entry in self.entries[bisect.bisect_right(self.entries, seq, key=lambda e: e.seq):]:
@@ -143,7 +154,7 @@ class Outbox:
                     flush()
             else:
                 flush()
-                frames.append((entry.seq, encode(entry)))
+                frames.append(OutFrame(entry.seq, encode(entry), entry.paced_bytes_per_s))
         flush()
         return frames
 

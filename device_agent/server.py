@@ -18,7 +18,8 @@ when the link drops, its metrics and result wait in the persistent outbox
 its desktop has not acknowledged. A round's RoundDone goes out no faster than the
 rate its StartRound allotted (``link_bytes_per_s``: the plan's share of the link,
 ``shared.pacing``), as the desktop sent the StartRound, so the round's transfers
-take what the plan predicts they take.
+take what the plan predicts they take; the rate is in the RoundDone the outbox
+keeps, so a replay after a restart is paced the same.
 
 State dir (``--state-dir``)::
 
@@ -145,8 +146,6 @@ class Agent:
         # already holds a probe's files (nothing crosses the link again) can still be profiled
         self._link_bytes_per_s: float | None = self._read_link()
         self._round_task: asyncio.Task | None = None
-        # seq of a RoundDone -> the rate its StartRound allotted (sent no faster; kept until acknowledged)
-        self._paced: dict[int, float] = {}
         self._round: RoundState | None = None
         self._control = _RoundControl()
         self._phase = "idle"
@@ -339,15 +338,15 @@ class Agent:
                 if not frames:
                     await wake.wait()
                     continue
-                for last, frame in frames:
-                    pace = paced_rate(self.shaper, self._paced.get(last))
+                for frame in frames:
+                    pace = paced_rate(self.shaper, frame.paced_bytes_per_s)
                     if pace is not None:
-                        await ws.send(paced_fragments(frame, pace))
+                        await ws.send(paced_fragments(frame.text, pace))
                     else:
                         if self.shaper is not None:
-                            await self.shaper.carry(len(frame))
-                        await ws.send(frame)
-                    sent = last
+                            await self.shaper.carry(len(frame.text))
+                        await ws.send(frame.text)
+                    sent = frame.last_seq
         except ConnectionClosed:
             pass
         finally:
@@ -366,7 +365,6 @@ class Agent:
     async def _on_message(self, ws: ServerConnection, message) -> None:
         if isinstance(message, Ack):
             self.outbox.ack(message.seq)
-            self._paced = {seq: rate for seq, rate in self._paced.items() if seq > self.outbox.acked_seq}
         elif isinstance(message, Offer):
             have = await asyncio.to_thread(self.store.offer, message)
             self._offers[message.sha256] = message.id
@@ -575,9 +573,8 @@ class Agent:
                 seq=seq, round=request.round, program=request.program, device=self.info.name, steps=state.step,
                 stopped=state.step < request.k, block_offset=runner.span.offset, block_size=runner.span.size,
                 b_block=encode_f32(block), seconds=state.seconds, mean_loss=state.loss_sum / max(state.step, 1),
-                simulated=self.info.simulated, resumed_at=state.resumed_at))
-            if request.link_bytes_per_s is not None:  # before any await: the outbox sender reads it
-                self._paced[done.seq] = request.link_bytes_per_s
+                simulated=self.info.simulated, resumed_at=state.resumed_at,
+                paced_bytes_per_s=request.link_bytes_per_s))  # in the outbox with it: a replay is paced too
             control.finished = True
             self._completed = {"round": request.round, "key": state.key, "seq": done.seq, "steps": state.step}
             write_bytes_atomic(self.state_dir / "completed.json", json.dumps(self._completed).encode())

@@ -84,6 +84,9 @@ class Plan:
     boundary_method: str = "given"
     boundary_lower_bound_s: float | None = None  # no contiguous split is faster (chosen splits only)
     notes: tuple[str, ...] = ()            # what the planner had to decide for the user, in words
+    # The share of steps at each length the step times were priced at (the job's step_mix;
+    # () = every step at the job's full length).
+    step_mix: tuple[tuple[int, float], ...] = ()
 
     def to_dict(self) -> dict:
         """Plain data for JSON (inf becomes None)."""
@@ -269,7 +272,7 @@ def plan(fleet: Fleet, job: Job, config: PlannerConfig = PlannerConfig()) -> Pla
         exact_round_s=exact.round_s, dual_round_s=None if dual is None else dual.round_s,
         dual_gap=None if dual is None else (dual.round_s / exact.round_s - 1.0 if exact.round_s > 0 else 0.0),
         baselines=baselines, boundary_method=method,
-        boundary_lower_bound_s=bound if chosen else None, notes=tuple(notes),
+        boundary_lower_bound_s=bound if chosen else None, notes=tuple(notes), step_mix=job.step_mix,
     )
 
 

@@ -400,10 +400,15 @@ class RoundDone:
     mean_loss: float | None = None
     simulated: str | None = None
     resumed_at: int = 0  # the step it continued from after a restart (0: ran in one go)
+    # The rate it goes out no faster than: its StartRound's link_bytes_per_s. Kept in the message, so the
+    # agent's outbox holds it with the result and a replay after a restart is paced the same. None: unpaced.
+    paced_bytes_per_s: float | None = None
 
     def __post_init__(self) -> None:
         _check_count(self.seq, "RoundDone.seq", least=1)
         _check_counts(self, "steps", "block_offset", "block_size")
+        if self.paced_bytes_per_s is not None:
+            _check_finite(self.paced_bytes_per_s, "RoundDone.paced_bytes_per_s", positive=True)
         decode_f32(self.b_block, self.block_size, "RoundDone.b_block")
 
     def b_block_array(self) -> np.ndarray:

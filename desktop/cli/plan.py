@@ -4,7 +4,7 @@ Parses, calls `shared.planner.plan`, prints.  Examples:
 
     deftly plan --fleet assets/fleets/lab3.toml --job assets/jobs/smollm2.toml [--json]
     deftly plan --fleet fleet.json --programs runs/demo/step.manifest.json \
-                --probe runs/probe-fp32 --profile runs/probe-fp32/profile.json
+                --probe runs/probe-fp32 --profile runs/probe-fp32/profile.json [--rounds 5 --local-steps 10]
 """
 from __future__ import annotations
 
@@ -30,7 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--probe", type=Path, help="with --programs: the probe the --profile was measured with")
     parser.add_argument("--profile", type=Path, help="with --programs: a measured profile (deftly profile) whose "
                                                      "memory terms stand for every device")
-    parser.add_argument("--local-steps", type=int, default=5, help="with --programs: steps per round (default 5)")
+    parser.add_argument("--rounds", type=int, help="with --programs: rounds of the run the length mix is counted "
+                                                   "for (default: deftly run's engine's, 5)")
+    parser.add_argument("--local-steps", type=int, help="with --programs: steps per device per round "
+                                                        "(default: the engine's, 10)")
+    parser.add_argument("--seed", type=int, default=0, help="with --programs: the run's seed, which cuts the data "
+                                                            "shards and orders the batches (default 0, as deftly run)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     parser.add_argument("--solver", choices=("exact", "dual"), default="exact",
                         help="joint solver: exact T-search (default) or dual ascent")
@@ -51,20 +56,24 @@ def _seconds(value: float) -> str:
     return "infeasible" if not math.isfinite(value) else f"{value:.2f} s"
 
 
-def _job(args: argparse.Namespace):
+def _job(args: argparse.Namespace, devices: int):
     if args.job is not None:
         return load_job(args.job)
     from desktop.measured import load_measured_job, load_profile
 
     if args.probe is None or args.profile is None:
         raise InputError("--programs needs --probe and --profile (the job's memory is measured, not written)")
-    if args.local_steps < 1:
-        raise InputError("--local-steps must be at least 1")
-    return load_measured_job(args.programs, args.probe, load_profile(args.profile), args.local_steps)
+    return load_measured_job(args.programs, args.probe, load_profile(args.profile), devices, rounds=args.rounds,
+                             local_steps=args.local_steps, seed=args.seed)
+
+
+def _mix(step_mix) -> str:
+    return ", ".join(f"T={length} {100 * share:.0f} %" for length, share in step_mix)
 
 
 def run(args: argparse.Namespace) -> int:
-    fleet, job = load_fleet(args.fleet), _job(args)
+    fleet = load_fleet(args.fleet)
+    job = _job(args, len(fleet.devices))
     config = PlannerConfig(solver=args.solver, choose_boundaries=not args.equal_blocks, random_seeds=args.seeds)
     result = plan(fleet, job, config)
     if args.json:
@@ -73,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"plan for job {result.job!r} on fleet {result.fleet!r}  ({result.solver} solver)")
     print(_table(summary_rows(result)))
     print(f"\nround latency: {result.round_s:.2f} s")
+    if result.step_mix:
+        print(f"steps priced at each length: {_mix(result.step_mix)}")
     if result.dual_round_s is not None and result.dual_gap is not None:
         print(f"dual ascent: {result.dual_round_s:.2f} s, gap to exact {100 * result.dual_gap:.2f} %")
     if result.boundaries_chosen and result.boundary_saving is not None:

@@ -76,7 +76,7 @@ from device_agent.trainer import step_lengths
 from desktop.engine.predict import (
     Calibration, TrainerPosition, lengths_of_round, predicted_round_s, round_compute_s,
 )
-from desktop.engine.shards import shard_indices, shard_split, step_mix, write_shard
+from desktop.engine.shards import cut_shards, job_buckets, run_step_mix, write_shard
 from desktop.engine.state import EngineState
 from shared.blocks import BlockSpan, merge_b
 from shared.errors import InputError
@@ -91,6 +91,8 @@ log = logging.getLogger("deftly.engine")
 DISCOVER_S = 5.0  # with --discover and no device count: browse this long after the first device
 SYNC_INTERVAL_S = 0.2  # metrics.jsonl is fsynced this often (each line is written before its ack)
 LEFT_ALONE = "not one of this run's agents: left alone"  # a card's detail for an agent pair_only leaves out
+DEFAULT_ROUNDS = 5  # a run's rounds, unless told (`deftly plan --programs` prices the same run)
+DEFAULT_LOCAL_STEPS = 10  # K, steps per device per round, likewise
 STOP_WAIT_S = 30.0  # after stop(): wait this long for the agents' stopped rounds before giving up
 STALL_FACTOR = 20.0  # a connected device silent for this many predicted step times (or ...
 STALL_MIN_S = 300.0
@@ -103,8 +105,8 @@ class EngineConfig:
 
     job: JobSpec
     out: Path  # the run directory, runs/NAME
-    rounds: int = 5
-    local_steps: int = 10  # K: steps per device per round
+    rounds: int = DEFAULT_ROUNDS
+    local_steps: int = DEFAULT_LOCAL_STEPS  # K: steps per device per round
     agents: tuple[str, ...] = ()  # "[TOKEN@]HOST:PORT" of agents added by address
     discover: bool = False  # browse _deftly._tcp.local. too
     pair_only: tuple[str, ...] | None = None  # discovered agents to pair, by agent id or "HOST:PORT" as advertised
@@ -892,12 +894,11 @@ class Engine:
 
         train = self._data()["train"]
         splits = [load_splits(d.shard)["train"] if d.shard is not None else train for d in devices]
-        return step_mix(splits, self._buckets(), self.manifest.batch_size, self.config.rounds * self.config.local_steps,
-                        seed=self.config.seed, batches=self.manifest.batches)
+        return run_step_mix(self.manifest, splits, self.config.rounds, self.config.local_steps, seed=self.config.seed)
 
     def _buckets(self) -> list[int]:
         """The lengths the programs' steps run at: the shorter buckets and the full length."""
-        return sorted(int(t) for t in self.manifest.eval_buckets) or [self.manifest.seq_len]
+        return job_buckets(self.manifest)
 
     def _predict_round(self, device: _Device, part: Assignment, r: int) -> float:
         """The device's round r, predicted at the lengths its trainer draws next (desktop.engine.predict)."""
@@ -942,8 +943,8 @@ class Engine:
         if not have:
             takers = sorted((d for d in self._devices.values() if d.agent_id and not d.private_data),
                             key=lambda d: d.label)
-            for device, rows in zip(takers, shard_indices(train.labels, len(takers), seed=self.config.seed)):
-                path = write_shard(self.run_dir.shards_dir / f"{_safe(device.label)}.npz", shard_split(train, rows))
+            for device, shard in zip(takers, cut_shards(train, len(takers), seed=self.config.seed)):
+                path = write_shard(self.run_dir.shards_dir / f"{_safe(device.label)}.npz", shard)
                 device.shard, device.shard_sha = path, sha256_file(path)
             want = [d for d in want if d.shard is None]
         for device in want:  # joined after the cut: the shard of a device that left, else the largest

@@ -404,6 +404,42 @@ def test_a_round_allotted_a_low_rate_moves_its_b_down_and_its_block_up_no_faster
     assert upload >= block_bytes / rate
 
 
+def test_a_round_result_replayed_after_a_restart_goes_out_at_the_rate_its_round_was_allotted(
+        agents, agent_program) -> None:
+    agent = agents()
+    rate = 3000.0  # bytes/s: the tiny block's RoundDone (about 4.4 KB) takes about 1.5 s
+    loop_time = lambda: asyncio.get_running_loop().time()  # noqa: E731
+    welcomes: list[tuple[float, Welcome]] = []
+    results: list[tuple[float, object]] = []
+
+    async def go() -> None:
+        desk = AgentClient(agent.address, agent.token, desktop_id="desk-A",
+                           on_connection=lambda w: w and welcomes.append((loop_time(), w)),
+                           on_round_done=lambda d: results.append((loop_time(), d)))
+        await desk.connect()
+        try:
+            program = await desk.send_program(agent_program.manifest)
+            await desk.send_data_shard(agent_program.data)
+            await desk.start_round(0, program, np.zeros(B_SIZE, np.float32), k=2, lr=LR, eps=EPS,
+                                   link_bytes_per_s=rate)
+            while not (agent.state_dir / "completed.json").exists():  # the result is in the outbox, going out
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(agent.restart)  # SIGKILL well before the paced frame is through
+            await desk.round_result(0, timeout_s=60)
+        finally:
+            await desk.close()
+
+    run(go())
+    assert len(welcomes) >= 2  # the first connection's, then the restarted agent's
+    welcomed, back = welcomes[-1]
+    assert back.state.completed_round == 0 and back.state.last_seq > back.state.acked_seq  # held, unacknowledged
+    assert len(results) == 1 and results[0][0] > welcomed  # delivered by the replay, not before the kill
+    arrived, done = results[0]
+    assert done.paced_bytes_per_s == rate
+    due = len(encode(done).encode()) / rate  # what the rate takes for the frame (unpaced: a few ms on loopback)
+    assert 0.8 * due <= arrived - welcomed <= 1.5 * due + 0.5
+
+
 # -- kill, cut, restore ---------------------------------------------------------------------------------------
 
 

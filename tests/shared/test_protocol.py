@@ -51,7 +51,8 @@ def every_message() -> list:
                    link_bytes_per_s=1.25e4),
         StepMetrics(metrics=(Metric(seq=11, step=_step(1)), Metric(seq=12, step=_step(2))), simulated="pi4-4gb"),
         RoundDone(seq=13, round=3, program=SHA, device="pi4-a", steps=10, stopped=False, block_offset=1,
-                  block_size=2, b_block=encode_f32(B[1:]), seconds=4.5, mean_loss=0.68, resumed_at=4),
+                  block_size=2, b_block=encode_f32(B[1:]), seconds=4.5, mean_loss=0.68, resumed_at=4,
+                  paced_bytes_per_s=1.25e4),
         Pause(id=6), Resume(id=7), Stop(id=8), Ack(seq=13),
         Status(reply_to=5, state="training", round=3, step=0),
         Error(reply_to=None, code="bad_frame", message="not JSON", fatal=True),
@@ -168,6 +169,9 @@ def test_an_allotted_rate_that_is_not_finite_and_positive_is_a_named_protocol_er
     with pytest.raises(ProtocolError, match=r"StartRound\.link_bytes_per_s"):
         StartRound(id=1, round=0, program=SHA, k=1, lr=0.1, eps=0.01, seed=0, b_size=3, b=encode_f32(B),
                    link_bytes_per_s=float(rate))
+    with pytest.raises(ProtocolError, match=r"RoundDone\.paced_bytes_per_s: expected a finite positive number"):
+        RoundDone(seq=1, round=0, program=SHA, device="d", steps=1, stopped=False, block_offset=0, block_size=3,
+                  b_block=encode_f32(B), seconds=0.1, paced_bytes_per_s=float(rate))
 
 
 def test_values_are_checked_when_messages_are_built_in_code_too() -> None:

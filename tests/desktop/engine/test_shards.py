@@ -1,10 +1,12 @@
 """Data shards: disjoint, covering, class-balanced, reproducible."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from desktop.engine.shards import shard_indices, shard_split, step_mix, write_shard
+from desktop.engine.shards import job_buckets, run_step_mix, shard_indices, shard_split, step_mix, write_shard
 from device_agent.trainer import BUCKET_WINDOW_BATCHES
 from shared.errors import InputError
 from shared.task_data import Split, load_splits
@@ -69,3 +71,12 @@ def test_the_step_mix_counts_the_trainer_s_batches_at_each_length() -> None:
     assert step_mix([seven], [32], batch_size=2, steps=5) == ((32, 1.0),)
     with pytest.raises(InputError, match="at least one split and one step"):
         step_mix([], [16, 32], batch_size=2, steps=4)
+
+
+def test_a_job_s_lengths_come_from_its_step_program_or_its_eval_program(tiny_program) -> None:
+    manifest = tiny_program.export.manifest  # step and eval, at 16 and the full 32 tokens
+    assert job_buckets(manifest) == [16, 32]
+    assert job_buckets(replace(manifest, step_buckets={})) == [16, 32]  # the job's eval program
+    assert job_buckets(replace(manifest, step_buckets={}, eval_buckets={})) == [32]
+    with pytest.raises(InputError, match="at least one round and one local step, got 0 and 4"):
+        run_step_mix(manifest, [_split([9] * 8)], rounds=0, local_steps=4)
