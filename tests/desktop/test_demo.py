@@ -120,3 +120,14 @@ def test_a_headless_demo_stopped_before_any_step_says_so_instead_of_drawing_a_pi
     assert code == 130
     assert "the run stopped before anything was trained" in capsys.readouterr().out
     assert not (out / "dashboard.png").exists() and (out / "report.md").read_text() == "# stopped\n"
+
+
+def test_the_caption_says_what_the_curves_show_and_quotes_a_measurement_only_for_the_job_it_was_made_on() -> None:
+    from desktop.demo import caption
+    from desktop.engine import JobSpec
+
+    default = caption(JobSpec())
+    assert "calibrated zero-shot" in default and "five rounds add 2-3 points" in default
+    raw = caption(JobSpec(calibrate="none"))
+    assert "raw model" in raw and "five rounds add 2-3 points" in raw
+    assert "points of validation accuracy" not in caption(JobSpec(model="/models/other", task="/tasks/sst2.toml"))
