@@ -59,8 +59,14 @@ class Advert:
         self._zeroconf: AsyncZeroconf | None = None
 
     async def start(self) -> None:
-        self._zeroconf = AsyncZeroconf(interfaces=self.addresses, ip_version=IPVersion.V4Only)
-        await (await self._zeroconf.async_register_service(self.service, allow_name_change=True))
+        """Register the service; on failure (an OSError where multicast is refused) nothing is left open."""
+        zeroconf = AsyncZeroconf(interfaces=self.addresses, ip_version=IPVersion.V4Only)
+        try:
+            await (await zeroconf.async_register_service(self.service, allow_name_change=True))
+        except BaseException:
+            await zeroconf.async_close()
+            raise
+        self._zeroconf = zeroconf
         log.info("advertising %s on %s", self.service.name, ", ".join(self.addresses))
 
     async def stop(self) -> None:

@@ -125,7 +125,12 @@ async def _run(args: argparse.Namespace) -> None:
         advert = Advert(info, port, addresses)
         txt = ", ".join(f"{k}={v}" for k, v in txt_properties(info).items())
         print(f"advertising {SERVICE_TYPE} as {instance_name(info)} on {', '.join(addresses)}: {txt}", flush=True)
-        await advert.start()
+        try:
+            await advert.start()
+        except OSError as exc:  # e.g. multicast refused (some Wi-Fi, Android, qemu-user): serving still works
+            advert = None
+            print(f"cannot advertise on zeroconf ({exc.strerror or exc}): still serving; add it on the desktop "
+                  f"by address", flush=True)
     else:
         print("not advertising (--no-advertise): add it on the desktop by address", flush=True)
     try:

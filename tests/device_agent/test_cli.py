@@ -50,3 +50,38 @@ def test_with_tls_it_serves_wss_with_the_certificate_it_keeps_and_prints_its_fin
     assert "libtorch" not in maps and "executorch" not in maps  # still idle without the runtime
     agent.restart()
     assert agent.tls_fingerprint == fingerprint  # the same certificate after a restart
+
+
+def test_an_agent_that_cannot_advertise_says_so_and_keeps_serving(tmp_path, monkeypatch, capsys) -> None:
+    import asyncio
+    import re
+    import socket
+
+    from device_agent import cli
+
+    async def refused(self) -> None:  # what zeroconf meets where multicast is not allowed (qemu-user, Android)
+        raise OSError(92, "Protocol not available")
+
+    monkeypatch.setattr(cli.Advert, "start", refused)
+    args = cli.parse_args(["--host", "127.0.0.1", "--port", "0", "--state-dir", str(tmp_path / "state")])
+    printed: list[str] = []
+
+    async def go() -> None:
+        task = asyncio.create_task(cli._run(args))
+        try:
+            for _ in range(400):
+                await asyncio.sleep(0.05)
+                printed.append(capsys.readouterr().out)
+                if "cannot advertise" in "".join(printed) or task.done():
+                    break
+            assert not task.done()  # still serving
+            port = int(re.search(r"listening on ws://127\.0\.0\.1:(\d+)", "".join(printed)).group(1))
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(go())
+    out = "".join(printed)
+    assert "cannot advertise on zeroconf (Protocol not available): still serving; add it on the desktop by address" in out
