@@ -11,6 +11,7 @@ import psutil
 
 from desktop.demo import LAB, DemoSettings, has_display, run_demo
 from desktop.engine import JobSpec
+from desktop.engine.engine import LEFT_ALONE
 from desktop.engine.local_agents import LocalAgents
 from shared.events import Round, Step, read_events
 
@@ -83,7 +84,8 @@ def test_the_demo_runs_in_an_offscreen_window_and_closing_it_stops_its_agents(
                 seen["plotted"] = {d: len(window.live.plotted(d)[1]) for d in state.devices}
                 seen["cards"] = sorted(c.name.text().split("<b style='font-size:13px'>")[1].split("</b>")[0]
                                        for c in window.devices.cards.values())
-                seen["trained"] = sorted(view.name for view in state.devices.values() if view.steps_total)
+                seen["own"] = sorted(view.name for view in state.devices.values() if view.detail != LEFT_ALONE)
+                seen["trained"] = {view.name for view in state.devices.values() if view.steps_total}
                 timer.stop()
                 window.close()
 
@@ -92,10 +94,11 @@ def test_the_demo_runs_in_an_offscreen_window_and_closing_it_stops_its_agents(
 
     assert run_demo(settings, on_window=watch) == 0
     assert not agents_left(settings.agents_dir)
-    # its three agents have cards and trained; another demo's agents advertising on this machine (the same
-    # names) get cards too, seen and left alone, and train nothing
-    assert seen["trained"] == sorted(name for name, _cls in LAB)
+    # its three agents have cards; another demo's agents advertising on this machine (the same names) get
+    # cards too, seen and left alone; the tiny job's two blocks went to two of its own
+    assert seen["own"] == sorted(name for name, _cls in LAB)
     assert set(seen["cards"]) >= {name for name, _cls in LAB}
+    assert len(seen["trained"]) == 2 and seen["trained"] <= {name for name, _cls in LAB}
     assert sum(seen["plotted"].values()) == sum(1 for e in read_events(settings.out / "metrics.jsonl")
                                                 if isinstance(e, Step))
 
