@@ -47,12 +47,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from desktop.engine.local import read_banner
 from shared.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -335,7 +335,7 @@ def _agent_session(platform_: Platform, python: str, state_dir: str, advertise: 
     process = platform_.start(argv, stderr)
     outcome: dict = {"started": False, "hello": None, "advertised": None}
     try:
-        banner = _banner(process, start_timeout_s)
+        banner, _ = read_banner(process, start_timeout_s)
         ids = [m["id"] for m in map(_BANNER_ID.match, banner) if m]
         ports = [int(m["port"]) for m in map(_BANNER_PORT.match, banner) if m]
         tokens = [line.split(": ", 1)[1] for line in banner if line.startswith("pairing token: ")]
@@ -362,22 +362,6 @@ def _agent_session(platform_: Platform, python: str, state_dir: str, advertise: 
         shutil.rmtree(platform_.host_path(state_dir), ignore_errors=True)
         stderr.unlink(missing_ok=True)
     return outcome
-
-
-def _banner(process: subprocess.Popen, timeout_s: float) -> list[str]:
-    """The agent's start-up lines, up to the one about advertising (or until it exits, or the timeout)."""
-    lines: list[str] = []
-
-    def read() -> None:
-        for line in process.stdout:
-            lines.append(line.rstrip("\n"))
-            if line.startswith(("advertising", "not advertising")):
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout_s)
-    return list(lines)
 
 
 async def _greet(agent_id: str, port: int, token: str, advert_timeout_s: float | None) -> dict:

@@ -38,6 +38,27 @@ def _libc_prctl():
 _PRCTL = _libc_prctl()
 
 
+def read_banner(process: subprocess.Popen, timeout_s: float) -> tuple[list[str], bool]:
+    """A started agent's banner: its stdout lines up to the one about advertising, which ends it.
+
+    Returns:
+        The lines read, and whether reading stopped within ``timeout_s`` (that line came, or
+        stdout ended); False: the agent is still starting.
+    """
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith(("advertising", "not advertising")):
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    return list(lines), not reader.is_alive()
+
+
 def _die_with_parent() -> None:
     """In the child between fork and exec: SIGTERM when the parent dies, so no agent outlives a killed demo.
 
@@ -72,21 +93,11 @@ class LocalAgent:
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=REPO,
                                         env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
                                         preexec_fn=_die_with_parent if _PRCTL is not None else None)
-        lines: list[str] = []
-
-        def read_banner() -> None:  # the banner ends with the line about advertising
-            for line in self.process.stdout:
-                lines.append(line.rstrip("\n"))
-                if line.startswith(("advertising", "not advertising")):
-                    return
-
-        reader = threading.Thread(target=read_banner, daemon=True)
-        reader.start()
-        reader.join(START_TIMEOUT_S)
+        lines, stopped = read_banner(self.process, START_TIMEOUT_S)
         self.banner = lines
         match = next((re.search(r"listening on wss?://[^:]+:(\d+)/", line) for line in lines if "listening on" in line),
                      None)
-        if match is None or reader.is_alive():
+        if match is None or not stopped:
             self.kill()
             raise RuntimeError(f"deftly-agent did not start: {lines}\n{self.stderr_text()[-2000:]}")
         self.port = int(match.group(1))
