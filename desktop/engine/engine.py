@@ -917,7 +917,7 @@ class Engine:
                                           self.manifest.batch_size, max(self.config.rounds * k, position + k),
                                           seed=self.config.seed, batches=self.manifest.batches)
         lengths = lengths_of_round(device.lengths, position, k)
-        compute = round_compute_s(lengths, device.step_s_at, device.step_s_at.get(full, part.compute_s / k))
+        compute = round_compute_s(lengths, device.step_s_at, device.step_s_at[full])  # the buckets end at the full length
         return predicted_round_s(part.comm_s, compute, device.calibration)
 
     async def _export_blocks(self, plan: PlanView) -> None:
