@@ -96,8 +96,8 @@ def caption(job: JobSpec) -> str:
     measured = ""
     if job.model in (None, "smollm2") and job.task in (None, "rotten_tomatoes"):
         # docs/benchmarks.md, "What the demo's curves show": three settings, five rounds each
-        measured = (" On this job, measured: five rounds add 2-3 points of validation accuracy (0.79-0.80 to "
-                    "0.81-0.82), with or without the calibration, then the curve flattens.")
+        measured = (" On this job, measured: five rounds add 1-3 points of validation accuracy (0.79-0.80 to "
+                    "0.805-0.82), with or without the calibration, and the curve can dip on the way.")
     return (f"Round 0 on the accuracy plot is the untrained adapter; training starts from {start}.{measured} Loss "
             f"is each step's mean over the 2q perturbed copies of its batch: a zeroth-order estimate, noisy by "
             f"design, that drifts down slowly. Step latency is each device's simulated clock.")

@@ -130,7 +130,7 @@ def test_the_caption_says_what_the_curves_show_and_quotes_a_measurement_only_for
     from desktop.engine import JobSpec
 
     default = caption(JobSpec())
-    assert "calibrated zero-shot" in default and "five rounds add 2-3 points" in default
+    assert "calibrated zero-shot" in default and "five rounds add 1-3 points" in default
     raw = caption(JobSpec(calibrate="none"))
-    assert "raw model" in raw and "five rounds add 2-3 points" in raw
+    assert "raw model" in raw and "five rounds add 1-3 points" in raw
     assert "points of validation accuracy" not in caption(JobSpec(model="/models/other", task="/tasks/sst2.toml"))
