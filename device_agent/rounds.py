@@ -4,16 +4,18 @@ A round (``shared.protocol.StartRound``) gives the global ``b`` [P], lr, eps, a
 seed, the round number and K. :class:`RoundRunner` hands them to the trainer
 (``start_round``), which runs K steps of the program's block and leaves the
 block's new slice in ``block_b``: the round's result. The trainer's seeded state
-(z's generator, the sampler) carries on from one round to the next; ``seed``
-seeds it only when a device starts on a program and rows it has no state for.
+(z's generator, the sampler) carries on from one round to the next within a run
+(``StartRound.run``); ``seed`` seeds it when a device starts on a program and rows
+it has no state for in that run. So a second run from the same seed trains as the
+first did, rather than going on from where the first left the batch order.
 
 Resumable: after each step the trainer's state (``Trainer.to_bytes``) and the
 round's bookkeeping go to ``round.npz`` in one atomic write. An agent killed
 mid-round and asked for the same round again (the same values: the request's
 ``request_key``) restores the trainer from it and continues; it ends with the
 same b as a round that ran in one go. After a round, the trainer's state moves
-to ``trainer.npz``, so the next round continues its sequence even after a
-restart.
+to the run's trainer file (`trainer_path`), so the next round continues its
+sequence even after a restart.
 
 Every method of :class:`RoundRunner` runs on the agent's compute thread. The
 module itself imports no runtime (the server reads a checkpoint at start, before
@@ -41,13 +43,26 @@ from shared.task_data import Split
 if TYPE_CHECKING:
     from device_agent.program import Program
 
-ROUND_FORMAT = 2
+ROUND_FORMAT = 3  # 3: RoundState.run
+
+
+def trainer_path(directory: Path, run: str | None) -> Path:
+    """Where the trainer's state between rounds of ``run`` lives (None: a desktop that names no run)."""
+    return Path(directory) / ("trainer.npz" if run is None else f"trainer-{run}.npz")
+
+
+def _keep_only_trainer(directory: Path, run: str | None) -> None:
+    """Drop other runs' trainer states: a device continues one run at a time."""
+    keep = trainer_path(directory, run)
+    for path in Path(directory).glob("trainer*.npz"):
+        if path != keep:
+            path.unlink(missing_ok=True)
 
 
 def request_key(request: StartRound) -> str:
     """What makes two StartRound requests the same round (the request id does not)."""
     values = (request.round, request.program, request.k, request.lr, request.eps, request.seed, request.b_size,
-              request.b)
+              request.b, request.run)
     return hashlib.sha256(json.dumps(values).encode()).hexdigest()
 
 
@@ -61,6 +76,7 @@ class RoundState:
     k: int
     data_key: str  # the rows it trains on
     start_step: int  # the trainer's step count when the round began
+    run: str | None = None  # StartRound.run: whose trainer file the round's end state goes to
     step: int = 0  # steps of the round done
     seconds: float = 0.0  # device-clock seconds of those steps
     loss_sum: float = 0.0
@@ -79,7 +95,7 @@ class RoundRunner:
             program_sha: sha256 of its manifest.
             rows: training rows at the program's length (``device_agent.data.fit_to_program``).
             data_key: identifies the rows.
-            directory: where ``round.npz`` and ``trainer.npz`` live.
+            directory: where ``round.npz`` and the trainer files (`trainer_path`) live.
             clock: the device clock a step is timed on (wall time, or a simulated clock).
         """
         from device_agent.trainer import Trainer  # imports the runtime, as the program did
@@ -90,6 +106,7 @@ class RoundRunner:
         self.clock = clock
         self.span: BlockSpan = program_block(program.manifest)
         self.trainer: Trainer | None = None
+        self._trainer_run: str | None = None  # the run whose sequence ``trainer`` holds
 
     def start(self, request: StartRound) -> RoundState:
         """The round's state: continued from ``round.npz`` if it is this round, else a new round.
@@ -106,16 +123,20 @@ class RoundRunner:
             state, trainer_bytes = saved
             self.trainer = self._restore(trainer_bytes)
             if self.trainer is not None:
+                self._trainer_run = state.run
                 state.resumed_at = state.step
                 return state
+        if self.trainer is not None and self._trainer_run != request.run:
+            self.trainer = None  # another run's sequence: not continued
         if self.trainer is None:
-            self.trainer = self._restore_file(self.directory / "trainer.npz")
+            self.trainer = self._restore_file(trainer_path(self.directory, request.run))
         if self.trainer is None:
             self.trainer = self._trainer_class.fresh(self.program, self.rows, seed=request.seed, clock=self.clock)
+        self._trainer_run = request.run
         self.trainer.start_round(request.b_array(), lr=request.lr, eps=request.eps, round=request.round,
                                  steps=request.k)
         return RoundState(key=key, round=request.round, program=request.program, k=request.k,
-                          data_key=self.data_key, start_step=self.trainer.state.step)
+                          data_key=self.data_key, start_step=self.trainer.state.step, run=request.run)
 
     def _restore(self, saved: bytes):
         try:
@@ -143,7 +164,8 @@ class RoundRunner:
 
     def finish(self, state: RoundState) -> None:
         """The round's result is safe elsewhere: keep the trainer's state for the next round, drop the round's."""
-        self.trainer.save(self.directory / "trainer.npz")
+        self.trainer.save(trainer_path(self.directory, state.run))
+        _keep_only_trainer(self.directory, state.run)
         discard_round(self.directory)
 
 
@@ -178,7 +200,8 @@ def discard_round(directory: Path) -> None:
     (Path(directory) / "round.npz").unlink(missing_ok=True)
 
 
-def settle_finished_round(directory: Path, trainer_bytes: bytes) -> None:
+def settle_finished_round(directory: Path, state: RoundState, trainer_bytes: bytes) -> None:
     """What :meth:`RoundRunner.finish` does, for a round whose result was saved by an agent killed before it."""
-    write_bytes_atomic(Path(directory) / "trainer.npz", trainer_bytes)
+    write_bytes_atomic(trainer_path(directory, state.run), trainer_bytes)
+    _keep_only_trainer(directory, state.run)
     discard_round(directory)

@@ -153,7 +153,7 @@ class Agent:
         saved = load_round(self.state_dir)
         self._interrupted = saved[0] if saved else None
         if self._interrupted is not None and self._completed.get("key") == self._interrupted.key:
-            settle_finished_round(self.state_dir, saved[1])  # killed after its result was saved, before cleanup
+            settle_finished_round(self.state_dir, *saved)  # killed after its result was saved, before cleanup
             self._interrupted = None
         self._load_data()
 

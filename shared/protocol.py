@@ -79,6 +79,7 @@ FATAL_CODES = frozenset({"bad_frame", "version", "out_of_place"})  # the agent c
 STATES = ("idle", "loading", "training", "paused")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # StartRound.run
 _MAX_INT = 2**63 - 1  # sizes, offsets and counts fit a signed 64-bit integer
 
 
@@ -353,9 +354,16 @@ class StartRound:
     # RoundDone no faster (shared.pacing), so the split the plan predicts with is the one on the
     # wire. None (a desktop without a plan, or an older one): both go at full speed.
     link_bytes_per_s: float | None = None
+    # The run this round belongs to (the desktop's run id): a device continues its trainer's
+    # sequence (z's generator, its place in the batch order) only within one run, so a new run
+    # from the same seed on the same program and data trains as the first one did. None (an
+    # older desktop): the device continues whatever sequence it holds for the program and data.
+    run: str | None = None
 
     def __post_init__(self) -> None:
         _check_counts(self, "id", "round", "seed", "b_size")
+        if self.run is not None and not _RUN_ID.fullmatch(self.run):
+            raise ProtocolError(f"StartRound.run: expected 1-64 letters, digits, '-' or '_', got {self.run[:80]!r}")
         _check_sha256(self.program, "StartRound.program")
         _check_count(self.k, "StartRound.k", least=1)
         _check_finite(self.lr, "StartRound.lr")

@@ -624,43 +624,46 @@ class AgentClient:
     # -- rounds ---------------------------------------------------------------------------------------
 
     def _round_request(self, round: int, program: str, b: np.ndarray, k: int, lr: float, eps: float,
-                       seed: int, link_bytes_per_s: float | None) -> StartRound:
+                       seed: int, link_bytes_per_s: float | None, run: str | None) -> StartRound:
         """The StartRound for a round, with its result future (kept across reconnects) made ready."""
         b = np.asarray(b, dtype=np.float32).reshape(-1)
         request = StartRound(id=self._take_id(), round=round, program=program, k=k, lr=float(lr), eps=float(eps),
                              seed=seed, b_size=int(b.shape[0]), b=encode_f32(b),
-                             link_bytes_per_s=None if link_bytes_per_s is None else float(link_bytes_per_s))
+                             link_bytes_per_s=None if link_bytes_per_s is None else float(link_bytes_per_s),
+                             run=run)
         if round not in self._rounds or self._rounds[round].done():
             self._rounds[round] = asyncio.get_running_loop().create_future()
         self._start_ids[request.id] = round
         return request
 
     async def start_round(self, round: int, program: str, b: np.ndarray, k: int, lr: float, eps: float,
-                          seed: int = 0, link_bytes_per_s: float | None = None) -> Status:
+                          seed: int = 0, link_bytes_per_s: float | None = None, run: str | None = None) -> Status:
         """Ask for a round; returns once the agent has accepted it (then await :meth:`round_result`).
 
         Args:
             link_bytes_per_s: the rate the plan allots this device (β_k · R_k): the StartRound
                 is sent no faster, and the agent sends the round's result no faster. None: full speed.
+            run: the run's id (``StartRound.run``): the device continues its trainer's sequence only
+                within one run. None: it continues whatever it holds.
 
         Raises:
             AgentBusy: a round is running. RequestFailed: the request is wrong (e.g. b's size).
             ProtocolError: ``link_bytes_per_s`` is not a finite positive number.
         """
-        request = self._round_request(round, program, b, k, lr, eps, seed, link_bytes_per_s)
+        request = self._round_request(round, program, b, k, lr, eps, seed, link_bytes_per_s, run)
         status = await self._request(request, Status, pace_bytes_per_s=request.link_bytes_per_s)
         self._round_requests[round] = request  # accepted: asked for again if a restart loses it
         return status
 
     async def continue_round(self, round: int, program: str, b: np.ndarray, k: int, lr: float, eps: float,
-                             seed: int = 0, link_bytes_per_s: float | None = None) -> None:
+                             seed: int = 0, link_bytes_per_s: float | None = None, run: str | None = None) -> None:
         """Take up a round asked for before this desktop restarted; then await :meth:`round_result`.
 
         The agent may be running it still, or hold its result unacknowledged (then it arrives
         with the replay): it is asked for again, with the same values, only if it does neither,
         and the agent continues it from its last checkpointed step.
         """
-        request = self._round_request(round, program, b, k, lr, eps, seed, link_bytes_per_s)
+        request = self._round_request(round, program, b, k, lr, eps, seed, link_bytes_per_s, run)
         await self.wait_connected()
         state = self.welcome.state
         running = state.state != "idle" and state.round == round
@@ -686,9 +689,9 @@ class AgentClient:
 
     async def run_round(self, round: int, program: str, b: np.ndarray, k: int, lr: float, eps: float,
                         seed: int = 0, timeout_s: float | None = None,
-                        link_bytes_per_s: float | None = None) -> RoundDone:
+                        link_bytes_per_s: float | None = None, run: str | None = None) -> RoundDone:
         """Start a round and wait for its result."""
-        await self.start_round(round, program, b, k, lr, eps, seed, link_bytes_per_s)
+        await self.start_round(round, program, b, k, lr, eps, seed, link_bytes_per_s, run)
         return await self.round_result(round, timeout_s)
 
     def _ask_again_for_lost_rounds(self, welcome: Welcome) -> None:

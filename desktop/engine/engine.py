@@ -1134,7 +1134,8 @@ class Engine:
         from desktop.engine.client import AgentBusy, ConnectionLost
 
         args = dict(round=r, program=device.program_sha, b=base, k=settings.local_steps, lr=settings.lr,
-                    eps=settings.eps, seed=settings.seed, link_bytes_per_s=link_bytes_per_s)
+                    eps=settings.eps, seed=settings.seed, link_bytes_per_s=link_bytes_per_s,
+                    run=self.record.run_id or None)  # "": a run state from before run ids
         if device.resumed and r == self.record.completed_round + 1:
             device.resumed = False
             # The desktop stopped while this round ran: the agent may be running it still, or hold

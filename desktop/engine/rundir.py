@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
@@ -88,6 +89,10 @@ class RunRecord:
     devices: tuple[DeviceRecord, ...] = ()
     losses: tuple[LossRecord, ...] = ()
     finished: bool = False
+    # Names the run to its devices (StartRound.run), so that a device continues its trainer's
+    # sequence only within this run; "" in a state written before run ids (devices then go on
+    # with whatever sequence they hold).
+    run_id: str = ""
 
     def device(self, device_id: str) -> DeviceRecord | None:
         return next((d for d in self.devices if d.id == device_id), None)
@@ -140,7 +145,7 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         for stale in ("metrics.jsonl", "plan.json", "profiles.json", "b.npy"):
             (self.path / stale).unlink(missing_ok=True)  # left by a run killed before its first state
-        record = RunRecord(RUN_FORMAT, settings)
+        record = RunRecord(RUN_FORMAT, settings, run_id=uuid.uuid4().hex)
         self.save(record)
         return record
 

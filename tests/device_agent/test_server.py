@@ -456,6 +456,31 @@ def _two_rounds(agent, agent_program, k: int) -> tuple[np.ndarray, np.ndarray]:
     return run(go())
 
 
+def test_a_new_run_starts_its_trainer_from_the_seed_and_a_run_goes_on_with_its_own_after_a_restart(
+        agents, agent_program) -> None:
+    agent = agents()
+    zeros = np.zeros(B_SIZE, np.float32)
+
+    async def rounds(run_id: str, first: int, b: np.ndarray, count: int) -> list[np.ndarray]:
+        async with client(agent, desktop="desk-runs") as desk:
+            program = await desk.send_program(agent_program.manifest)
+            await desk.send_data_shard(agent_program.data)
+            blocks = []
+            for r in range(first, first + count):
+                done = await desk.run_round(r, program, b, k=3, lr=LR, eps=EPS, seed=3, run=run_id)
+                b = done.b_block_array()
+                blocks.append(b)
+            return blocks
+
+    a0, a1 = run(rounds("run-a", 0, zeros, 2))
+    (b0,) = run(rounds("run-b", 0, zeros, 1))  # the same program, data and seed, in a new run
+    np.testing.assert_array_equal(b0, a0)  # not the continuation of run-a's sequence
+    agent.restart()
+    (b1,) = run(rounds("run-b", 1, b0, 1))
+    np.testing.assert_array_equal(b1, a1)  # run-b's second round goes on from run-b's saved trainer
+    assert [p.name for p in agent.state_dir.glob("trainer*.npz")] == ["trainer-run-b.npz"]
+
+
 def test_an_agent_killed_mid_round_comes_back_as_itself_and_finishes_the_round_exactly(agents, agent_program) -> None:
     k = 300
     slow = agent_program.directory.parent / "kill.toml"

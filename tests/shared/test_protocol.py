@@ -48,7 +48,7 @@ def every_message() -> list:
         DataReady(reply_to=4, data=DataSummary(source="shard", examples=8, label_shares={"a": 1.0}, sha256=SHA)),
         StartRound(id=5, round=3, program=SHA, k=10, lr=0.1, eps=1e-3, seed=7, b_size=3, b=encode_f32(B)),
         StartRound(id=9, round=4, program=SHA, k=10, lr=0.1, eps=1e-3, seed=7, b_size=3, b=encode_f32(B),
-                   link_bytes_per_s=1.25e4),
+                   link_bytes_per_s=1.25e4, run="0f3c9a_run-2"),
         StepMetrics(metrics=(Metric(seq=11, step=_step(1)), Metric(seq=12, step=_step(2))), simulated="pi4-4gb"),
         RoundDone(seq=13, round=3, program=SHA, device="pi4-a", steps=10, stopped=False, block_offset=1,
                   block_size=2, b_block=encode_f32(B[1:]), seconds=4.5, mean_loss=0.68, resumed_at=4,
@@ -159,6 +159,15 @@ def test_a_start_round_without_an_allotted_rate_is_unpaced_and_one_with_a_rate_c
     assert decode(START_ROUND + "}").link_bytes_per_s is None
     assert decode(START_ROUND + ', "link_bytes_per_s": null}').link_bytes_per_s is None
     assert decode(START_ROUND + ', "link_bytes_per_s": 2500}').link_bytes_per_s == 2500.0
+
+
+@pytest.mark.parametrize("run", ['""', '"a b"', '"../x"', '"' + "r" * 65 + '"', "7"])
+def test_a_run_id_that_is_not_a_short_name_is_a_named_protocol_error(run: str) -> None:
+    assert decode(START_ROUND + "}").run is None  # an older desktop names no run
+    assert decode(START_ROUND + ', "run": "ab12"}').run == "ab12"
+    with pytest.raises(ProtocolError, match=r"(StartRound|start_round message)\.run") as caught:
+        decode(START_ROUND + f', "run": {run}}}')
+    assert caught.value.code == "bad_frame"
 
 
 @pytest.mark.parametrize("rate", ["0", "-3.5", "NaN", "Infinity", "-Infinity"])

@@ -249,6 +249,27 @@ def test_a_device_killed_mid_round_is_lost_and_the_run_completes_with_the_other(
     assert "k-phone" in report and "in round 2" in report
 
 
+def test_a_second_run_on_the_same_agent_trains_as_the_first_did(
+        agents, tiny_model_dir, tiny_task, export_cache, tmp_path) -> None:
+    # prepare: one agent kept between two runs of the same job and seed (as the demo keeps its agents)
+    laptop = agents.start("r-laptop", simulate="laptop", advertise=False)
+
+    def one_run(out: Path) -> tuple[np.ndarray, list[float]]:
+        result = asyncio.run(Engine(config(tiny_model_dir, tiny_task, export_cache, out,
+                                           agents=(laptop.address,))).run())
+        assert result.rounds_done == ROUNDS
+        losses = [e.loss for e in read_events(out / "metrics.jsonl") if isinstance(e, Step)]
+        return np.load(out / "b.npy"), losses
+
+    # execute
+    first_b, first_losses = one_run(tmp_path / "first")
+    second_b, second_losses = one_run(tmp_path / "second")
+    # assert: the agent did not carry on the first run's batch order and directions into the second
+    assert len(first_losses) == ROUNDS * K
+    assert second_losses == first_losses
+    np.testing.assert_array_equal(second_b, first_b)
+
+
 def test_a_desktop_killed_mid_run_resumes_from_the_last_merged_round_losing_nothing(
         agents, tiny_model_dir, tiny_task, export_cache, tmp_path) -> None:
     # prepare: the desktop is a `deftly run` process, killed once round 1 is merged and round 2 has begun
