@@ -11,7 +11,9 @@ with the ExecuTorch runtime (the same loader as training programs,
    for the activations at the first call), then `warmup` more times; the
    ``head`` goes first, so that the runtime's one-time set-up lands on it;
 3. times `repeats` calls, the methods interleaved round by round so that a
-   change in the machine's load falls on every method alike;
+   change in the machine's load falls on every method alike (``between`` runs
+   after each round: `deftly bench profile` times a block program's step there,
+   so that the program and the probe that predicts it share the machine's drift);
 
 Memory is read as resident-set increments, the heap trimmed before each
 (``malloc_trim``), so that what an earlier method freed does not hide what the
@@ -45,7 +47,7 @@ import torch
 
 from device_agent.program import open_et_program, return_freed_memory, verify_files
 from shared.errors import InputError
-from shared.probe import PROBE_SUFFIX, ProbeManifest, profile_from_probe, split_length_method
+from shared.probe import PAIR_METHOD, PROBE_SUFFIX, ProbeManifest, profile_from_probe, split_length_method
 from shared.profiles import DeviceFacts, DeviceProfile, Measurement, ProbeMemory
 
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8",
@@ -84,10 +86,10 @@ def probe_inputs(probe: ProbeManifest, method: str, seed: int = 0) -> list[torch
     def floats(*shape: int, scale: float = 1.0) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
-    rows = bs if method.endswith("_bs") else wide
-    b = floats(1 if method == "layer_bs" else 2 * q, probe.layer_b_size, scale=1e-3)
+    rows = bs if method in ("layer_bs", "frozen_bs", PAIR_METHOD) else wide
+    b = floats(1 if method in ("layer_bs", PAIR_METHOD) else 2 * q, probe.layer_b_size, scale=1e-3)
     arrays: list[np.ndarray]
-    if method in ("layer_bs", "layer_wide"):
+    if method in ("layer_bs", "layer_wide", PAIR_METHOD):
         arrays = [floats(rows, T, H), b]
     elif method in ("frozen_bs", "frozen_wide"):
         arrays = [floats(rows, T, H)]
@@ -131,7 +133,8 @@ def _spread(times: list[float]) -> float:
 
 def measure_profile(probe_path: Path, name: str, link_bytes_per_s: float, repeats: int = 20, warmup: int = 2,
                     clock: Callable[[], float] = time.perf_counter,
-                    now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)) -> DeviceProfile:
+                    now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
+                    between: Callable[[], None] | None = None) -> DeviceProfile:
     """Time the probe on this device and return its measured `DeviceProfile`.
 
     Args:
@@ -143,6 +146,7 @@ def measure_profile(probe_path: Path, name: str, link_bytes_per_s: float, repeat
         warmup: untimed calls per method after the first.
         clock: seconds, monotonic (tests may inject one).
         now: the time the measurement is stamped with.
+        between: called after each round of timed calls (not timed here).
 
     Returns:
         The profile; ``profile.measurement`` holds the method times, their
@@ -187,6 +191,8 @@ def measure_profile(probe_path: Path, name: str, link_bytes_per_s: float, repeat
             start = clock()
             run(inputs[method])
             times[method].append(clock() - start)
+        if between is not None:
+            between()
     measurement = Measurement(
         at=now().isoformat(timespec="seconds"), probe=probe.probe_id, model_id=probe.model_id, repeats=repeats,
         method_s={m: float(np.median(t)) for m, t in times.items()},

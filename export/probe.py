@@ -2,7 +2,8 @@
 
 The probe times what the planner's cost model adds up (`shared/costmodel.py`):
 τ(l, bs) and τ(l, 2q·bs) of a decoder layer, the last layer at the answer
-position, and the per-step head; the layer methods at the full T and at each of
+position, and the per-step head, and one method call's own cost (``layer_bs_pair``:
+the layer twice in one call), which a program pays once a step and the probe once a layer; the layer methods at the full T and at each of
 the job's shorter length buckets (``layer_wide_t32``), as the programs run.  Its methods run the same code as the P-RGE
 programs (`export.prge.PrgeProgram`'s layer, last-layer and norm functions), on
 one layer of the job's model with the job's LoRA-FA shapes, so the cost of a
@@ -43,7 +44,7 @@ from export.program import ExportConfig
 from export.progress import Callback, ProgressTracker
 from shared.errors import InputError
 from shared.hashing import sha256_file
-from shared.probe import PROBE_FORMAT, PROBE_SUFFIX, ProbeManifest, length_method
+from shared.probe import PAIR_METHOD, PROBE_FORMAT, PROBE_SUFFIX, ProbeManifest, length_method
 
 PROBED = 0  # the stand-in's only layer
 
@@ -79,6 +80,22 @@ class _Layer(nn.Module):
 
     def forward(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.program._decoder_layer(h, PROBED, _LayerB(b, 0))  # [n, T, H]
+
+
+class _LayerPair(nn.Module):
+    """``layer_bs_pair``: the job layer twice in one call on [bs, T, H] rows (the same weights and B).
+
+    Its time against two ``layer_bs`` calls is one method call's own cost
+    (`shared.probe.call_overhead_s`), which a program pays once per step, not per layer.
+    """
+
+    def __init__(self, program: PrgeProgram) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        lora = _LayerB(b, 0)
+        return self.program._decoder_layer(self.program._decoder_layer(h, PROBED, lora), PROBED, lora)  # [n, T, H]
 
 
 class _FrozenLayer(nn.Module):
@@ -135,7 +152,7 @@ def probe_methods(num_layers: int, job_layers: tuple[int, ...], length_buckets: 
     (``layer_wide_t32``); the head, which does not depend on T, once.
     """
     first, last = min(job_layers), max(job_layers)
-    methods = ["layer_bs", "layer_wide"]
+    methods = ["layer_bs", PAIR_METHOD, "layer_wide"]
     if first > 0:
         methods.append("frozen_bs")
     if last < num_layers - 2:  # frozen layers above the job, below the last layer
@@ -187,6 +204,7 @@ def probe_modules(model: nn.Module, cfg: ExportConfig, verbalizer_ids: list[int]
         positions = torch.randint(T // 2, T, (wide,), generator=gen)  # [2q·bs]
         return {
             "layer_bs": (_Layer(at), (hidden(bs), copies(1))),
+            PAIR_METHOD: (_LayerPair(at), (hidden(bs), copies(1))),
             "layer_wide": (_Layer(at), (hidden(wide), copies(2 * q))),
             "frozen_bs": (_FrozenLayer(at), (hidden(bs),)),
             "frozen_wide": (_FrozenLayer(at), (hidden(wide),)),

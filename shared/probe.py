@@ -11,6 +11,11 @@ Methods (all float tensors float32, index tensors int64; n = bs or 2q·bs rows,
 c = 1 or 2q copies of one layer's B, P_l = B entries of one job layer):
 
 * ``layer_bs``, ``layer_wide``: (h [n, T, H], b [c, P_l]) -> h [n, T, H]: a job layer (with LoRA);
+* ``layer_bs_pair``: (h [bs, T, H], b [1, P_l]) -> h [bs, T, H]: the same job layer twice in one
+  call.  Two ``layer_bs`` calls minus one pair is what a call costs beyond its layer's work
+  (the runtime's and XNNPACK's set-up of a call; `deftly bench profile` records it per machine,
+  `call_overhead_s` in bench/results/profile.json): a program pays it once a step, the probe
+  once a layer, so `layer_times` takes it off every layer and leaves it on the head;
 * ``frozen_bs``, ``frozen_wide``: (h [n, T, H]) -> h [n, T, H]: a layer outside the job (no LoRA),
   present only when the model has such layers below (``frozen_bs``) or above (``frozen_wide``) the job;
 * ``last_wide``: (h [2q·bs, T, H], positions [2q·bs], b [2q, P_l]) -> [2q·bs, H]: the last
@@ -44,7 +49,8 @@ from shared.records import RecordError, from_plain, to_plain
 # PROBE_FORMAT (bump when the probe's methods or their signatures change) lives in
 # shared.profiles, which records it in each measurement.
 PROBE_SUFFIX = ".probe.json"
-LAYER_METHODS = ("layer_bs", "layer_wide", "frozen_bs", "frozen_wide", "last_wide")
+PAIR_METHOD = "layer_bs_pair"
+LAYER_METHODS = ("layer_bs", PAIR_METHOD, "layer_wide", "frozen_bs", "frozen_wide", "last_wide")
 
 
 def length_method(method: str, seq_len: int) -> str:
@@ -176,6 +182,27 @@ def check_probe_matches(probe: ProbeManifest, *, model_id: str, num_layers: int,
                              f"but {where} has {value!r}; export a probe with the job's shapes")
 
 
+# A pair that seems to save more than this share of a layer's call is noise, not overhead.
+MAX_OVERHEAD_SHARE = 0.5
+
+
+def call_overhead_s(method_s: dict[str, float], seq_len: int | None = None) -> float:
+    """What one probe method call costs beyond its layer's work: 2·t(layer_bs) − t(layer_bs_pair).
+
+    At the full length, or with ``seq_len`` at a shorter bucket.  Clipped to
+    [0, MAX_OVERHEAD_SHARE · the quickest layer method's time], so that noise never makes
+    a layer free; 0 when the probe has no pair method.
+    """
+    def at(name: str) -> str:
+        return name if seq_len is None else length_method(name, seq_len)
+
+    if at("layer_bs") not in method_s or at(PAIR_METHOD) not in method_s:
+        return 0.0
+    quickest = min(method_s[at(m)] for m in LAYER_METHODS if m != PAIR_METHOD and at(m) in method_s)
+    return float(min(max(0.0, 2 * method_s[at("layer_bs")] - method_s[at(PAIR_METHOD)]),
+                     MAX_OVERHEAD_SHARE * quickest))
+
+
 def layer_times(probe: ProbeManifest, method_s: dict[str, float],
                 seq_len: int | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """τ(l, bs) and τ(l, 2q·bs) for every layer l of the model, from the probe's method times.
@@ -188,6 +215,8 @@ def layer_times(probe: ProbeManifest, method_s: dict[str, float],
     block program, is set to ``layer_wide`` so that τ stays monotone); a layer above
     the job runs ``frozen_wide``; the last layer runs ``last_wide`` (only at the
     answer position; it is never run on bs rows, so its τ(bs) is the smaller of the two).
+    Each method's time is taken less one call's own cost (`call_overhead_s`): a program
+    runs all its layers in one call.
 
     Raises:
         InputError: a method the probe's layers need has no time.
@@ -196,7 +225,9 @@ def layer_times(probe: ProbeManifest, method_s: dict[str, float],
         name = name if seq_len is None else length_method(name, seq_len)
         if name not in method_s:
             raise InputError(f"probe {probe.probe_id}: no time for method {name!r} (measured: {sorted(method_s)})")
-        return method_s[name]
+        return method_s[name] - overhead
+
+    overhead = call_overhead_s(method_s, seq_len)
 
     first, last = min(probe.job_layers), max(probe.job_layers)
     bs, wide = [], []

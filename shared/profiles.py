@@ -61,7 +61,7 @@ class ProbeMemory:
 
 # The probe program's format (`shared.probe.ProbeManifest.format`); a measurement records the
 # one it ran, so that a profile measured with an older probe is refused (`check_device`).
-PROBE_FORMAT = 2  # 2: the T-dependent methods also at each shorter length bucket
+PROBE_FORMAT = 3  # 2: the T-dependent methods also at each shorter length bucket; 3: and layer_bs_pair, the call's own cost
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ def check_device(device: DeviceProfile, where: str = "") -> None:
         _check_times(times.layer_s_bs, times.layer_s_wide, tat)
     if device.measurement is not None and device.measurement.probe_format != PROBE_FORMAT:
         raise InputError(f"{at}: measured with probe format {device.measurement.probe_format}, this deftly "
-                         f"reads {PROBE_FORMAT} (the probe now times every length bucket); re-profile the "
+                         f"reads {PROBE_FORMAT} (the probe now times a method call's own cost); re-profile the "
                          f"device (`deftly profile`, or the dashboard's re-profile)")
 
 

@@ -29,6 +29,13 @@ def test_bench_profile_writes_the_table_and_the_agreed_keys(tmp_path: Path) -> N
         assert row["measured_peak_bytes"] > 0 and row["predicted_peak_bytes"] > 0
         assert row["step_error"] == pytest.approx(abs(row["measured_step_s"] - row["predicted_step_s"])
                                                   / row["measured_step_s"])
+        # beside it, the agent's case: the probe measured once, at the start, against the program alone
+        assert row["predicted_step_s_probe_at_start"] > 0 and row["measured_step_s_alone"] > 0
+        assert row["step_error_probe_at_start"] == pytest.approx(
+            abs(row["measured_step_s_alone"] - row["predicted_step_s_probe_at_start"]) / row["measured_step_s_alone"])
     assert saved["worst_memory_prediction_error"] == max(r["memory_error"] for r in saved["table"])
+    assert saved["worst_step_prediction_error"] == max(r["step_error"] for r in saved["table"])
+    assert saved["worst_step_prediction_error_probe_at_start"] == max(r["step_error_probe_at_start"]
+                                                                      for r in saved["table"])
     assert saved["plan_programs_warm_s"] < saved["plan_programs_cold_s"] and saved["probe_lower_s"]["fp32"] > 0
     assert results["table"] == saved["table"] and (tmp_path / "profile.png").stat().st_size > 10_000

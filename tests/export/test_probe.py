@@ -16,13 +16,15 @@ from shared.probe import ProbeManifest, check_probe_matches
 
 
 def test_methods_follow_the_job_layers() -> None:
-    assert probe_methods(30, tuple(range(22, 30))) == ("layer_bs", "layer_wide", "frozen_bs", "last_wide", "head")
-    assert probe_methods(30, tuple(range(0, 30))) == ("layer_bs", "layer_wide", "last_wide", "head")
-    assert probe_methods(30, (10, 11)) == ("layer_bs", "layer_wide", "frozen_bs", "frozen_wide", "last_wide", "head")
+    assert probe_methods(30, tuple(range(22, 30))) == ("layer_bs", "layer_bs_pair", "layer_wide", "frozen_bs",
+                                                       "last_wide", "head")
+    assert probe_methods(30, tuple(range(0, 30))) == ("layer_bs", "layer_bs_pair", "layer_wide", "last_wide", "head")
+    assert probe_methods(30, (10, 11)) == ("layer_bs", "layer_bs_pair", "layer_wide", "frozen_bs", "frozen_wide",
+                                           "last_wide", "head")
     # each shorter length bucket repeats the layer methods; the head does not depend on T
     assert probe_methods(30, tuple(range(22, 30)), (32,)) == (
-        "layer_bs", "layer_wide", "frozen_bs", "last_wide",
-        "layer_bs_t32", "layer_wide_t32", "frozen_bs_t32", "last_wide_t32", "head")
+        "layer_bs", "layer_bs_pair", "layer_wide", "frozen_bs", "last_wide",
+        "layer_bs_t32", "layer_bs_pair_t32", "layer_wide_t32", "frozen_bs_t32", "last_wide_t32", "head")
 
 
 def test_the_probe_has_every_layer_method_at_each_length_bucket(tiny_probe, tiny_program) -> None:
@@ -30,8 +32,9 @@ def test_the_probe_has_every_layer_method_at_each_length_bucket(tiny_probe, tiny
     # methods at 16 run on rows of 16 tokens.
     probe = tiny_probe.manifest
     assert probe.length_buckets == tiny_program.config.buckets() == (16,)
-    assert probe.methods == ("layer_bs", "layer_wide", "frozen_bs", "last_wide",
-                             "layer_bs_t16", "layer_wide_t16", "frozen_bs_t16", "last_wide_t16", "head")
+    assert probe.methods == ("layer_bs", "layer_bs_pair", "layer_wide", "frozen_bs", "last_wide",
+                             "layer_bs_t16", "layer_bs_pair_t16", "layer_wide_t16", "frozen_bs_t16",
+                             "last_wide_t16", "head")
     program = open_et_program(tiny_probe.manifest_path.parent / probe.files["program"],
                               tiny_probe.manifest_path.parent / probe.files["weights"])
     for method, rows in (("layer_wide_t16", probe.wide_rows), ("frozen_bs_t16", probe.batch_size)):
@@ -51,7 +54,7 @@ def test_a_probe_of_the_older_format_is_refused_with_the_way_out(tiny_probe, tmp
     del data["length_buckets"]
     old = tmp_path / "probe.probe.json"
     old.write_text(json.dumps(data))
-    with pytest.raises(InputError, match=r"probe format 1, this deftly reads 2 .*export the probe again and "
+    with pytest.raises(InputError, match=r"probe format 1, this deftly reads 3 .*export the probe again and "
                                          r"re-profile the devices"):
         ProbeManifest.load(old)
 
@@ -102,6 +105,13 @@ def test_each_layer_method_is_the_program_layer_it_stands_for(tiny_probe, tiny_p
     (got,) = program.load_method("layer_wide")([h, b])
     with torch.no_grad():
         expected = eager._decoder_layer(h, PROBED, _LayerB(b, 0))
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+    # the pair is the layer run twice in one call (what a program's consecutive layers are)
+    h, b = probe_inputs(probe, "layer_bs_pair")
+    (got,) = program.load_method("layer_bs_pair")([h, b])
+    with torch.no_grad():
+        once = eager._decoder_layer(h, PROBED, _LayerB(b, 0))
+        expected = eager._decoder_layer(once, PROBED, _LayerB(b, 0))
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
 
 

@@ -69,6 +69,6 @@ def test_a_profile_measured_with_an_older_probe_is_refused_with_the_way_out() ->
     plain = profile_to_plain(_dev(measurement=measurement))
     del plain["measurement"]["probe_format"], plain["at_lengths"]
     # execute + assert: the old record is refused by name and says to re-profile; the current one loads
-    with pytest.raises(InputError, match=r"measured with probe format 1, this deftly reads 2 .*re-profile"):
+    with pytest.raises(InputError, match=rf"measured with probe format 1, this deftly reads {PROBE_FORMAT} .*re-profile"):
         profile_from_plain(plain, "old.json")
     assert profile_from_plain(profile_to_plain(_dev(measurement=measurement))).measurement == measurement
