@@ -39,7 +39,7 @@ def load_profile(path: Path) -> DeviceProfile:
 
 
 def measure_in_fresh_process(probe: Path, name: str, link_mbit_s: float, out: Path, repeats: int = 20,
-                             timeout_s: float = 600.0) -> DeviceProfile:
+                             timeout_s: float = 600.0, one_thread: bool = False) -> DeviceProfile:
     """Measure this machine with `python -m device_agent.profile` in a new process; the profile it wrote.
 
     Raises:
@@ -47,6 +47,8 @@ def measure_in_fresh_process(probe: Path, name: str, link_mbit_s: float, out: Pa
     """
     command = [sys.executable, "-m", "device_agent.profile", str(probe), "--name", name,
                "--link-mbit-s", str(link_mbit_s), "--repeats", str(repeats), "--out", str(out)]
+    if one_thread:  # the runtime's kernels on one thread, as a simulated agent runs them
+        command.append("--one-thread")
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:

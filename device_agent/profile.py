@@ -222,7 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--link-mbit-s", type=float, required=True, help="the device's link rate, Mbit/s")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per method (default 20)")
     parser.add_argument("--out", type=Path, required=True, help="the profile record (.json) to write")
+    parser.add_argument("--one-thread", action="store_true",
+                        help="run the runtime's kernels on one thread, as a simulated agent does")
     args = parser.parse_args(argv)
+    if args.one_thread:
+        from device_agent.programs import use_one_compute_thread
+
+        use_one_compute_thread()
     try:
         if not args.link_mbit_s > 0:
             raise InputError(f"--link-mbit-s must be > 0, got {args.link_mbit_s}")

@@ -26,7 +26,7 @@ for fp32 and int8 programs of the default job (the top 8 layers of SmolLM2):
 * the machine's load average before and after: a shared machine inflates times,
   and a load that changes between the probe and a program moves the step ratios.
 
-`python -m desktop.bench.profile MANIFEST STEPS PROBE REPEATS` is the fresh process that
+`python -m desktop.bench.profile MANIFEST STEPS PROBE REPEATS ONE_THREAD` is the fresh process that
 runs one program: it prints the idle RSS, the peak (VmHWM), the step times alone and
 beside the probe, and the probe's profile, as JSON.
 """
@@ -60,13 +60,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per probe method (default 20)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the model is cached (default: deftly's)")
     parser.add_argument("--work-dir", type=Path, default=None, help="programs and the fresh caches (default: a temp dir)")
+    parser.add_argument("--one-thread", action="store_true",
+                        help="run the probe and the programs on one compute thread, as simulated agents do "
+                             "(writes profile_one_thread.json)")
 
 
 def _vm_hwm() -> int:
     return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
-def run_program(manifest: Path, steps: int, probe: Path, repeats: int) -> dict:
+def run_program(manifest: Path, steps: int, probe: Path, repeats: int, one_thread: bool = False) -> dict:
     """In this process: a block program's peak memory and steps, then its steps side by side with the probe.
 
     The program runs ``steps`` + 1 steps at the full length (the first loads the method
@@ -77,7 +80,11 @@ def run_program(manifest: Path, steps: int, probe: Path, repeats: int) -> dict:
 
     from device_agent.profile import measure_profile
     from device_agent.program import Program
+    from device_agent.programs import use_one_compute_thread
     from shared.profiles import profile_to_plain
+
+    if one_thread:
+        use_one_compute_thread()
 
     idle = psutil.Process().memory_info().rss
     program = Program(manifest, max_resident_methods=1)
@@ -106,9 +113,9 @@ def _spread(times: list[float]) -> float:
     return float((np.percentile(times, 90) - np.percentile(times, 10)) / np.median(times))
 
 
-def _measure_program(manifest: Path, steps: int, probe: Path, repeats: int) -> dict:
+def _measure_program(manifest: Path, steps: int, probe: Path, repeats: int, one_thread: bool) -> dict:
     done = subprocess.run([sys.executable, "-m", "desktop.bench.profile", str(manifest), str(steps), str(probe),
-                           str(repeats)], capture_output=True, text=True, timeout=3600)
+                           str(repeats), "1" if one_thread else "0"], capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"running {manifest} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -142,7 +149,8 @@ def measure_weights(args: argparse.Namespace, weights: str, work: Path) -> dict:
     layers = parse_layers(cfg.layers, loaded.model.config.num_hidden_layers)
     probe = export_probe(cfg, work / f"probe-{weights}", cache_dir=work / f"probe-cache-{weights}", loaded=loaded)
     profile = measure_in_fresh_process(probe.manifest_path, "this-machine", 100.0,
-                                       work / f"probe-{weights}" / "profile.json", repeats=args.repeats)
+                                       work / f"probe-{weights}" / "profile.json", repeats=args.repeats,
+                                       one_thread=args.one_thread)
     probe_weights = (probe.manifest_path.parent / probe.manifest.files["weights"]).stat().st_size
     num_layers = probe.manifest.num_layers
 
@@ -161,7 +169,8 @@ def measure_weights(args: argparse.Namespace, weights: str, work: Path) -> dict:
         weights_bytes = manifest.file("weights", result.manifest_path).stat().st_size
         model = memory_model(probe.manifest, profile.measurement, weights_bytes, probe_weights)
         predicted_bytes = model.program_bytes(first) + 2 * cfg.q * 4 * manifest.block["size"]
-        measured = _measure_program(result.manifest_path, args.steps, probe.manifest_path, args.repeats)
+        measured = _measure_program(result.manifest_path, args.steps, probe.manifest_path, args.repeats,
+                                    args.one_thread)
         measured_bytes = measured["peak_bytes"] - measured["idle_bytes"]
         beside = float(predicted(profile_from_plain(measured["profile"]))[first])
         step = measured["step_s"]
@@ -220,6 +229,7 @@ def draw(results: dict, path: Path) -> None:
                 title=f"memory: worst error {100 * results['worst_memory_prediction_error']:.0f} % (target 15 %)")
     for ax in axes:
         ax.legend(fontsize=8)
+    fig.suptitle(f"{results['model']} {results['layers']}, compute threads: {results['compute_threads']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -248,15 +258,18 @@ def run(args: argparse.Namespace) -> dict:
         "probe_method_s": {kind: per_kind[kind]["probe_method_s"] for kind in kinds},
         "call_overhead_s": {kind: call_overhead_s(per_kind[kind]["probe_method_s"]) for kind in kinds},
         "targets": TARGETS, "model": args.model, "layers": args.layers,
+        "compute_threads": 1 if args.one_thread else "the runtime's default (one per core)",
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())}, "cores": os.cpu_count(),
         "table": table,
     }
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "profile.json").write_text(json.dumps(results, indent=2) + "\n")
-    draw(results, out_dir / "profile.png")
+    name = "profile_one_thread" if args.one_thread else "profile"
+    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    draw(results, out_dir / f"{name}.png")
     return results
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_program(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))))
+    print(json.dumps(run_program(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]),
+                                 sys.argv[5] == "1")))

@@ -27,6 +27,19 @@ def test_a_fresh_process_measures_and_writes_the_profile(measured, tiny_probe) -
     assert profile.link_bytes_per_s == pytest.approx(100e6 / 8)
 
 
+def test_a_one_thread_measurement_tells_the_runtime_so_and_writes_the_profile(tiny_probe, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "one.json"
+    done = subprocess.run([sys.executable, "-m", "device_agent.profile", str(tiny_probe.manifest_path), "--name", "one",
+                           "--link-mbit-s", "100", "--repeats", "2", "--out", str(out), "--one-thread"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Resetting threadpool to 1 threads" in done.stderr  # ExecuTorch's own line
+    assert load_profile(out).measured and load_profile(out).name == "one"
+
+
 def test_the_job_comes_from_the_manifest_and_the_probe(measured, tiny_probe, tiny_program) -> None:
     profile, _ = measured
     job = load_measured_job([tiny_program.export.manifest_path], tiny_probe.manifest_path, profile, devices=2,
