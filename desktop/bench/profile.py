@@ -14,7 +14,7 @@ for fp32 and int8 programs of the default job (the top 8 layers of SmolLM2):
   the median step beside the cost model's t_step(s) from those probe times
   (`shared.costmodel.step_times`).  Side by side, because this machine is shared:
   a probe timed minutes before a program measured its own minute's load (block
-  25-29's step took 0.56 s in one process and 0.90 s in another minutes later).  The
+  25-29's step took 0.56, 0.68 and 0.62 s alone in three runs within the hour).  The
   table keeps, beside it, the prediction from the probe measured once at the start
   (``predicted_step_s_probe_at_start``), as an agent measures once when it starts;
 * `worst_step_prediction_error` and `worst_memory_prediction_error`: the largest
