@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the runtime's kernels on one thread, as a simulated agent does")
     args = parser.parse_args(argv)
     if args.one_thread:
-        from device_agent.programs import use_one_compute_thread
+        from device_agent.program import use_one_compute_thread
 
         use_one_compute_thread()
     try:

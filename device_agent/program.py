@@ -136,6 +136,14 @@ def open_et_program(program_path: Path, weights_path: Path | None):
                                 data_path=None if weights_path is None else str(weights_path))
 
 
+def use_one_compute_thread() -> None:
+    """Run ExecuTorch's kernels on the calling thread alone (ExecuTorch 1.5.1's pybindings; see simulate.py)."""
+    import torch  # noqa: F401  the extension links against libtorch: torch loads first
+    import executorch.extension.pybindings._C as native
+
+    native._unsafe_reset_threadpool(1)
+
+
 def return_freed_memory() -> None:
     """Hand the heap's freed pages back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
 

@@ -130,14 +130,6 @@ def files_bytes(view_manifest: Path, manifest: Manifest) -> tuple[int, int]:
     return pte, weights
 
 
-def use_one_compute_thread() -> None:
-    """Run ExecuTorch's kernels on the calling thread alone (ExecuTorch 1.5.1's pybindings; see simulate.py)."""
-    import torch  # noqa: F401  the extension links against libtorch: torch loads first
-    import executorch.extension.pybindings._C as native
-
-    native._unsafe_reset_threadpool(1)
-
-
 def measure_device(probe_manifest: Path, name: str, link_bytes_per_s: float, clock, one_thread: bool):
     """``device_agent.profile.measure_profile`` on the calling thread (the compute thread).
 
@@ -145,6 +137,7 @@ def measure_device(probe_manifest: Path, name: str, link_bytes_per_s: float, clo
         ProtocolError (not_a_program): a probe the runtime cannot run, or altered files.
     """
     from device_agent.profile import measure_profile  # imports torch and the runtime
+    from device_agent.program import use_one_compute_thread
 
     if one_thread:
         use_one_compute_thread()
@@ -180,7 +173,8 @@ def load_program(view_manifest: Path, manifest: Manifest, one_thread: bool,
         ProtocolError: not_a_program (the runtime cannot load it), wrong_model (the
             .pte does not take the shapes its manifest describes).
     """
-    from device_agent.program import Program, open_et_program  # imports torch and the runtime
+    # imports torch and the runtime
+    from device_agent.program import Program, open_et_program, use_one_compute_thread
 
     if one_thread:
         use_one_compute_thread()
