@@ -51,14 +51,6 @@ def trainer_path(directory: Path, run: str | None) -> Path:
     return Path(directory) / ("trainer.npz" if run is None else f"trainer-{run}.npz")
 
 
-def _keep_only_trainer(directory: Path, run: str | None) -> None:
-    """Drop other runs' trainer states: a device continues one run at a time."""
-    keep = trainer_path(directory, run)
-    for path in Path(directory).glob("trainer*.npz"):
-        if path != keep:
-            path.unlink(missing_ok=True)
-
-
 def request_key(request: StartRound) -> str:
     """What makes two StartRound requests the same round (the request id does not)."""
     values = (request.round, request.program, request.k, request.lr, request.eps, request.seed, request.b_size,
@@ -164,9 +156,7 @@ class RoundRunner:
 
     def finish(self, state: RoundState) -> None:
         """The round's result is safe elsewhere: keep the trainer's state for the next round, drop the round's."""
-        self.trainer.save(trainer_path(self.directory, state.run))
-        _keep_only_trainer(self.directory, state.run)
-        discard_round(self.directory)
+        settle_finished_round(self.directory, state, self.trainer.to_bytes())
 
 
 # -- the checkpoint file ------------------------------------------------------------------
@@ -201,7 +191,14 @@ def discard_round(directory: Path) -> None:
 
 
 def settle_finished_round(directory: Path, state: RoundState, trainer_bytes: bytes) -> None:
-    """What :meth:`RoundRunner.finish` does, for a round whose result was saved by an agent killed before it."""
-    write_bytes_atomic(trainer_path(directory, state.run), trainer_bytes)
-    _keep_only_trainer(directory, state.run)
+    """The trainer's state to its run's file, other runs' dropped, the round's checkpoint discarded.
+
+    :meth:`RoundRunner.finish` at a round's end, and the server at start for a round whose
+    result was saved by an agent killed before it got here.
+    """
+    keep = trainer_path(directory, state.run)
+    write_bytes_atomic(keep, trainer_bytes)
+    for other in Path(directory).glob("trainer*.npz"):  # a device continues one run at a time
+        if other != keep:
+            other.unlink(missing_ok=True)
     discard_round(directory)

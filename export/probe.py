@@ -72,30 +72,21 @@ class _OneLayerModel(nn.Module):
 
 
 class _Layer(nn.Module):
-    """``layer_*``: one job layer on [n, T, H] rows with c copies of its B [c, P_l]."""
+    """``layer_*``: one job layer on [n, T, H] rows with c copies of its B [c, P_l], run ``calls`` times.
 
-    def __init__(self, program: PrgeProgram) -> None:
-        super().__init__()
-        self.program = program
-
-    def forward(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.program._decoder_layer(h, PROBED, _LayerB(b, 0))  # [n, T, H]
-
-
-class _LayerPair(nn.Module):
-    """``layer_bs_pair``: the job layer twice in one call on [bs, T, H] rows (the same weights and B).
-
-    Its time against two ``layer_bs`` calls is one method call's own cost
-    (`shared.probe.call_overhead_s`), which a program pays once per step, not per layer.
+    ``layer_bs_pair`` runs it twice (the same weights and B): its time against two
+    ``layer_bs`` calls is one method call's own cost (`shared.probe.call_overhead_s`),
+    which a program pays once per step, not per layer.
     """
 
-    def __init__(self, program: PrgeProgram) -> None:
+    def __init__(self, program: PrgeProgram, calls: int = 1) -> None:
         super().__init__()
-        self.program = program
+        self.program, self.calls = program, calls
 
     def forward(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        lora = _LayerB(b, 0)
-        return self.program._decoder_layer(self.program._decoder_layer(h, PROBED, lora), PROBED, lora)  # [n, T, H]
+        for _ in range(self.calls):
+            h = self.program._decoder_layer(h, PROBED, _LayerB(b, 0))  # [n, T, H]
+        return h
 
 
 class _FrozenLayer(nn.Module):
@@ -204,7 +195,7 @@ def probe_modules(model: nn.Module, cfg: ExportConfig, verbalizer_ids: list[int]
         positions = torch.randint(T // 2, T, (wide,), generator=gen)  # [2q·bs]
         return {
             "layer_bs": (_Layer(at), (hidden(bs), copies(1))),
-            PAIR_METHOD: (_LayerPair(at), (hidden(bs), copies(1))),
+            PAIR_METHOD: (_Layer(at, calls=2), (hidden(bs), copies(1))),
             "layer_wide": (_Layer(at), (hidden(wide), copies(2 * q))),
             "frozen_bs": (_FrozenLayer(at), (hidden(bs),)),
             "frozen_wide": (_FrozenLayer(at), (hidden(wide),)),

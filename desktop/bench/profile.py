@@ -79,8 +79,7 @@ def run_program(manifest: Path, steps: int, probe: Path, repeats: int, one_threa
     import psutil
 
     from device_agent.profile import measure_profile
-    from device_agent.program import Program
-    from device_agent.program import use_one_compute_thread
+    from device_agent.program import Program, use_one_compute_thread
     from shared.profiles import profile_to_plain
 
     if one_thread:
