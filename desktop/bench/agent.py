@@ -17,7 +17,7 @@
                            follows the first (a new plan)                               (target 0)
 * `metric_latency_p99_ms`  a step's end on the agent (its `ended_at`) to the desktop's receipt,
                            on loopback, while training                                  (target ≤ 100)
-* `idle_rss_mb`            the agent's resident memory, connected and idle              (target ≤ 80)
+* `idle_rss_mb`            the agent's resident memory in MiB, connected and idle       (target ≤ 80)
 * `fuzz_frames`, `crashes` mutated frames through the codec (and some at a live agent), and
                            the failures that were not the codec's own ProtocolError   (≥ 10,000 / 0)
 * `lost_acked_metrics`     metrics the desktop had acknowledged that were missing after an agent
@@ -28,9 +28,12 @@ The programs are the tiny random Llama's (2 layers, hidden 64) exported twice wi
 different trainable layers, so they share one weights file; the transfer figures add
 a synthetic weights file of `--weights-mb` random bytes (incompressible, as weights
 are to a byte compressor; the WebSocket compression is off anyway). `install_mb`
-(the agent's fresh install per platform) is `deftly bench install`'s, read from the
+(the agent's fresh install per platform, MiB) is `deftly bench install`'s, read from the
 install.json beside agent.json (`desktop.bench.install.recorded_install_mb`). Timings come from whatever else the machine is doing:
 the JSON says how many cores it had and the load average at the start and end.
+
+The ``*_mb`` keys (`idle_rss_mb`, `rss_loaded_mb`, `weights_file_mb`, `install_mb`) hold MiB (bytes / 2**20);
+the ``*_MB_s`` rates are 10**6 bytes a second. The names stay: committed results use them.
 """
 from __future__ import annotations
 
