@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", type=Path, default=None, help="programs and the fresh caches (default: a temp dir)")
     parser.add_argument("--one-thread", action="store_true",
                         help="run the probe and the programs on one compute thread, as simulated agents do "
-                             "(writes profile_one_thread.json)")
+                             "(writes profile_one_thread.json; profile_int8.json for --weights int8 alone)")
 
 
 def _vm_hwm() -> int:
@@ -234,6 +234,11 @@ def draw(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def results_name(kinds: list[str], one_thread: bool) -> str:
+    """The results file's stem: an int8-only run sits beside the fp32 run's file instead of replacing it."""
+    return "profile" + ("_int8" if kinds == ["int8"] else "") + ("_one_thread" if one_thread else "")
+
+
 def run(args: argparse.Namespace) -> dict:
     from shared.probe import call_overhead_s
 
@@ -263,7 +268,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "profile_one_thread" if args.one_thread else "profile"
+    name = results_name(kinds, args.one_thread)
     (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     draw(results, out_dir / f"{name}.png")
     return results

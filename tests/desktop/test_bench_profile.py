@@ -8,6 +8,15 @@ from pathlib import Path
 import pytest
 
 
+def test_an_int8_run_alone_is_written_beside_the_fp32_run_not_over_it() -> None:
+    from desktop.bench.profile import results_name
+
+    assert results_name(["fp32", "int8"], False) == results_name(["fp32"], False) == "profile"
+    assert results_name(["int8"], False) == "profile_int8"
+    assert results_name(["int8"], True) == "profile_int8_one_thread"
+    assert results_name(["fp32"], True) == "profile_one_thread"
+
+
 @pytest.mark.slow
 def test_bench_profile_writes_the_table_and_the_agreed_keys(tmp_path: Path) -> None:
     # ~5 min on 2 cores: a probe, three block programs and a two-block plan lowered cold and warm.
