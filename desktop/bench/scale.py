@@ -147,7 +147,7 @@ async def drive(addresses: list[str], job: JobSpec, out: Path, args: argparse.Na
         wall = mark["end"] - mark["start"]
         rounds.append({"round": r, "wall_s": wall, "devices_busy_s": union_length(busy),
                        "overhead_s": wall - union_length(busy), "engine_cpu_s": mark["cpu_end"] - mark["cpu"],
-                       "devices_trained": len(busy)})
+                       "devices_in_round": mark["devices"], "devices_trained": len(busy)})
     return {"rounds_done": result.rounds_done, "rounds": rounds, "planner_s": planner[0] if planner else None,
             "overhead_s": sum(r["overhead_s"] for r in rounds) / len(rounds),
             "engine_cpu_s": sum(r["engine_cpu_s"] for r in rounds) / len(rounds)}
