@@ -186,8 +186,11 @@ def measure_weights(args: argparse.Namespace, weights: str, work: Path) -> dict:
               f"measured (probe at the start: {1e3 * at_start[first]:.1f} predicted, "
               f"{1e3 * measured['step_s_alone']:.1f} measured alone); peak {predicted_bytes / 2**20:.0f} MiB "
               f"predicted, {measured_bytes / 2**20:.0f} measured", flush=True)
+    facts = profile.measurement.facts
     return {"probe_lower_s": probe.manifest.lower_seconds, "probe_method_s": profile.measurement.method_s,
-            "probe_spread": profile.measurement.spread, "rows": rows}
+            "probe_spread": profile.measurement.spread, "rows": rows,
+            "machine": {"cpu": facts.cpu, "cores": facts.cores, "simd": list(facts.simd), "system": facts.system,
+                        "executorch": facts.executorch}}
 
 
 def plan_programs(args: argparse.Namespace, work: Path) -> tuple[float | None, float | None]:
@@ -264,6 +267,8 @@ def run(args: argparse.Namespace) -> dict:
         "targets": TARGETS, "model": args.model, "layers": args.layers,
         "compute_threads": 1 if args.one_thread else "the runtime's default (one per core)",
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())}, "cores": os.cpu_count(),
+        # the CPU the table was measured on: step times (and the int8/fp32 ratio) move with it
+        "machine": per_kind[kinds[0]]["machine"],
         "table": table,
     }
     out_dir = Path(args.out_dir)
