@@ -53,7 +53,8 @@ TARGETS = {"worst_step_prediction_error": 0.10, "worst_memory_prediction_error":
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="model spec (default: embedded SmolLM2; 'tiny' for a smoke run)")
     parser.add_argument("--layers", default="top:8", help="the job's trainable layers (default top:8)")
-    parser.add_argument("--weights", default="fp32,int8", help="comma-separated: fp32, int8 (default both)")
+    parser.add_argument("--weights", default="fp32,int8",
+                        help="comma-separated: fp32, int8 (default both; int8 alone writes profile_int8.json)")
     parser.add_argument("--plan-blocks", default="22-24,25-27,28-29",
                         help="the 3-device plan whose programs are lowered cold and warm ('' to skip)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per block program (default 5)")
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", type=Path, default=None, help="programs and the fresh caches (default: a temp dir)")
     parser.add_argument("--one-thread", action="store_true",
                         help="run the probe and the programs on one compute thread, as simulated agents do "
-                             "(writes profile_one_thread.json; profile_int8.json for --weights int8 alone)")
+                             "(writes profile_one_thread.json)")
 
 
 def _vm_hwm() -> int:
@@ -143,6 +144,7 @@ def measure_weights(args: argparse.Namespace, weights: str, work: Path) -> dict:
     from shared.job_model import memory_model
     from shared.manifest import Manifest
     from shared.profiles import Fleet, Job, profile_from_plain
+    from shared.records import to_plain
 
     loaded, cfg = _job(args, weights)
     layers = parse_layers(cfg.layers, loaded.model.config.num_hidden_layers)
@@ -186,11 +188,8 @@ def measure_weights(args: argparse.Namespace, weights: str, work: Path) -> dict:
               f"measured (probe at the start: {1e3 * at_start[first]:.1f} predicted, "
               f"{1e3 * measured['step_s_alone']:.1f} measured alone); peak {predicted_bytes / 2**20:.0f} MiB "
               f"predicted, {measured_bytes / 2**20:.0f} measured", flush=True)
-    facts = profile.measurement.facts
     return {"probe_lower_s": probe.manifest.lower_seconds, "probe_method_s": profile.measurement.method_s,
-            "probe_spread": profile.measurement.spread, "rows": rows,
-            "machine": {"cpu": facts.cpu, "cores": facts.cores, "simd": list(facts.simd), "system": facts.system,
-                        "executorch": facts.executorch}}
+            "probe_spread": profile.measurement.spread, "rows": rows, "machine": to_plain(profile.measurement.facts)}
 
 
 def plan_programs(args: argparse.Namespace, work: Path) -> tuple[float | None, float | None]:

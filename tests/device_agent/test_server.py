@@ -591,8 +591,8 @@ def test_a_simulated_device_refuses_a_program_over_its_memory_and_its_link_holds
 def test_a_simulated_slow_device_reports_its_last_step_when_its_clock_has_run_it(agents, agent_program,
                                                                                 tmp_path) -> None:
     slow = tmp_path / "slow.toml"
-    # 600x: the tiny step takes 0.5-1.5 ms of a host core (the faster the host, the less), and the
-    # simulated step must stay well over the 0.3 s this test needs to tell the two orders apart
+    # 600x: at 200x the tiny step simulated 0.297 s on an AMD EPYC (about 1.5 ms of its core), under
+    # the 0.3 s this test needs to tell the two orders apart; a faster host shrinks it further
     slow.write_text('[[class]]\nname = "slow-board"\ndescription = "600x slower than one host core"\n'
                     'compute_factor = 600\nmemory_gib = 8\nlink_mbit_s = 1000\ncores = 1\n')
     agent = agents("--simulate", f"{slow}:slow-board")
