@@ -47,7 +47,7 @@ import torch
 
 from device_agent.program import open_et_program, return_freed_memory, verify_files
 from shared.errors import InputError
-from shared.probe import PAIR_METHOD, PROBE_SUFFIX, ProbeManifest, profile_from_probe, split_length_method
+from shared.probe import PROBE_SUFFIX, ProbeManifest, profile_from_probe, split_method
 from shared.profiles import DeviceFacts, DeviceProfile, Measurement, ProbeMemory
 
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8",
@@ -79,17 +79,17 @@ def probe_inputs(probe: ProbeManifest, method: str, seed: int = 0) -> list[torch
     if method not in probe.methods:
         raise InputError(f"the probe has no method {method!r} (it has {list(probe.methods)})")
     rng = np.random.default_rng(seed)
-    method, at_length = split_length_method(method)  # "layer_wide_t32" -> ("layer_wide", 32)
+    method, _, at_length = split_method(method)  # "layer_bs_x4_t32" -> ("layer_bs", 4, 32): a chain takes its layer's inputs
     T = probe.seq_len if at_length is None else at_length
     bs, wide, H, q = probe.batch_size, probe.wide_rows, probe.hidden_size, probe.q
 
     def floats(*shape: int, scale: float = 1.0) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
-    rows = bs if method in ("layer_bs", "frozen_bs", PAIR_METHOD) else wide
-    b = floats(1 if method in ("layer_bs", PAIR_METHOD) else 2 * q, probe.layer_b_size, scale=1e-3)
+    rows = bs if method in ("layer_bs", "frozen_bs") else wide
+    b = floats(1 if method == "layer_bs" else 2 * q, probe.layer_b_size, scale=1e-3)
     arrays: list[np.ndarray]
-    if method in ("layer_bs", "layer_wide", PAIR_METHOD):
+    if method in ("layer_bs", "layer_wide"):
         arrays = [floats(rows, T, H), b]
     elif method in ("frozen_bs", "frozen_wide"):
         arrays = [floats(rows, T, H)]

@@ -2,9 +2,10 @@
 
 The probe times what the planner's cost model adds up (`shared/costmodel.py`):
 τ(l, bs) and τ(l, 2q·bs) of a decoder layer, the last layer at the answer
-position, and the per-step head, and one method call's own cost (``layer_bs_pair``:
-the layer twice in one call), which a program pays once a step and the probe once a layer; the layer methods at the full T and at each of
-the job's shorter length buckets (``layer_wide_t32``), as the programs run.  Its methods run the same code as the P-RGE
+position, and the per-step head; each layer method also as a chain of the layer run k times in one
+call (``layer_bs_x4``, `shared.probe.CHAINS`), whose slope is a layer's cost without what a call
+costs beyond its work (which a program pays once a step, the probe once a call); the layer methods
+at the full T and at each of the job's shorter length buckets (``layer_wide_t32``), as the programs run.  Its methods run the same code as the P-RGE
 programs (`export.prge.PrgeProgram`'s layer, last-layer and norm functions), on
 one layer of the job's model with the job's LoRA-FA shapes, so the cost of a
 layer in a program is what the probe measured, and the probe is one layer's
@@ -44,7 +45,7 @@ from export.program import ExportConfig
 from export.progress import Callback, ProgressTracker
 from shared.errors import InputError
 from shared.hashing import sha256_file
-from shared.probe import PAIR_METHOD, PROBE_FORMAT, PROBE_SUFFIX, ProbeManifest, length_method
+from shared.probe import CHAINS, PROBE_FORMAT, PROBE_SUFFIX, ProbeManifest, chain_method, length_method
 
 PROBED = 0  # the stand-in's only layer
 
@@ -74,9 +75,9 @@ class _OneLayerModel(nn.Module):
 class _Layer(nn.Module):
     """``layer_*``: one job layer on [n, T, H] rows with c copies of its B [c, P_l], run ``calls`` times.
 
-    ``layer_bs_pair`` runs it twice (the same weights and B): its time against two
-    ``layer_bs`` calls is one method call's own cost (`shared.probe.call_overhead_s`),
-    which a program pays once per step, not per layer.
+    ``layer_bs_x4`` runs it four times (the same weights and B), as a program runs its
+    layers back to back: the slope between two chains is a layer's cost in a program
+    (`shared.probe.layer_cost_s`).
     """
 
     def __init__(self, program: PrgeProgram, calls: int = 1) -> None:
@@ -90,14 +91,16 @@ class _Layer(nn.Module):
 
 
 class _FrozenLayer(nn.Module):
-    """``frozen_*``: one layer without LoRA on [n, T, H] rows."""
+    """``frozen_*``: one layer without LoRA on [n, T, H] rows, run ``calls`` times."""
 
-    def __init__(self, program: PrgeProgram) -> None:
+    def __init__(self, program: PrgeProgram, calls: int = 1) -> None:
         super().__init__()
-        self.program = program
+        self.program, self.calls = program, calls
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.program._decoder_layer(h, PROBED, None)  # [n, T, H]
+        for _ in range(self.calls):
+            h = self.program._decoder_layer(h, PROBED, None)  # [n, T, H]
+        return h
 
 
 class _LastLayer(nn.Module):
@@ -139,15 +142,17 @@ class _Head(nn.Module):
 def probe_methods(num_layers: int, job_layers: tuple[int, ...], length_buckets: tuple[int, ...] = ()) -> tuple[str, ...]:
     """The methods a job's layers need: frozen layers only where the model has them.
 
-    The layer methods come at the full length, then at each shorter bucket
-    (``layer_wide_t32``); the head, which does not depend on T, once.
+    Each layer method comes with its chains (``layer_bs_x2``, ``layer_bs_x4``:
+    `shared.probe.CHAINS`); the layer methods at the full length, then at each shorter
+    bucket (``layer_wide_t32``); the head, which does not depend on T, once.
     """
     first, last = min(job_layers), max(job_layers)
-    methods = ["layer_bs", PAIR_METHOD, "layer_wide"]
+    kinds = ["layer_bs", "layer_wide"]
     if first > 0:
-        methods.append("frozen_bs")
+        kinds.append("frozen_bs")
     if last < num_layers - 2:  # frozen layers above the job, below the last layer
-        methods.append("frozen_wide")
+        kinds.append("frozen_wide")
+    methods = [chain_method(kind, calls) for kind in kinds for calls in dict.fromkeys((1, *CHAINS[kind]))]
     methods.append("last_wide")
     at_lengths = [length_method(m, t) for t in length_buckets for m in methods]
     return (*methods, *at_lengths, "head")
@@ -193,14 +198,14 @@ def probe_modules(model: nn.Module, cfg: ExportConfig, verbalizer_ids: list[int]
             return torch.randn(rows, T, H, generator=gen)  # [rows, T, H]
 
         positions = torch.randint(T // 2, T, (wide,), generator=gen)  # [2q·bs]
-        return {
-            "layer_bs": (_Layer(at), (hidden(bs), copies(1))),
-            PAIR_METHOD: (_Layer(at, calls=2), (hidden(bs), copies(1))),
-            "layer_wide": (_Layer(at), (hidden(wide), copies(2 * q))),
-            "frozen_bs": (_FrozenLayer(at), (hidden(bs),)),
-            "frozen_wide": (_FrozenLayer(at), (hidden(wide),)),
-            "last_wide": (_LastLayer(at, last_lora), (hidden(wide), positions, copies(2 * q))),
-        }
+        methods = {"last_wide": (_LastLayer(at, last_lora), (hidden(wide), positions, copies(2 * q)))}
+        for kind, rows, lora in (("layer_bs", bs, True), ("layer_wide", wide, True),
+                                 ("frozen_bs", bs, False), ("frozen_wide", wide, False)):
+            for calls in dict.fromkeys((1, *CHAINS[kind])):
+                module = _Layer(at, calls) if lora else _FrozenLayer(at, calls)
+                inputs = (hidden(rows), copies(1 if rows == bs else 2 * q)) if lora else (hidden(rows),)
+                methods[chain_method(kind, calls)] = (module, inputs)
+        return methods
 
     available = layer_methods(program, cfg.seq_len)
     for T in cfg.buckets():  # the same weights (shared module references) at a shorter length

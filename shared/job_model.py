@@ -48,7 +48,7 @@ from typing import Sequence
 from shared.blocks import check_cover, layout_layers, program_block, whole_span
 from shared.errors import InputError
 from shared.manifest import Manifest
-from shared.probe import PAIR_METHOD, ProbeManifest, check_probe_matches, split_length_method
+from shared.probe import ProbeManifest, check_probe_matches, split_method
 from shared.profiles import Block, Job, Measurement, check_job
 
 BYTES_PER_B = 4  # B is float32 on the wire and in the programs
@@ -124,10 +124,9 @@ def memory_model(probe: ProbeManifest, measurement: Measurement, weights_file_by
     memory = measurement.memory
     # The full-length layer methods: a program's peak is its full-length method's (the
     # shorter buckets' ``*_t<T>`` methods pack the same weights and need less workspace).
-    # The pair method (the layer twice, for the call's own cost) packs its one layer once or twice
-    # as XNNPACK pleases: it is left out, the others each run the layer once.
-    layer_methods = [m for m in probe.methods
-                     if m not in ("head", PAIR_METHOD) and split_length_method(m)[1] is None]
+    # The chains (the layer k times, for a layer's cost in a program) pack their one layer up to
+    # k times as XNNPACK pleases: they are left out, the others each run the layer once.
+    layer_methods = [m for m in probe.methods if m != "head" and split_method(m)[1:] == (1, None)]
     missing = [m for m in probe.methods if m not in memory.load_bytes or m not in memory.run_bytes]
     if missing:
         raise InputError(f"the measurement of probe {probe.probe_id} has no memory for methods {missing}")

@@ -11,13 +11,14 @@ Methods (all float tensors float32, index tensors int64; n = bs or 2q·bs rows,
 c = 1 or 2q copies of one layer's B, P_l = B entries of one job layer):
 
 * ``layer_bs``, ``layer_wide``: (h [n, T, H], b [c, P_l]) -> h [n, T, H]: a job layer (with LoRA);
-* ``layer_bs_pair``: (h [bs, T, H], b [1, P_l]) -> h [bs, T, H]: the same job layer twice in one
-  call.  Two ``layer_bs`` calls minus one pair is what a call costs beyond its layer's work
-  (the runtime's and XNNPACK's set-up of a call; `deftly bench profile` records it per machine,
-  `call_overhead_s` in bench/results/profile.json): a program pays it once a step, the probe
-  once a layer, so `layer_times` takes it off every layer and leaves it on the head;
+* ``layer_bs_x2``, ``layer_bs_x4``, ``layer_wide_x2`` (`chain_method`): the same layer k times
+  in one call (the same weights and B), as a program runs its layers back to back.  A layer's
+  cost is the slope between two chains, (t(k₂) − t(k₁)) / (k₂ − k₁) (`layer_cost_s`), which
+  leaves out what a call costs beyond its layers' work: a program pays that once a step, the
+  probe once a call.  `CHAINS` says which two chains each method has, and why;
 * ``frozen_bs``, ``frozen_wide``: (h [n, T, H]) -> h [n, T, H]: a layer outside the job (no LoRA),
-  present only when the model has such layers below (``frozen_bs``) or above (``frozen_wide``) the job;
+  present only when the model has such layers below (``frozen_bs``) or above (``frozen_wide``) the job,
+  with their chains as the job layer's (``frozen_bs_x2``, ...);
 * ``last_wide``: (h [2q·bs, T, H], positions [2q·bs], b [2q, P_l]) -> [2q·bs, H]: the last
   layer at the answer position (``b`` is read only when the last layer is a job layer);
 * ``head``: (h [2q·bs, H], labels [bs], b [P], z [q, P], lr [1], eps [1])
@@ -25,7 +26,7 @@ c = 1 or 2q copies of one layer's B, P_l = B entries of one job layer):
 
 Every method but the head also comes at each of the job's shorter length
 buckets T' (`ProbeManifest.length_buckets`), named as the programs name theirs:
-``layer_wide_t32`` is ``layer_wide`` with T' = 32 in place of T.  A device's
+``layer_wide_t32`` is ``layer_wide`` with T' = 32 in place of T (``layer_bs_x4_t32``: its chain).  A device's
 profile then carries the layer times at every length its programs run
 (`DeviceProfile.at_lengths`); the head reads one position per row, so it has
 one time.
@@ -49,8 +50,23 @@ from shared.records import RecordError, from_plain, to_plain
 # PROBE_FORMAT (bump when the probe's methods or their signatures change) lives in
 # shared.profiles, which records it in each measurement.
 PROBE_SUFFIX = ".probe.json"
-PAIR_METHOD = "layer_bs_pair"
-LAYER_METHODS = ("layer_bs", PAIR_METHOD, "layer_wide", "frozen_bs", "frozen_wide", "last_wide")
+LAYER_METHODS = ("layer_bs", "layer_wide", "frozen_bs", "frozen_wide", "last_wide")
+
+# The two chain lengths (k₁, k₂) each layer method is timed at; its cost per layer is the slope
+# between them.  On bs rows a single call is short and its time is not on the line through the
+# longer chains (SmolLM2 int8, a 2-core Xeon, in one process: 1, 2, 4 and 8 layers took 3.7, 8.8,
+# 15.0 and 27.0 ms, and a 29-layer program ~3.1 ms a layer), so bs rows take the slope from 2 to 4;
+# a widened layer's call is long, and 1 to 2 layers already give its in-program cost (31.7, 57.9 ms:
+# 26.2 ms a layer; 26.7 in the programs).  The last layer reads its rows at one position, so it
+# cannot chain.
+CHAINS = {"layer_bs": (2, 4), "frozen_bs": (2, 4), "layer_wide": (1, 2), "frozen_wide": (1, 2)}
+# A slope below this share of the longer chain's mean time per layer is noise, not a cheap layer.
+MIN_SLOPE_SHARE = 0.5
+
+
+def chain_method(method: str, calls: int) -> str:
+    """The method that runs a layer method's layer ``calls`` times in one call: ``layer_bs`` x4 -> ``layer_bs_x4``."""
+    return method if calls == 1 else f"{method}_x{calls}"
 
 
 def length_method(method: str, seq_len: int) -> str:
@@ -58,12 +74,28 @@ def length_method(method: str, seq_len: int) -> str:
     return f"{method}_t{seq_len}"
 
 
-def split_length_method(name: str) -> tuple[str, int | None]:
-    """``layer_wide_t32`` -> (``layer_wide``, 32); a full-length method -> (name, None)."""
+def split_method(name: str) -> tuple[str, int, int | None]:
+    """``layer_bs_x4_t32`` -> (``layer_bs``, 4, 32); ``head`` -> (``head``, 1, None).
+
+    A name that is no layer method (or a chain it does not have) comes back whole, once, at the full length.
+    """
+    base, seq_len = name, None
     head, _, tail = name.rpartition("_t")
-    if head in LAYER_METHODS and tail.isdigit():
-        return head, int(tail)
-    return name, None
+    if tail.isdigit() and head:
+        base, seq_len = head, int(tail)
+    calls = 1
+    head, _, tail = base.rpartition("_x")
+    if tail.isdigit() and head in CHAINS and int(tail) in CHAINS[head]:
+        base, calls = head, int(tail)
+    if base not in LAYER_METHODS:
+        return name, 1, None
+    return base, calls, seq_len
+
+
+def split_length_method(name: str) -> tuple[str, int | None]:
+    """``layer_wide_t32`` -> (``layer_wide``, 32), ``layer_bs_x4_t32`` -> (``layer_bs_x4``, 32); else (name, None)."""
+    base, calls, seq_len = split_method(name)
+    return chain_method(base, calls), seq_len
 
 
 @dataclass(frozen=True)
@@ -128,15 +160,14 @@ class ProbeManifest:
             raise InputError(f"{source}: expected a JSON object")
         if data.get("format") != PROBE_FORMAT:
             raise InputError(f"{source}: probe format {data.get('format')!r}, this deftly reads {PROBE_FORMAT} "
-                             f"(the probe now times every length bucket); export the probe again and re-profile "
+                             f"(the probe now times chains of each layer, `shared.probe.CHAINS`); export the probe again and re-profile "
                              f"the devices (`deftly profile`)")
         try:
             manifest = from_plain(cls, data, source)
         except RecordError as exc:
             raise InputError(f"malformed probe manifest: {exc}") from None
         unknown = sorted(m for m in manifest.methods if m != "head" and not (
-            split_length_method(m)[0] in LAYER_METHODS
-            and split_length_method(m)[1] in (None, *manifest.length_buckets)))
+            split_method(m)[0] in LAYER_METHODS and split_method(m)[2] in (None, *manifest.length_buckets)))
         if unknown:
             raise InputError(f"{source}: unknown probe methods {unknown}")
         if list(manifest.length_buckets) != sorted(set(manifest.length_buckets)) or any(
@@ -182,25 +213,43 @@ def check_probe_matches(probe: ProbeManifest, *, model_id: str, num_layers: int,
                              f"but {where} has {value!r}; export a probe with the job's shapes")
 
 
-# A pair that seems to save more than this share of a layer's call is noise, not overhead.
-MAX_OVERHEAD_SHARE = 0.5
+def _at(name: str, seq_len: int | None) -> str:
+    return name if seq_len is None else length_method(name, seq_len)
 
 
-def call_overhead_s(method_s: dict[str, float], seq_len: int | None = None) -> float:
-    """What one probe method call costs beyond its layer's work: 2·t(layer_bs) − t(layer_bs_pair).
+def layer_cost_s(method_s: dict[str, float], method: str, seq_len: int | None = None) -> float:
+    """What one layer of a layer method costs inside a program: the slope between its two chains.
 
-    At the full length, or with ``seq_len`` at a shorter bucket.  Clipped to
-    [0, MAX_OVERHEAD_SHARE · the quickest layer method's time], so that noise never makes
-    a layer free; 0 when the probe has no pair method.
+    (t(k₂) − t(k₁)) / (k₂ − k₁) for the method's `CHAINS`, at the full length or with
+    ``seq_len`` at a shorter bucket; clipped to [MIN_SLOPE_SHARE, 1] × t(k₂) / k₂, so that noise
+    never makes a layer free nor dearer than its longer chain's mean.  A method the probe has
+    no chains for (the last layer, or an older probe's) costs its own time.
+
+    Raises:
+        KeyError: the method has no time.
     """
-    def at(name: str) -> str:
-        return name if seq_len is None else length_method(name, seq_len)
+    single = method_s[_at(method, seq_len)]
+    if method not in CHAINS:
+        return single
+    short, long = CHAINS[method]
+    times = [method_s.get(_at(chain_method(method, k), seq_len)) for k in (short, long)]
+    if None in times:
+        return single
+    mean_long = times[1] / long
+    slope = (times[1] - times[0]) / (long - short)
+    return float(min(max(slope, MIN_SLOPE_SHARE * mean_long), mean_long))
 
-    if at("layer_bs") not in method_s or at(PAIR_METHOD) not in method_s:
+
+def call_cost_s(method_s: dict[str, float], method: str, seq_len: int | None = None) -> float:
+    """What one call of a chained layer method costs beyond its layers' work: t(k₁) − k₁ · `layer_cost_s`.
+
+    0 for a method without chains.  Never negative.
+    """
+    if method not in CHAINS or _at(chain_method(method, CHAINS[method][1]), seq_len) not in method_s:
         return 0.0
-    quickest = min(method_s[at(m)] for m in LAYER_METHODS if m != PAIR_METHOD and at(m) in method_s)
-    return float(min(max(0.0, 2 * method_s[at("layer_bs")] - method_s[at(PAIR_METHOD)]),
-                     MAX_OVERHEAD_SHARE * quickest))
+    short = CHAINS[method][0]
+    return max(0.0, method_s[_at(chain_method(method, short), seq_len)]
+               - short * layer_cost_s(method_s, method, seq_len))
 
 
 def layer_times(probe: ProbeManifest, method_s: dict[str, float],
@@ -215,38 +264,41 @@ def layer_times(probe: ProbeManifest, method_s: dict[str, float],
     block program, is set to ``layer_wide`` so that τ stays monotone); a layer above
     the job runs ``frozen_wide``; the last layer runs ``last_wide`` (only at the
     answer position; it is never run on bs rows, so its τ(bs) is the smaller of the two).
-    Each method's time is taken less one call's own cost (`call_overhead_s`): a program
-    runs all its layers in one call.
+    Each layer costs its method's chain slope (`layer_cost_s`): a program runs all its
+    layers in one call.  The last layer cannot chain; it takes the same rows in as
+    ``layer_wide``, so it is taken less ``layer_wide``'s own call cost (`call_cost_s`).
 
     Raises:
         InputError: a method the probe's layers need has no time.
     """
-    def time_of(name: str) -> float:
-        name = name if seq_len is None else length_method(name, seq_len)
-        if name not in method_s:
-            raise InputError(f"probe {probe.probe_id}: no time for method {name!r} (measured: {sorted(method_s)})")
-        return method_s[name] - overhead
+    def cost(name: str) -> float:
+        try:
+            return layer_cost_s(method_s, name, seq_len)
+        except KeyError:
+            raise InputError(f"probe {probe.probe_id}: no time for method {_at(name, seq_len)!r} "
+                             f"(measured: {sorted(method_s)})") from None
 
-    overhead = call_overhead_s(method_s, seq_len)
+    # the last layer less what a call of wide rows costs beyond its work, but never below half its time
+    last = cost("last_wide")
+    last = max(last - call_cost_s(method_s, "layer_wide", seq_len), MIN_SLOPE_SHARE * last)
 
-    first, last = min(probe.job_layers), max(probe.job_layers)
+    first, end = min(probe.job_layers), max(probe.job_layers)
     bs, wide = [], []
     for layer in range(probe.num_layers):
         if layer == probe.num_layers - 1:
-            w = time_of("last_wide")
-            below = time_of("layer_bs") if layer >= first else time_of("frozen_bs")
-            bs.append(min(below, w))
-            wide.append(w)
+            below = cost("layer_bs") if layer >= first else cost("frozen_bs")
+            bs.append(min(below, last))
+            wide.append(last)
         elif layer < first:
-            b = time_of("frozen_bs")
+            b = cost("frozen_bs")
             bs.append(b)
-            wide.append(max(b, time_of("layer_wide")))
-        elif layer > last:
-            w = time_of("frozen_wide")
-            bs.append(min(time_of("layer_bs"), w))
+            wide.append(max(b, cost("layer_wide")))
+        elif layer > end:
+            w = cost("frozen_wide")
+            bs.append(min(cost("layer_bs"), w))
             wide.append(w)
         else:
-            b, w = time_of("layer_bs"), time_of("layer_wide")
+            b, w = cost("layer_bs"), cost("layer_wide")
             bs.append(min(b, w))  # two timings of the same layer: noise must not break monotonicity
             wide.append(w)
     return tuple(bs), tuple(wide)

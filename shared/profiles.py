@@ -61,7 +61,8 @@ class ProbeMemory:
 
 # The probe program's format (`shared.probe.ProbeManifest.format`); a measurement records the
 # one it ran, so that a profile measured with an older probe is refused (`check_device`).
-PROBE_FORMAT = 3  # 2: the T-dependent methods also at each shorter length bucket; 3: and layer_bs_pair, the call's own cost
+PROBE_FORMAT = 4  # 2: the T-dependent methods also at each shorter length bucket; 3: and layer_bs_pair, the call's own cost;
+# 4: chains of each layer method in place of the pair (shared.probe.CHAINS), whose slope is a layer's cost
 
 
 @dataclass(frozen=True)

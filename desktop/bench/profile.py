@@ -70,6 +70,40 @@ def _vm_hwm() -> int:
     return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
+def pair_layer_times(probe, method_s: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(L,) τ(l, bs) and τ(l, 2q·bs) as probe format 3 read them, from this probe's methods: the comparison.
+
+    Format 3 took one call's own cost as two single ``layer_bs`` calls less the layer twice in
+    one call (``layer_bs_x2`` here: the same method), clipped to [0, half the quickest layer
+    method], off every layer method's single call; the chains' slopes replaced that in format 4.
+    """
+    single = {m: t for m, t in method_s.items() if m != "head" and "_x" not in m and "_t" not in m}
+    overhead = min(max(0.0, 2 * method_s["layer_bs"] - method_s["layer_bs_x2"]), 0.5 * min(single.values()))
+    first, last = min(probe.job_layers), max(probe.job_layers)
+    bs, wide = [], []
+    for layer in range(probe.num_layers):
+        if layer == probe.num_layers - 1:
+            w = method_s["last_wide"] - overhead
+            b = (method_s["layer_bs"] if layer >= first else method_s["frozen_bs"]) - overhead
+        elif layer < first:
+            b = method_s["frozen_bs"] - overhead
+            w = max(b, method_s["layer_wide"] - overhead)
+        elif layer > last:
+            w = method_s["frozen_wide"] - overhead
+            b = method_s["layer_bs"] - overhead
+        else:
+            b, w = method_s["layer_bs"] - overhead, method_s["layer_wide"] - overhead
+        bs.append(min(b, w))
+        wide.append(w)
+    return np.array(bs), np.array(wide)
+
+
+def pair_step_s(probe, method_s: dict[str, float], first: int) -> float:
+    """t_step of a block starting at ``first`` (every step at the full length) by probe format 3's reading."""
+    bs, wide = pair_layer_times(probe, method_s)
+    return float(bs[:first].sum() + wide[first:].sum() + method_s["head"])
+
+
 def run_program(manifest: Path, steps: int, probe: Path, repeats: int, one_thread: bool = False) -> dict:
     """In this process: a block program's peak memory and steps, then its steps side by side with the probe.
 
@@ -173,11 +207,15 @@ def measure_weights(args: argparse.Namespace, weights: str, work: Path) -> dict:
         measured = _measure_program(result.manifest_path, args.steps, probe.manifest_path, args.repeats,
                                     args.one_thread)
         measured_bytes = measured["peak_bytes"] - measured["idle_bytes"]
-        beside = float(predicted(profile_from_plain(measured["profile"]))[first])
+        measured_profile = profile_from_plain(measured["profile"])
+        beside = float(predicted(measured_profile)[first])
+        beside_pair = pair_step_s(probe.manifest, measured_profile.measurement.method_s, first)
         step = measured["step_s"]
         rows.append({"weights": weights, "first_layer": first, "last_layer": layers[-1],
                      "predicted_step_s": beside, "measured_step_s": step,
                      "measured_step_spread": measured["step_spread"], "step_error": abs(step - beside) / step,
+                     # the same measurement read as probe format 3 did (one call's cost off single calls)
+                     "predicted_step_s_pair": beside_pair, "step_error_pair": abs(step - beside_pair) / step,
                      "predicted_step_s_probe_at_start": float(at_start[first]),
                      "measured_step_s_alone": measured["step_s_alone"],
                      "step_error_probe_at_start": abs(measured["step_s_alone"] - at_start[first])
@@ -242,7 +280,7 @@ def results_name(kinds: list[str], one_thread: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from shared.probe import call_overhead_s
+    from shared.probe import CHAINS, call_cost_s, layer_cost_s
 
     kinds = [w.strip() for w in args.weights.split(",") if w.strip()]
     if not kinds or set(kinds) - {"fp32", "int8"}:
@@ -259,11 +297,16 @@ def run(args: argparse.Namespace) -> dict:
         "worst_step_prediction_error": max(r["step_error"] for r in table),
         "worst_memory_prediction_error": max(r["memory_error"] for r in table),
         "worst_step_prediction_error_probe_at_start": max(r["step_error_probe_at_start"] for r in table),
+        "worst_step_prediction_error_pair": max(r["step_error_pair"] for r in table),
         "plan_programs_cold_s": cold, "plan_programs_warm_s": warm,
         "probe_lower_s": {kind: per_kind[kind]["probe_lower_s"] for kind in kinds},
         "probe_method_s": {kind: per_kind[kind]["probe_method_s"] for kind in kinds},
-        "call_overhead_s": {kind: call_overhead_s(per_kind[kind]["probe_method_s"]) for kind in kinds},
-        "targets": TARGETS, "model": args.model, "layers": args.layers,
+        # per chained layer method: a layer's cost (the chains' slope) and what a call costs beyond it
+        "layer_cost_s": {kind: {m: layer_cost_s(per_kind[kind]["probe_method_s"], m) for m in CHAINS
+                                if m in per_kind[kind]["probe_method_s"]} for kind in kinds},
+        "call_cost_s": {kind: {m: call_cost_s(per_kind[kind]["probe_method_s"], m) for m in CHAINS
+                               if m in per_kind[kind]["probe_method_s"]} for kind in kinds},
+        "targets": TARGETS, "model": args.model, "layers": args.layers, "steps": args.steps, "repeats": args.repeats,
         "compute_threads": 1 if args.one_thread else "the runtime's default (one per core)",
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())}, "cores": os.cpu_count(),
         # the CPU the table was measured on: step times (and the int8/fp32 ratio) move with it

@@ -15,16 +15,18 @@ from shared.errors import InputError
 from shared.probe import ProbeManifest, check_probe_matches
 
 
+JOB = ("layer_bs", "layer_bs_x2", "layer_bs_x4", "layer_wide", "layer_wide_x2")  # a job layer and its chains
+BELOW = ("frozen_bs", "frozen_bs_x2", "frozen_bs_x4")
+ABOVE = ("frozen_wide", "frozen_wide_x2")
+
+
 def test_methods_follow_the_job_layers() -> None:
-    assert probe_methods(30, tuple(range(22, 30))) == ("layer_bs", "layer_bs_pair", "layer_wide", "frozen_bs",
-                                                       "last_wide", "head")
-    assert probe_methods(30, tuple(range(0, 30))) == ("layer_bs", "layer_bs_pair", "layer_wide", "last_wide", "head")
-    assert probe_methods(30, (10, 11)) == ("layer_bs", "layer_bs_pair", "layer_wide", "frozen_bs", "frozen_wide",
-                                           "last_wide", "head")
+    assert probe_methods(30, tuple(range(22, 30))) == (*JOB, *BELOW, "last_wide", "head")
+    assert probe_methods(30, tuple(range(0, 30))) == (*JOB, "last_wide", "head")
+    assert probe_methods(30, (10, 11)) == (*JOB, *BELOW, *ABOVE, "last_wide", "head")
     # each shorter length bucket repeats the layer methods; the head does not depend on T
     assert probe_methods(30, tuple(range(22, 30)), (32,)) == (
-        "layer_bs", "layer_bs_pair", "layer_wide", "frozen_bs", "last_wide",
-        "layer_bs_t32", "layer_bs_pair_t32", "layer_wide_t32", "frozen_bs_t32", "last_wide_t32", "head")
+        *JOB, *BELOW, "last_wide", *(f"{m}_t32" for m in (*JOB, *BELOW, "last_wide")), "head")
 
 
 def test_the_probe_has_every_layer_method_at_each_length_bucket(tiny_probe, tiny_program) -> None:
@@ -32,12 +34,11 @@ def test_the_probe_has_every_layer_method_at_each_length_bucket(tiny_probe, tiny
     # methods at 16 run on rows of 16 tokens.
     probe = tiny_probe.manifest
     assert probe.length_buckets == tiny_program.config.buckets() == (16,)
-    assert probe.methods == ("layer_bs", "layer_bs_pair", "layer_wide", "frozen_bs", "last_wide",
-                             "layer_bs_t16", "layer_bs_pair_t16", "layer_wide_t16", "frozen_bs_t16",
-                             "last_wide_t16", "head")
+    assert probe.methods == (*JOB, *BELOW, "last_wide", *(f"{m}_t16" for m in (*JOB, *BELOW, "last_wide")), "head")
     program = open_et_program(tiny_probe.manifest_path.parent / probe.files["program"],
                               tiny_probe.manifest_path.parent / probe.files["weights"])
-    for method, rows in (("layer_wide_t16", probe.wide_rows), ("frozen_bs_t16", probe.batch_size)):
+    for method, rows in (("layer_wide_t16", probe.wide_rows), ("frozen_bs_t16", probe.batch_size),
+                         ("frozen_bs_x4_t16", probe.batch_size)):
         inputs = probe_inputs(probe, method)
         assert tuple(inputs[0].shape) == (rows, 16, probe.hidden_size)
         (out,) = program.load_method(method)(inputs)
@@ -54,7 +55,7 @@ def test_a_probe_of_the_older_format_is_refused_with_the_way_out(tiny_probe, tmp
     del data["length_buckets"]
     old = tmp_path / "probe.probe.json"
     old.write_text(json.dumps(data))
-    with pytest.raises(InputError, match=r"probe format 1, this deftly reads 3 .*export the probe again and "
+    with pytest.raises(InputError, match=r"probe format 1, this deftly reads 4 .*export the probe again and "
                                          r"re-profile the devices"):
         ProbeManifest.load(old)
 
@@ -106,13 +107,15 @@ def test_each_layer_method_is_the_program_layer_it_stands_for(tiny_probe, tiny_p
     with torch.no_grad():
         expected = eager._decoder_layer(h, PROBED, _LayerB(b, 0))
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
-    # the pair is the layer run twice in one call (what a program's consecutive layers are)
-    h, b = probe_inputs(probe, "layer_bs_pair")
-    (got,) = program.load_method("layer_bs_pair")([h, b])
-    with torch.no_grad():
-        once = eager._decoder_layer(h, PROBED, _LayerB(b, 0))
-        expected = eager._decoder_layer(once, PROBED, _LayerB(b, 0))
-    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+    # a chain is the layer run k times in one call (what a program's consecutive layers are)
+    for method, lora in (("layer_bs_x4", True), ("frozen_bs_x2", False)):
+        inputs = probe_inputs(probe, method)
+        (got,) = program.load_method(method)(inputs)
+        with torch.no_grad():
+            expected = inputs[0]
+            for _ in range(int(method.rpartition("_x")[2])):
+                expected = eager._decoder_layer(expected, PROBED, _LayerB(inputs[1], 0) if lora else None)
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_a_second_export_comes_from_the_cache(tiny_probe, tiny_program, tmp_path: Path) -> None:

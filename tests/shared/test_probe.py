@@ -1,9 +1,11 @@
-"""shared.probe: a probe's method times laid out per layer, less each call's own cost."""
+"""shared.probe: a probe's method times laid out per layer, each layer its chains' slope."""
 from __future__ import annotations
 
 import pytest
 
-from shared.probe import MAX_OVERHEAD_SHARE, ProbeManifest, call_overhead_s, layer_times
+from shared.errors import InputError
+from shared.probe import (MIN_SLOPE_SHARE, ProbeManifest, call_cost_s, layer_cost_s, layer_times, split_length_method,
+                          split_method)
 
 MS = 1e-3
 
@@ -15,30 +17,62 @@ def _probe(length_buckets: tuple[int, ...] = ()) -> ProbeManifest:
                          layer_b_size=16, b_size=32, classes=2, methods=(), length_buckets=length_buckets)
 
 
-TIMES = {"layer_bs": 20 * MS, "layer_bs_pair": 36 * MS, "layer_wide": 100 * MS, "frozen_bs": 19 * MS,
-         "last_wide": 18 * MS, "head": 2 * MS}
+# Each bs chain costs 3 ms a layer plus 4 ms a call (a single call is off that line, as measured:
+# 5 ms, not 7); a widened layer 100 ms plus 6 ms a call.
+TIMES = {"layer_bs": 5 * MS, "layer_bs_x2": 10 * MS, "layer_bs_x4": 16 * MS,
+         "frozen_bs": 5 * MS, "frozen_bs_x2": 9 * MS, "frozen_bs_x4": 15 * MS,
+         "layer_wide": 106 * MS, "layer_wide_x2": 206 * MS, "last_wide": 18 * MS, "head": 2 * MS}
 
 
-def test_a_call_s_own_cost_is_two_single_calls_less_the_pair() -> None:
-    assert call_overhead_s(TIMES) == pytest.approx(4 * MS)  # 2 x 20 - 36
-    # a probe without the pair (or at a length it has no pair for) takes nothing off
-    assert call_overhead_s({k: v for k, v in TIMES.items() if k != "layer_bs_pair"}) == 0.0
-    assert call_overhead_s(TIMES, seq_len=32) == 0.0
+def test_method_names_split_into_the_layer_its_chain_and_its_length() -> None:
+    assert split_method("layer_bs_x4_t32") == ("layer_bs", 4, 32)
+    assert split_method("frozen_bs_x2") == ("frozen_bs", 2, None)
+    assert split_method("layer_wide_t16") == ("layer_wide", 1, 16)
+    assert split_method("last_wide") == ("last_wide", 1, None)
+    assert split_length_method("layer_bs_x4_t32") == ("layer_bs_x4", 32)
+    # not a layer method, or a chain the probe never has: the name whole
+    assert split_method("head") == ("head", 1, None)
+    assert split_method("layer_bs_x3") == ("layer_bs_x3", 1, None)
+    assert split_method("last_wide_x2") == ("last_wide_x2", 1, None)
 
 
-def test_noise_never_makes_the_overhead_negative_or_a_layer_free() -> None:
-    assert call_overhead_s({**TIMES, "layer_bs_pair": 45 * MS}) == 0.0  # the pair dearer than two calls
-    # a pair "free" of any cost: clipped to a share of the quickest layer method (last_wide, 18 ms)
-    assert call_overhead_s({**TIMES, "layer_bs_pair": 1 * MS}) == pytest.approx(MAX_OVERHEAD_SHARE * 18 * MS)
+def test_a_layer_costs_its_chains_slope_and_the_call_keeps_the_rest() -> None:
+    assert layer_cost_s(TIMES, "layer_bs") == pytest.approx(3 * MS)      # (16 - 10) / (4 - 2)
+    assert layer_cost_s(TIMES, "frozen_bs") == pytest.approx(3 * MS)     # (15 - 9) / 2
+    assert layer_cost_s(TIMES, "layer_wide") == pytest.approx(100 * MS)  # 206 - 106
+    assert call_cost_s(TIMES, "layer_bs") == pytest.approx(4 * MS)       # 10 - 2 x 3
+    assert call_cost_s(TIMES, "layer_wide") == pytest.approx(6 * MS)
+    # the last layer has no chains: its own time, and no call cost of its own
+    assert layer_cost_s(TIMES, "last_wide") == 18 * MS and call_cost_s(TIMES, "last_wide") == 0.0
+    # a probe without a method's chains (an older one) takes its single call's time
+    no_chains = {k: v for k, v in TIMES.items() if "_x" not in k}
+    assert layer_cost_s(no_chains, "layer_bs") == 5 * MS and call_cost_s(no_chains, "layer_bs") == 0.0
 
 
-def test_every_layer_time_is_less_one_call_s_cost_and_the_head_keeps_it() -> None:
+def test_noise_never_makes_a_layer_free_nor_dearer_than_its_long_chain() -> None:
+    # the long chain no dearer than the short one: clipped to a share of the long chain's mean
+    flat = {**TIMES, "layer_bs_x4": 10 * MS}
+    assert layer_cost_s(flat, "layer_bs") == pytest.approx(MIN_SLOPE_SHARE * 10 * MS / 4)
+    # a slope above the long chain's mean would mean a negative call cost: clipped to the mean
+    steep = {**TIMES, "layer_bs_x2": 2 * MS, "layer_bs_x4": 16 * MS}
+    assert layer_cost_s(steep, "layer_bs") == pytest.approx(4 * MS)
+    assert call_cost_s(steep, "layer_bs") == 0.0
+
+
+def test_every_layer_is_its_slope_and_the_last_is_less_a_wide_call() -> None:
     bs, wide = layer_times(_probe(), TIMES)
-    overhead = 4 * MS
-    assert bs == pytest.approx([19 * MS - overhead] * 3 + [20 * MS - overhead] * 2 + [18 * MS - overhead])
-    assert wide == pytest.approx([100 * MS - overhead] * 5 + [18 * MS - overhead])
-    # at a shorter bucket, that bucket's own pair
+    last = 18 * MS - 6 * MS  # the last layer takes layer_wide's rows in: less that call's own cost
+    assert bs == pytest.approx([3 * MS] * 5 + [3 * MS])
+    assert wide == pytest.approx([100 * MS] * 5 + [last])
+    # never below half the last layer's own time, whatever a wide call seems to cost
+    big_call = {**TIMES, "layer_wide": 150 * MS, "layer_wide_x2": 206 * MS}  # 56 ms a layer, 94 ms a call
+    assert layer_times(_probe(), big_call)[1][-1] == pytest.approx(MIN_SLOPE_SHARE * 18 * MS)
+    # at a shorter bucket, that bucket's own chains
     short = {f"{k}_t32": v / 2 for k, v in TIMES.items() if k != "head"}
-    short["layer_bs_pair_t32"] = 17 * MS  # 2 x 10 - 17 = 3 ms
-    bs32, _ = layer_times(_probe((32,)), {**TIMES, **short}, seq_len=32)
-    assert bs32[3] == pytest.approx(10 * MS - 3 * MS)
+    bs32, wide32 = layer_times(_probe((32,)), {**TIMES, **short}, seq_len=32)
+    assert bs32[3] == pytest.approx(1.5 * MS) and wide32[3] == pytest.approx(50 * MS)
+
+
+def test_a_missing_method_is_named() -> None:
+    with pytest.raises(InputError, match=r"no time for method 'frozen_bs'"):
+        layer_times(_probe(), {k: v for k, v in TIMES.items() if not k.startswith("frozen_bs")})
