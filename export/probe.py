@@ -143,8 +143,8 @@ def probe_methods(num_layers: int, job_layers: tuple[int, ...], length_buckets: 
     """The methods a job's layers need: frozen layers only where the model has them.
 
     Each layer method comes with its chains (``layer_bs_x2``, ``layer_bs_x4``:
-    `shared.probe.CHAINS`); the layer methods at the full length, then at each shorter
-    bucket (``layer_wide_t32``); the head, which does not depend on T, once.
+    `shared.probe.CHAINS`); the layer methods at the full length, then the single-call
+    ones at each shorter bucket (``layer_wide_t32``); the head, which does not depend on T, once.
     """
     first, last = min(job_layers), max(job_layers)
     kinds = ["layer_bs", "layer_wide"]
@@ -154,7 +154,10 @@ def probe_methods(num_layers: int, job_layers: tuple[int, ...], length_buckets: 
         kinds.append("frozen_wide")
     methods = [chain_method(kind, calls) for kind in kinds for calls in dict.fromkeys((1, *CHAINS[kind]))]
     methods.append("last_wide")
-    at_lengths = [length_method(m, t) for t in length_buckets for m in methods]
+    # the chains only at the full length: at a shorter one a layer's cost is scaled by its single
+    # calls' ratio (`shared.probe.layer_cost_s`), which keeps the probe's lowering time near its
+    # size without chains (18 layer copies to lower at T, not 36 with a bucket)
+    at_lengths = [length_method(m, t) for t in length_buckets for m in methods if "_x" not in m]
     return (*methods, *at_lengths, "head")
 
 
@@ -207,7 +210,7 @@ def probe_modules(model: nn.Module, cfg: ExportConfig, verbalizer_ids: list[int]
                 methods[chain_method(kind, calls)] = (module, inputs)
         return methods
 
-    available = layer_methods(program, cfg.seq_len)
+    available = layer_methods(program, cfg.seq_len)  # (chains at shorter lengths are built, never lowered)
     for T in cfg.buckets():  # the same weights (shared module references) at a shorter length
         at = PrgeProgram.like(program, replace(program.cfg, seq_len=T))
         available.update({length_method(name, T): method for name, method in layer_methods(at, T).items()})

@@ -15,7 +15,8 @@ c = 1 or 2q copies of one layer's B, P_l = B entries of one job layer):
   in one call (the same weights and B), as a program runs its layers back to back.  A layer's
   cost is the slope between two chains, (t(k₂) − t(k₁)) / (k₂ − k₁) (`layer_cost_s`), which
   leaves out what a call costs beyond its layers' work: a program pays that once a step, the
-  probe once a call.  `CHAINS` says which two chains each method has, and why;
+  probe once a call.  `CHAINS` says which two chains each method has, and why; the chains
+  come at the full length only;
 * ``frozen_bs``, ``frozen_wide``: (h [n, T, H]) -> h [n, T, H]: a layer outside the job (no LoRA),
   present only when the model has such layers below (``frozen_bs``) or above (``frozen_wide``) the job,
   with their chains as the job layer's (``frozen_bs_x2``, ...);
@@ -26,7 +27,7 @@ c = 1 or 2q copies of one layer's B, P_l = B entries of one job layer):
 
 Every method but the head also comes at each of the job's shorter length
 buckets T' (`ProbeManifest.length_buckets`), named as the programs name theirs:
-``layer_wide_t32`` is ``layer_wide`` with T' = 32 in place of T (``layer_bs_x4_t32``: its chain).  A device's
+``layer_wide_t32`` is ``layer_wide`` with T' = 32 in place of T (chains come at T only).  A device's
 profile then carries the layer times at every length its programs run
 (`DeviceProfile.at_lengths`); the head reads one position per row, so it has
 one time.
@@ -220,36 +221,37 @@ def _at(name: str, seq_len: int | None) -> str:
 def layer_cost_s(method_s: dict[str, float], method: str, seq_len: int | None = None) -> float:
     """What one layer of a layer method costs inside a program: the slope between its two chains.
 
-    (t(k₂) − t(k₁)) / (k₂ − k₁) for the method's `CHAINS`, at the full length or with
-    ``seq_len`` at a shorter bucket; clipped to [MIN_SLOPE_SHARE, 1] × t(k₂) / k₂, so that noise
-    never makes a layer free nor dearer than its longer chain's mean.  A method the probe has
-    no chains for (the last layer, or an older probe's) costs its own time.
+    (t(k₂) − t(k₁)) / (k₂ − k₁) for the method's `CHAINS`, clipped to [MIN_SLOPE_SHARE, 1] ×
+    t(k₂) / k₂, so that noise never makes a layer free nor dearer than its longer chain's mean.
+    The chains are timed at the full length only: at a shorter bucket (``seq_len``) the cost is
+    the full length's scaled by the single calls' ratio, t_{T'}(method) / t_T(method).  A method
+    the probe has no chains for (the last layer, or an older probe's) costs its own time.
 
     Raises:
-        KeyError: the method has no time.
+        KeyError: the method has no time (at that length).
     """
     single = method_s[_at(method, seq_len)]
     if method not in CHAINS:
         return single
     short, long = CHAINS[method]
-    times = [method_s.get(_at(chain_method(method, k), seq_len)) for k in (short, long)]
+    times = [method_s.get(chain_method(method, k)) for k in (short, long)]
     if None in times:
         return single
     mean_long = times[1] / long
-    slope = (times[1] - times[0]) / (long - short)
-    return float(min(max(slope, MIN_SLOPE_SHARE * mean_long), mean_long))
+    slope = min(max((times[1] - times[0]) / (long - short), MIN_SLOPE_SHARE * mean_long), mean_long)
+    return float(slope * single / method_s[method])
 
 
 def call_cost_s(method_s: dict[str, float], method: str, seq_len: int | None = None) -> float:
     """What one call of a chained layer method costs beyond its layers' work: t(k₁) − k₁ · `layer_cost_s`.
 
-    0 for a method without chains.  Never negative.
+    At a shorter bucket, scaled as `layer_cost_s` is.  0 for a method without chains; never negative.
     """
-    if method not in CHAINS or _at(chain_method(method, CHAINS[method][1]), seq_len) not in method_s:
+    if method not in CHAINS or chain_method(method, CHAINS[method][1]) not in method_s:
         return 0.0
     short = CHAINS[method][0]
-    return max(0.0, method_s[_at(chain_method(method, short), seq_len)]
-               - short * layer_cost_s(method_s, method, seq_len))
+    full = max(0.0, method_s[chain_method(method, short)] - short * layer_cost_s(method_s, method))
+    return full if seq_len is None else full * method_s[_at(method, seq_len)] / method_s[method]
 
 
 def layer_times(probe: ProbeManifest, method_s: dict[str, float],

@@ -18,15 +18,16 @@ from shared.probe import ProbeManifest, check_probe_matches
 JOB = ("layer_bs", "layer_bs_x2", "layer_bs_x4", "layer_wide", "layer_wide_x2")  # a job layer and its chains
 BELOW = ("frozen_bs", "frozen_bs_x2", "frozen_bs_x4")
 ABOVE = ("frozen_wide", "frozen_wide_x2")
+SHORT = ("layer_bs", "layer_wide", "frozen_bs", "last_wide")  # at a shorter bucket: single calls, no chains
 
 
 def test_methods_follow_the_job_layers() -> None:
     assert probe_methods(30, tuple(range(22, 30))) == (*JOB, *BELOW, "last_wide", "head")
     assert probe_methods(30, tuple(range(0, 30))) == (*JOB, "last_wide", "head")
     assert probe_methods(30, (10, 11)) == (*JOB, *BELOW, *ABOVE, "last_wide", "head")
-    # each shorter length bucket repeats the layer methods; the head does not depend on T
+    # each shorter length bucket repeats the single-call layer methods; the head does not depend on T
     assert probe_methods(30, tuple(range(22, 30)), (32,)) == (
-        *JOB, *BELOW, "last_wide", *(f"{m}_t32" for m in (*JOB, *BELOW, "last_wide")), "head")
+        *JOB, *BELOW, "last_wide", *(f"{m}_t32" for m in SHORT), "head")
 
 
 def test_the_probe_has_every_layer_method_at_each_length_bucket(tiny_probe, tiny_program) -> None:
@@ -34,15 +35,15 @@ def test_the_probe_has_every_layer_method_at_each_length_bucket(tiny_probe, tiny
     # methods at 16 run on rows of 16 tokens.
     probe = tiny_probe.manifest
     assert probe.length_buckets == tiny_program.config.buckets() == (16,)
-    assert probe.methods == (*JOB, *BELOW, "last_wide", *(f"{m}_t16" for m in (*JOB, *BELOW, "last_wide")), "head")
+    assert probe.methods == (*JOB, *BELOW, "last_wide", *(f"{m}_t16" for m in SHORT), "head")
     program = open_et_program(tiny_probe.manifest_path.parent / probe.files["program"],
                               tiny_probe.manifest_path.parent / probe.files["weights"])
-    for method, rows in (("layer_wide_t16", probe.wide_rows), ("frozen_bs_t16", probe.batch_size),
-                         ("frozen_bs_x4_t16", probe.batch_size)):
+    for method, rows, T in (("layer_wide_t16", probe.wide_rows, 16), ("frozen_bs_t16", probe.batch_size, 16),
+                            ("frozen_bs_x4", probe.batch_size, 32)):
         inputs = probe_inputs(probe, method)
-        assert tuple(inputs[0].shape) == (rows, 16, probe.hidden_size)
+        assert tuple(inputs[0].shape) == (rows, T, probe.hidden_size)
         (out,) = program.load_method(method)(inputs)
-        assert tuple(out.shape) == (rows, 16, probe.hidden_size)
+        assert tuple(out.shape) == (rows, T, probe.hidden_size)
     (last,) = program.load_method("last_wide_t16")(probe_inputs(probe, "last_wide_t16"))
     assert tuple(last.shape) == (probe.wide_rows, probe.hidden_size)
 

@@ -67,10 +67,12 @@ def test_every_layer_is_its_slope_and_the_last_is_less_a_wide_call() -> None:
     # never below half the last layer's own time, whatever a wide call seems to cost
     big_call = {**TIMES, "layer_wide": 150 * MS, "layer_wide_x2": 206 * MS}  # 56 ms a layer, 94 ms a call
     assert layer_times(_probe(), big_call)[1][-1] == pytest.approx(MIN_SLOPE_SHARE * 18 * MS)
-    # at a shorter bucket, that bucket's own chains
-    short = {f"{k}_t32": v / 2 for k, v in TIMES.items() if k != "head"}
+    # at a shorter bucket (single calls only): the full length's costs scaled by the single calls' ratio
+    short = {f"{k}_t32": TIMES[k] / 2 for k in ("layer_bs", "layer_wide", "frozen_bs", "last_wide")}
     bs32, wide32 = layer_times(_probe((32,)), {**TIMES, **short}, seq_len=32)
     assert bs32[3] == pytest.approx(1.5 * MS) and wide32[3] == pytest.approx(50 * MS)
+    assert call_cost_s({**TIMES, **short}, "layer_wide", 32) == pytest.approx(3 * MS)
+    assert wide32[-1] == pytest.approx(9 * MS - 3 * MS)
 
 
 def test_a_missing_method_is_named() -> None:
