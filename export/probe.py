@@ -155,8 +155,8 @@ def probe_methods(num_layers: int, job_layers: tuple[int, ...], length_buckets: 
     methods = [chain_method(kind, calls) for kind in kinds for calls in dict.fromkeys((1, *CHAINS[kind]))]
     methods.append("last_wide")
     # the chains only at the full length: at a shorter one a layer's cost is scaled by its single
-    # calls' ratio (`shared.probe.layer_cost_s`), which keeps the probe's lowering time near its
-    # size without chains (18 layer copies to lower at T, not 36 with a bucket)
+    # calls' ratio (`shared.probe.layer_cost_s`), which keeps the probe's lowering time down (the
+    # default job's probe: 24 layer copies to lower at T and 4 at a bucket, not 48)
     at_lengths = [length_method(m, t) for t in length_buckets for m in methods if "_x" not in m]
     return (*methods, *at_lengths, "head")
 

@@ -19,7 +19,7 @@ c = 1 or 2q copies of one layer's B, P_l = B entries of one job layer):
   come at the full length only;
 * ``frozen_bs``, ``frozen_wide``: (h [n, T, H]) -> h [n, T, H]: a layer outside the job (no LoRA),
   present only when the model has such layers below (``frozen_bs``) or above (``frozen_wide``) the job,
-  with their chains as the job layer's (``frozen_bs_x2``, ...);
+  with their chains (``frozen_bs_x4``, ``frozen_bs_x8``, ``frozen_wide_x2``);
 * ``last_wide``: (h [2q·bs, T, H], positions [2q·bs], b [2q, P_l]) -> [2q·bs, H]: the last
   layer at the answer position (``b`` is read only when the last layer is a job layer);
 * ``head``: (h [2q·bs, H], labels [bs], b [P], z [q, P], lr [1], eps [1])
@@ -54,13 +54,17 @@ PROBE_SUFFIX = ".probe.json"
 LAYER_METHODS = ("layer_bs", "layer_wide", "frozen_bs", "frozen_wide", "last_wide")
 
 # The two chain lengths (k₁, k₂) each layer method is timed at; its cost per layer is the slope
-# between them.  On bs rows a single call is short and its time is not on the line through the
-# longer chains (SmolLM2 int8, a 2-core Xeon, in one process: 1, 2, 4 and 8 layers took 3.7, 8.8,
-# 15.0 and 27.0 ms, and a 29-layer program ~3.1 ms a layer), so bs rows take the slope from 2 to 4;
-# a widened layer's call is long, and 1 to 2 layers already give its in-program cost (31.7, 57.9 ms:
-# 26.2 ms a layer; 26.7 in the programs).  The last layer reads its rows at one position, so it
-# cannot chain.
-CHAINS = {"layer_bs": (2, 4), "frozen_bs": (2, 4), "layer_wide": (1, 2), "frozen_wide": (1, 2)}
+# between them.  On bs rows a call is short: a single call's time is not on the line through the
+# longer chains, and a 2-layer chain's wanders (SmolLM2 int8, a 2-core Xeon, in one process: 1, 2,
+# 4 and 8 layers took 3.7, 8.8, 15.0 and 27.0 ms, and a 29-layer program ~3.1 ms a layer; in one
+# `deftly bench profile` run with chains of 2 and 4, 10.1 and 14.7 ms, a slope of 2.3, and every
+# int8 block ~28 ms under).  So the frozen layers below a job, most of a step's bs layers (22 of
+# 29 in the default job), take the slope from 4 to 8; the job's own bs layers, at most the job's
+# size, from 2 to 4 (each chain layer is one more layer to lower: the probe lowers 24, not 30).
+# A widened layer's call is long, and 1 to 2 layers already give its in-program cost (31.7, 57.9
+# ms: 26.2 ms a layer; 26.7 in the programs).  The last layer reads its rows at one position, so
+# it cannot chain.
+CHAINS = {"layer_bs": (2, 4), "frozen_bs": (4, 8), "layer_wide": (1, 2), "frozen_wide": (1, 2)}
 # A slope below this share of the longer chain's mean time per layer is noise, not a cheap layer.
 MIN_SLOPE_SHARE = 0.5
 

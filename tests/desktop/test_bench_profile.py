@@ -27,7 +27,7 @@ def test_the_comparison_reads_the_probe_as_format_3_did() -> None:
                           job_layers=(2, 3), target_modules=("q_proj",), rank=2, q=2, batch_size=2, seq_len=64,
                           layer_b_size=16, b_size=32, classes=2, methods=())
     times = {"layer_bs": 20 * ms, "layer_bs_x2": 36 * ms, "layer_bs_x4": 70 * ms, "layer_wide": 100 * ms,
-             "layer_wide_x2": 190 * ms, "frozen_bs": 19 * ms, "frozen_bs_x2": 35 * ms, "frozen_bs_x4": 68 * ms,
+             "layer_wide_x2": 190 * ms, "frozen_bs": 19 * ms, "frozen_bs_x4": 68 * ms, "frozen_bs_x8": 130 * ms,
              "last_wide": 18 * ms, "head": 2 * ms}
     bs, wide = pair_layer_times(probe, times)  # 4 ms a call
     assert bs == pytest.approx([15 * ms, 15 * ms, 16 * ms, 14 * ms])

@@ -16,7 +16,7 @@ from shared.probe import ProbeManifest, check_probe_matches
 
 
 JOB = ("layer_bs", "layer_bs_x2", "layer_bs_x4", "layer_wide", "layer_wide_x2")  # a job layer and its chains
-BELOW = ("frozen_bs", "frozen_bs_x2", "frozen_bs_x4")
+BELOW = ("frozen_bs", "frozen_bs_x4", "frozen_bs_x8")
 ABOVE = ("frozen_wide", "frozen_wide_x2")
 SHORT = ("layer_bs", "layer_wide", "frozen_bs", "last_wide")  # at a shorter bucket: single calls, no chains
 
@@ -109,7 +109,7 @@ def test_each_layer_method_is_the_program_layer_it_stands_for(tiny_probe, tiny_p
         expected = eager._decoder_layer(h, PROBED, _LayerB(b, 0))
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
     # a chain is the layer run k times in one call (what a program's consecutive layers are)
-    for method, lora in (("layer_bs_x4", True), ("frozen_bs_x2", False)):
+    for method, lora in (("layer_bs_x4", True), ("frozen_bs_x8", False)):
         inputs = probe_inputs(probe, method)
         (got,) = program.load_method(method)(inputs)
         with torch.no_grad():

@@ -20,13 +20,14 @@ def _probe(length_buckets: tuple[int, ...] = ()) -> ProbeManifest:
 # Each bs chain costs 3 ms a layer plus 4 ms a call (a single call is off that line, as measured:
 # 5 ms, not 7); a widened layer 100 ms plus 6 ms a call.
 TIMES = {"layer_bs": 5 * MS, "layer_bs_x2": 10 * MS, "layer_bs_x4": 16 * MS,
-         "frozen_bs": 5 * MS, "frozen_bs_x2": 9 * MS, "frozen_bs_x4": 15 * MS,
+         "frozen_bs": 5 * MS, "frozen_bs_x4": 15 * MS, "frozen_bs_x8": 27 * MS,
          "layer_wide": 106 * MS, "layer_wide_x2": 206 * MS, "last_wide": 18 * MS, "head": 2 * MS}
 
 
 def test_method_names_split_into_the_layer_its_chain_and_its_length() -> None:
     assert split_method("layer_bs_x4_t32") == ("layer_bs", 4, 32)
-    assert split_method("frozen_bs_x2") == ("frozen_bs", 2, None)
+    assert split_method("frozen_bs_x8") == ("frozen_bs", 8, None)
+    assert split_method("frozen_bs_x2") == ("frozen_bs_x2", 1, None)  # not one of its chains
     assert split_method("layer_wide_t16") == ("layer_wide", 1, 16)
     assert split_method("last_wide") == ("last_wide", 1, None)
     assert split_length_method("layer_bs_x4_t32") == ("layer_bs_x4", 32)
@@ -38,7 +39,7 @@ def test_method_names_split_into_the_layer_its_chain_and_its_length() -> None:
 
 def test_a_layer_costs_its_chains_slope_and_the_call_keeps_the_rest() -> None:
     assert layer_cost_s(TIMES, "layer_bs") == pytest.approx(3 * MS)      # (16 - 10) / (4 - 2)
-    assert layer_cost_s(TIMES, "frozen_bs") == pytest.approx(3 * MS)     # (15 - 9) / 2
+    assert layer_cost_s(TIMES, "frozen_bs") == pytest.approx(3 * MS)     # (27 - 15) / (8 - 4)
     assert layer_cost_s(TIMES, "layer_wide") == pytest.approx(100 * MS)  # 206 - 106
     assert call_cost_s(TIMES, "layer_bs") == pytest.approx(4 * MS)       # 10 - 2 x 3
     assert call_cost_s(TIMES, "layer_wide") == pytest.approx(6 * MS)
