@@ -57,8 +57,8 @@ LAYER_METHODS = ("layer_bs", "layer_wide", "frozen_bs", "frozen_wide", "last_wid
 # between them.  On bs rows a call is short: a single call's time is not on the line through the
 # longer chains, and a 2-layer chain's wanders (SmolLM2 int8, a 2-core Xeon, in one process: 1, 2,
 # 4 and 8 layers took 3.7, 8.8, 15.0 and 27.0 ms, and a 29-layer program ~3.1 ms a layer; in one
-# `deftly bench profile` run with chains of 2 and 4, 10.1 and 14.7 ms, a slope of 2.3, and every
-# int8 block ~28 ms under).  So the frozen layers below a job, most of a step's bs layers (22 of
+# `deftly bench profile` run with frozen chains of 2 and 4, 9.8 and 14.2 ms, a slope of 2.2, and
+# every int8 block 17-30 ms under).  So the frozen layers below a job, most of a step's bs layers (22 of
 # 29 in the default job), take the slope from 4 to 8; the job's own bs layers, at most the job's
 # size, from 2 to 4 (each chain layer is one more layer to lower: the probe lowers 24, not 30).
 # A widened layer's call is long, and 1 to 2 layers already give its in-program cost (31.7, 57.9
@@ -238,9 +238,10 @@ def layer_cost_s(method_s: dict[str, float], method: str, seq_len: int | None = 
     if method not in CHAINS:
         return single
     short, long = CHAINS[method]
-    times = [method_s.get(chain_method(method, k)) for k in (short, long)]
-    if None in times:
+    names = [chain_method(method, k) for k in (short, long)]
+    if not any(name in method_s for name in names):
         return single
+    times = [method_s[name] for name in names]  # one chain without the other: KeyError, named
     mean_long = times[1] / long
     slope = min(max((times[1] - times[0]) / (long - short), MIN_SLOPE_SHARE * mean_long), mean_long)
     return float(slope * single / method_s[method])
@@ -277,16 +278,19 @@ def layer_times(probe: ProbeManifest, method_s: dict[str, float],
     Raises:
         InputError: a method the probe's layers need has no time.
     """
-    def cost(name: str) -> float:
+    def named(read, *args) -> float:
         try:
-            return layer_cost_s(method_s, name, seq_len)
-        except KeyError:
-            raise InputError(f"probe {probe.probe_id}: no time for method {_at(name, seq_len)!r} "
+            return read(method_s, *args, seq_len)
+        except KeyError as missing:
+            raise InputError(f"probe {probe.probe_id}: no time for method {missing.args[0]!r} "
                              f"(measured: {sorted(method_s)})") from None
+
+    def cost(name: str) -> float:
+        return named(layer_cost_s, name)
 
     # the last layer less what a call of wide rows costs beyond its work, but never below half its time
     last = cost("last_wide")
-    last = max(last - call_cost_s(method_s, "layer_wide", seq_len), MIN_SLOPE_SHARE * last)
+    last = max(last - named(call_cost_s, "layer_wide"), MIN_SLOPE_SHARE * last)
 
     first, end = min(probe.job_layers), max(probe.job_layers)
     bs, wide = [], []

@@ -221,7 +221,7 @@ def check_device(device: DeviceProfile, where: str = "") -> None:
         _check_times(times.layer_s_bs, times.layer_s_wide, tat)
     if device.measurement is not None and device.measurement.probe_format != PROBE_FORMAT:
         raise InputError(f"{at}: measured with probe format {device.measurement.probe_format}, this deftly "
-                         f"reads {PROBE_FORMAT} (the probe now times a method call's own cost); re-profile the "
+                         f"reads {PROBE_FORMAT} (the probe now times chains of each layer); re-profile the "
                          f"device (`deftly profile`, or the dashboard's re-profile)")
 
 

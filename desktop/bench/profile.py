@@ -20,6 +20,10 @@ for fp32 and int8 programs of the default job (the top 8 layers of SmolLM2):
 * `worst_step_prediction_error` and `worst_memory_prediction_error`: the largest
   |measured − predicted| / measured over the table (targets 0.10 and 0.15);
   `worst_step_prediction_error_probe_at_start` the same for the start probe;
+  `worst_step_prediction_error_pair` the same measurement read as probe format 3 did
+  (`pair_step_s`: one call's cost off every single call), beside it for comparison;
+* per kind of weights, `layer_cost_s` (a layer's cost in a program, the chains' slope) and
+  `call_cost_s` (what a call of that method costs beyond it), with the `steps` and `repeats` run;
 * `plan_programs_cold_s` / `plan_programs_warm_s`: `export.program.export_plan`
   for the default 3-device plan's blocks from an empty cache, then again (target
   cold ≤ 600 s);

@@ -79,3 +79,10 @@ def test_every_layer_is_its_slope_and_the_last_is_less_a_wide_call() -> None:
 def test_a_missing_method_is_named() -> None:
     with pytest.raises(InputError, match=r"no time for method 'frozen_bs'"):
         layer_times(_probe(), {k: v for k, v in TIMES.items() if not k.startswith("frozen_bs")})
+    # one chain without the other, a wide call's cost without its single call, a bucket without its methods
+    with pytest.raises(InputError, match=r"no time for method 'layer_bs_x2'"):
+        layer_times(_probe(), {k: v for k, v in TIMES.items() if k != "layer_bs_x2"})
+    with pytest.raises(InputError, match=r"no time for method 'layer_wide'"):
+        layer_times(_probe(), {k: v for k, v in TIMES.items() if k != "layer_wide"})
+    with pytest.raises(InputError, match=r"no time for method 'last_wide_t32'"):
+        layer_times(_probe((32,)), TIMES, seq_len=32)
