@@ -244,7 +244,7 @@ def layer_cost_s(method_s: dict[str, float], method: str, seq_len: int | None = 
     times = [method_s[name] for name in names]  # one chain without the other: KeyError, named
     mean_long = times[1] / long
     slope = min(max((times[1] - times[0]) / (long - short), MIN_SLOPE_SHARE * mean_long), mean_long)
-    return float(slope * single / method_s[method])
+    return float(slope if seq_len is None else slope * single / method_s[method])
 
 
 def call_cost_s(method_s: dict[str, float], method: str, seq_len: int | None = None) -> float:

@@ -31,7 +31,7 @@ def test_profile_lays_out_the_probe_times_per_layer_and_is_marked_measured(profi
     # the tiny job trains layer 1 of 2: layer 0 is frozen on bs rows, layer 1 is the last layer;
     # each layer costs its chains' slope; the last layer is less a wide call's own cost; the head keeps its own
     frozen = layer_cost_s(m.method_s, "frozen_bs")
-    assert 0 < frozen <= m.method_s["frozen_bs_x8"] / 8  # the slope, never above the long chain's mean
+    assert 0 < frozen <= m.method_s["frozen_bs_x8"] / 8 * (1 + 1e-12)  # the slope, never above the long chain's mean
     assert profile.layer_s_bs[0] == pytest.approx(frozen)
     assert profile.layer_s_wide[1] == pytest.approx(max(m.method_s["last_wide"] - call_cost_s(m.method_s, "layer_wide"),
                                                         MIN_SLOPE_SHARE * m.method_s["last_wide"]))
