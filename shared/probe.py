@@ -43,6 +43,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from shared.errors import InputError
 from shared.profiles import PROBE_FORMAT, DeviceProfile, LengthTimes, Measurement, check_device
@@ -95,12 +96,6 @@ def split_method(name: str) -> tuple[str, int, int | None]:
     if base not in LAYER_METHODS:
         return name, 1, None
     return base, calls, seq_len
-
-
-def split_length_method(name: str) -> tuple[str, int | None]:
-    """``layer_wide_t32`` -> (``layer_wide``, 32), ``layer_bs_x4_t32`` -> (``layer_bs_x4``, 32); else (name, None)."""
-    base, calls, seq_len = split_method(name)
-    return chain_method(base, calls), seq_len
 
 
 @dataclass(frozen=True)
@@ -290,8 +285,15 @@ def layer_times(probe: ProbeManifest, method_s: dict[str, float],
 
     # the last layer less what a call of wide rows costs beyond its work, but never below half its time
     last = cost("last_wide")
-    last = max(last - named(call_cost_s, "layer_wide"), MIN_SLOPE_SHARE * last)
+    return lay_out_layers(probe, cost, max(last - named(call_cost_s, "layer_wide"), MIN_SLOPE_SHARE * last))
 
+
+def lay_out_layers(probe: ProbeManifest, cost: Callable[[str], float],
+                   last: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """τ(l, bs) and τ(l, 2q·bs) for every layer from one cost per layer method and the last layer's.
+
+    Which method stands for which layer, and the monotone τ(bs) ≤ τ(2q·bs), as `layer_times` says.
+    """
     first, end = min(probe.job_layers), max(probe.job_layers)
     bs, wide = [], []
     for layer in range(probe.num_layers):

@@ -81,24 +81,11 @@ def pair_layer_times(probe, method_s: dict[str, float]) -> tuple[np.ndarray, np.
     one call (``layer_bs_x2`` here: the same method), clipped to [0, half the quickest layer
     method], off every layer method's single call; the chains' slopes replaced that in format 4.
     """
-    single = {m: t for m, t in method_s.items() if m != "head" and "_x" not in m and "_t" not in m}
-    overhead = min(max(0.0, 2 * method_s["layer_bs"] - method_s["layer_bs_x2"]), 0.5 * min(single.values()))
-    first, last = min(probe.job_layers), max(probe.job_layers)
-    bs, wide = [], []
-    for layer in range(probe.num_layers):
-        if layer == probe.num_layers - 1:
-            w = method_s["last_wide"] - overhead
-            b = (method_s["layer_bs"] if layer >= first else method_s["frozen_bs"]) - overhead
-        elif layer < first:
-            b = method_s["frozen_bs"] - overhead
-            w = max(b, method_s["layer_wide"] - overhead)
-        elif layer > last:
-            w = method_s["frozen_wide"] - overhead
-            b = method_s["layer_bs"] - overhead
-        else:
-            b, w = method_s["layer_bs"] - overhead, method_s["layer_wide"] - overhead
-        bs.append(min(b, w))
-        wide.append(w)
+    from shared.probe import lay_out_layers, split_method
+
+    single = [t for m, t in method_s.items() if m != "head" and split_method(m)[1:] == (1, None)]
+    overhead = min(max(0.0, 2 * method_s["layer_bs"] - method_s["layer_bs_x2"]), 0.5 * min(single))
+    bs, wide = lay_out_layers(probe, lambda m: method_s[m] - overhead, method_s["last_wide"] - overhead)
     return np.array(bs), np.array(wide)
 
 

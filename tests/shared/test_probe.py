@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from shared.errors import InputError
-from shared.probe import (MIN_SLOPE_SHARE, ProbeManifest, call_cost_s, layer_cost_s, layer_times, split_length_method,
+from shared.probe import (MIN_SLOPE_SHARE, ProbeManifest, call_cost_s, layer_cost_s, layer_times,
                           split_method)
 
 MS = 1e-3
@@ -30,7 +30,6 @@ def test_method_names_split_into_the_layer_its_chain_and_its_length() -> None:
     assert split_method("frozen_bs_x2") == ("frozen_bs_x2", 1, None)  # not one of its chains
     assert split_method("layer_wide_t16") == ("layer_wide", 1, 16)
     assert split_method("last_wide") == ("last_wide", 1, None)
-    assert split_length_method("layer_bs_x4_t32") == ("layer_bs_x4", 32)
     # not a layer method, or a chain the probe never has: the name whole
     assert split_method("head") == ("head", 1, None)
     assert split_method("layer_bs_x3") == ("layer_bs_x3", 1, None)
