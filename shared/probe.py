@@ -266,9 +266,15 @@ def layer_times(probe: ProbeManifest, method_s: dict[str, float],
     block program, is set to ``layer_wide`` so that τ stays monotone); a layer above
     the job runs ``frozen_wide``; the last layer runs ``last_wide`` (only at the
     answer position; it is never run on bs rows, so its τ(bs) is the smaller of the two).
-    Each layer costs its method's chain slope (`layer_cost_s`): a program runs all its
-    layers in one call.  The last layer cannot chain; it takes the same rows in as
-    ``layer_wide``, so it is taken less ``layer_wide``'s own call cost (`call_cost_s`).
+    Each layer costs its method's chain slope (`layer_cost_s`), and each of the two calls a
+    program makes into its layers costs what one call costs beyond its layers' work, once:
+    a block program's step runs as seven XNNPACK calls (SmolLM2 and the tiny Llama alike,
+    every block start): every layer below the block in one, the widened layers with the
+    last layer's keys and values in the next, the last layer's answer position in a third,
+    the head in four.  So layer 0's τ(bs) carries its method's `call_cost_s` (the call
+    below the block), and the last layer costs its own ``last_wide`` call whole: that call
+    opens on the keys and values of wide rows, and it stands for the call the widened layers
+    share with them.  The head is timed as the programs run it.
 
     Raises:
         InputError: a method the probe's layers need has no time.
@@ -283,9 +289,12 @@ def layer_times(probe: ProbeManifest, method_s: dict[str, float],
     def cost(name: str) -> float:
         return named(layer_cost_s, name)
 
-    # the last layer less what a call of wide rows costs beyond its work, but never below half its time
-    last = cost("last_wide")
-    return lay_out_layers(probe, cost, max(last - named(call_cost_s, "layer_wide"), MIN_SLOPE_SHARE * last))
+    bs, wide = lay_out_layers(probe, cost, cost("last_wide"))
+    if probe.num_layers == 1:  # the one layer is the last: no call below any block
+        return bs, wide
+    below = named(call_cost_s, "layer_bs" if min(probe.job_layers) == 0 else "frozen_bs")
+    first_bs = bs[0] + below
+    return (first_bs, *bs[1:]), (max(wide[0], first_bs), *wide[1:])
 
 
 def lay_out_layers(probe: ProbeManifest, cost: Callable[[str], float],

@@ -59,20 +59,25 @@ def test_noise_never_makes_a_layer_free_nor_dearer_than_its_long_chain() -> None
     assert call_cost_s(steep, "layer_bs") == 0.0
 
 
-def test_every_layer_is_its_slope_and_the_last_is_less_a_wide_call() -> None:
+def test_every_layer_is_its_slope_and_each_of_a_programs_calls_is_paid_once() -> None:
     bs, wide = layer_times(_probe(), TIMES)
-    last = 18 * MS - 6 * MS  # the last layer takes layer_wide's rows in: less that call's own cost
-    assert bs == pytest.approx([3 * MS] * 5 + [3 * MS])
-    assert wide == pytest.approx([100 * MS] * 5 + [last])
-    # never below half the last layer's own time, whatever a wide call seems to cost
-    big_call = {**TIMES, "layer_wide": 150 * MS, "layer_wide_x2": 206 * MS}  # 56 ms a layer, 94 ms a call
-    assert layer_times(_probe(), big_call)[1][-1] == pytest.approx(MIN_SLOPE_SHARE * 18 * MS)
+    # layer 0 carries the call below the block: frozen_bs's call, 15 - 4 x 3 = 3 ms
+    assert bs == pytest.approx([6 * MS] + [3 * MS] * 4 + [3 * MS])
+    # the last layer's own call whole: it stands for the call the widened layers share with it
+    assert wide == pytest.approx([100 * MS] * 5 + [18 * MS])
+    # a job that starts at layer 0 has no frozen layer below it: layer_bs's call (10 - 2 x 3 = 4 ms)
+    from_zero = ProbeManifest(**{**_probe().__dict__, "job_layers": (0, 1, 2, 3, 4)})
+    assert layer_times(from_zero, TIMES)[0][0] == pytest.approx(7 * MS)
+    # a one-layer model: its layer is the last, and no block has a call below it
+    one = ProbeManifest(**{**_probe().__dict__, "num_layers": 1, "job_layers": (0,)})
+    assert layer_times(one, TIMES) == (pytest.approx((3 * MS,)), pytest.approx((18 * MS,)))
     # at a shorter bucket (single calls only): the full length's costs scaled by the single calls' ratio
     short = {f"{k}_t32": TIMES[k] / 2 for k in ("layer_bs", "layer_wide", "frozen_bs", "last_wide")}
     bs32, wide32 = layer_times(_probe((32,)), {**TIMES, **short}, seq_len=32)
     assert bs32[3] == pytest.approx(1.5 * MS) and wide32[3] == pytest.approx(50 * MS)
-    assert call_cost_s({**TIMES, **short}, "layer_wide", 32) == pytest.approx(3 * MS)
-    assert wide32[-1] == pytest.approx(9 * MS - 3 * MS)
+    assert call_cost_s({**TIMES, **short}, "frozen_bs", 32) == pytest.approx(1.5 * MS)
+    assert bs32[0] == pytest.approx(1.5 * MS + 1.5 * MS)
+    assert wide32[-1] == pytest.approx(9 * MS)
 
 
 def test_a_missing_method_is_named() -> None:
