@@ -98,6 +98,15 @@ def split_method(name: str) -> tuple[str, int, int | None]:
     return base, calls, seq_len
 
 
+def _is_probe_method(name: str, length_buckets: tuple[int, ...]) -> bool:
+    """A name a probe can have: a layer method, one of its `CHAINS` at the full length, or a
+    single call at a length bucket; spelled as `chain_method` / `length_method` spell it."""
+    base, calls, seq_len = split_method(name)
+    if base not in LAYER_METHODS or (seq_len is not None and (calls > 1 or seq_len not in length_buckets)):
+        return False
+    return name == _at(chain_method(base, calls), seq_len)  # not ``layer_wide_x1``: the single call is ``layer_wide``
+
+
 @dataclass(frozen=True)
 class ProbeManifest:
     """What one probe program times, and the files it needs."""
@@ -166,8 +175,7 @@ class ProbeManifest:
             manifest = from_plain(cls, data, source)
         except RecordError as exc:
             raise InputError(f"malformed probe manifest: {exc}") from None
-        unknown = sorted(m for m in manifest.methods if m != "head" and not (
-            split_method(m)[0] in LAYER_METHODS and split_method(m)[2] in (None, *manifest.length_buckets)))
+        unknown = sorted(m for m in manifest.methods if m != "head" and not _is_probe_method(m, manifest.length_buckets))
         if unknown:
             raise InputError(f"{source}: unknown probe methods {unknown}")
         if list(manifest.length_buckets) != sorted(set(manifest.length_buckets)) or any(

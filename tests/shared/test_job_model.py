@@ -72,6 +72,21 @@ def test_memory_model_adds_the_measured_terms() -> None:
     assert two.program_bytes(5) - tiny.program_bytes(5) == pytest.approx(113e6 + 70 * MIB)
 
 
+def test_the_chains_do_not_move_the_packed_layer() -> None:
+    # a format-4 probe also loads chains of its layers (XNNPACK packs the one layer up to k times
+    # there): they are left out of the packed layer, which stays the single calls' median
+    chains = {"layer_bs_x2": 28 * MIB, "layer_bs_x4": 56 * MIB, "frozen_bs_x4": 56 * MIB,
+              "frozen_bs_x8": 112 * MIB, "layer_wide_x2": 28 * MIB}
+    probe = replace(PROBE, methods=(*PROBE.methods, *chains))
+    memory = replace(MEASUREMENT.memory, load_bytes={**MEASUREMENT.memory.load_bytes, **chains},
+                     run_bytes={**MEASUREMENT.memory.run_bytes, **{m: 90 * MIB for m in chains}})
+    measurement = replace(MEASUREMENT, probe=probe.probe_id, memory=memory,
+                          method_s={m: 0.01 for m in probe.methods}, spread={m: 0.1 for m in probe.methods})
+    model = memory_model(probe, measurement, WEIGHTS, PROBE_WEIGHTS)
+    assert model == memory_model(PROBE, MEASUREMENT, WEIGHTS, PROBE_WEIGHTS)
+    assert model.packed_layer_bytes == 14 * MIB and model.workspace_bs_bytes == 5 * MIB
+
+
 def test_job_from_one_manifest_lets_the_planner_choose_blocks() -> None:
     model = memory_model(PROBE, MEASUREMENT, WEIGHTS, PROBE_WEIGHTS)
     job = job_from_manifests([_manifest()], model, local_steps=5, probe=PROBE)

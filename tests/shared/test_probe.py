@@ -1,6 +1,8 @@
 """shared.probe: a probe's method times laid out per layer, each layer its chains' slope."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from shared.errors import InputError
@@ -90,3 +92,13 @@ def test_a_missing_method_is_named() -> None:
         layer_times(_probe(), {k: v for k, v in TIMES.items() if k != "layer_wide"})
     with pytest.raises(InputError, match=r"no time for method 'last_wide_t32'"):
         layer_times(_probe((32,)), TIMES, seq_len=32)
+
+
+def test_a_manifest_names_only_methods_a_probe_has() -> None:
+    probe = _probe((32,))
+    good = ("layer_bs", "layer_bs_x2", "layer_bs_x4", "frozen_bs_x8", "layer_wide_t32", "last_wide_t32", "head")
+    assert ProbeManifest.from_json(replace(probe, methods=good).to_json()).methods == good
+    # a chain at a length bucket, a chain of one, a chain length it has not, a bucket it has not
+    for name in ("layer_bs_x4_t32", "layer_wide_x1", "layer_bs_x8", "layer_bs_t16", "layer_bs_t32x"):
+        with pytest.raises(InputError, match=rf"unknown probe methods \['{name}'\]"):
+            ProbeManifest.from_json(replace(probe, methods=("layer_bs", name)).to_json(), source="p.json")
