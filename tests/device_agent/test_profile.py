@@ -13,7 +13,7 @@ from device_agent.profile import device_facts, measure_profile, resolve_probe_pa
 from shared.errors import InputError
 from shared.fleet_io import fleet_from_dict
 from shared.planner import PlannerConfig, plan, summary_rows
-from shared.probe import MIN_SLOPE_SHARE, call_cost_s, layer_cost_s
+from shared.probe import call_cost_s, layer_cost_s
 from shared.profiles import PROBE_FORMAT, Fleet, profile_from_plain, profile_to_plain
 
 
@@ -29,12 +29,12 @@ def test_profile_lays_out_the_probe_times_per_layer_and_is_marked_measured(profi
     assert set(m.method_s) == set(m.spread) == set(probe.methods)
     assert all(t > 0 for t in m.method_s.values()) and all(s >= 0 for s in m.spread.values())
     # the tiny job trains layer 1 of 2: layer 0 is frozen on bs rows, layer 1 is the last layer;
-    # each layer costs its chains' slope; the last layer is less a wide call's own cost; the head keeps its own
+    # each layer costs its chains' slope, layer 0 also the call below the block; the last layer keeps its
+    # own call whole; the head keeps its own
     frozen = layer_cost_s(m.method_s, "frozen_bs")
     assert 0 < frozen <= m.method_s["frozen_bs_x8"] / 8 * (1 + 1e-12)  # the slope, never above the long chain's mean
-    assert profile.layer_s_bs[0] == pytest.approx(frozen)
-    assert profile.layer_s_wide[1] == pytest.approx(max(m.method_s["last_wide"] - call_cost_s(m.method_s, "layer_wide"),
-                                                        MIN_SLOPE_SHARE * m.method_s["last_wide"]))
+    assert profile.layer_s_bs[0] == pytest.approx(frozen + call_cost_s(m.method_s, "frozen_bs"))
+    assert profile.layer_s_wide[1] == m.method_s["last_wide"]
     assert profile.head_s == m.method_s["head"]
     assert all(w >= b for b, w in zip(profile.layer_s_bs, profile.layer_s_wide))
     assert 0 < profile.memory_bytes <= m.facts.ram_bytes
@@ -48,9 +48,9 @@ def test_profile_carries_the_layer_times_at_each_shorter_length(profile, tiny_pr
     at16 = profile.times_at(16)
     frozen, wide = layer_cost_s(m.method_s, "frozen_bs", 16), layer_cost_s(m.method_s, "layer_wide", 16)
     last = m.method_s["last_wide_t16"]
-    assert at16.layer_s_bs[0] == pytest.approx(frozen)
-    assert at16.layer_s_wide == pytest.approx((max(frozen, wide),
-                                               max(last - call_cost_s(m.method_s, "layer_wide", 16), MIN_SLOPE_SHARE * last)))
+    below = frozen + call_cost_s(m.method_s, "frozen_bs", 16)
+    assert at16.layer_s_bs[0] == pytest.approx(below)
+    assert at16.layer_s_wide == pytest.approx((max(below, wide), last))
     assert m.probe_format == tiny_probe.manifest.format == PROBE_FORMAT
     assert profile_from_plain(profile_to_plain(profile)) == profile
 
