@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 
-from PySide6.QtCore import QRectF, Qt
-from PySide6.QtGui import QColor, QFont, QPainter, QPen
+from PySide6.QtCore import QPointF, QRectF, Qt
+from PySide6.QtGui import QColor, QFont, QFontMetricsF, QPainter, QPen
 from PySide6.QtWidgets import (
     QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QSizePolicy, QTableWidget, QTableWidgetItem, QVBoxLayout,
     QWidget,
@@ -34,6 +34,31 @@ BASELINE_NAMES = {
     "all_on_fastest": "all on the fastest device",
 }
 TABLE_COLUMNS = ("device", "block", "link share", "compute s", "comm s", "round s", "measured s", "memory", "profile")
+
+
+def spread_labels(centres: list[float], line: float, top: float, bottom: float) -> list[float]:
+    """Top edges of labels ``line`` high, each as near its centre as the others allow, none overlapping.
+
+    A one-layer block is a few pixels high, shorter than its label: labels of neighbouring
+    one-layer blocks would print over each other.  They are pushed apart downwards in the
+    order of their centres, then back up where the column ran past ``bottom``, never above
+    ``top`` (labels that cannot all fit run past the bottom instead).
+    """
+    order = sorted(range(len(centres)), key=lambda i: centres[i])
+    tops = [0.0] * len(centres)
+    edge = top
+    for i in order:  # down: each below the one before
+        tops[i] = max(centres[i] - line / 2, edge)
+        edge = tops[i] + line
+    edge = bottom
+    for i in reversed(order):  # up: each above the one after, within the bottom
+        tops[i] = min(tops[i], edge - line)
+        edge = tops[i]
+    edge = top
+    for i in order:  # too many to fit: none above the top
+        tops[i] = max(tops[i], edge)
+        edge = tops[i] + line
+    return tops
 
 
 def _layer_count(plan: PlanView) -> int:
@@ -132,16 +157,22 @@ class LayerStack(QWidget):
             blocks.setdefault((a.first_layer, a.last_layer), []).append(a)
         bold = QFont(self.font())
         bold.setBold(True)
-        for (first, last), replicas in blocks.items():
-            span = last - first + 1
-            y = rect.bottom() - (last + 1) * h
+        line = QFontMetricsF(bold).height() + 1
+        spans = {key: (rect.bottom() - (key[1] + 1) * h, (key[1] - key[0] + 1) * h) for key in blocks}
+        tops = spread_labels([y + span / 2 for y, span in spans.values()], line, 0.0, float(self.height()))
+        for ((first, last), replicas), label_top in zip(blocks.items(), tops):
+            y, span = spans[(first, last)]
             painter.setPen(QPen(QColor("#202124"), 1))
-            painter.drawRect(QRectF(rect.left(), y, rect.width(), span * h))
-            painter.setPen(QColor(self.model.colour(replicas[0].device)))
+            painter.drawRect(QRectF(rect.left(), y, rect.width(), span))
+            colour = QColor(self.model.colour(replicas[0].device))
+            if abs(label_top + line / 2 - (y + span / 2)) > 1:  # moved off its block: a leader line to it
+                painter.setPen(QPen(colour, 1))
+                painter.drawLine(QPointF(rect.right() + 1, y + span / 2), QPointF(text_x - 2, label_top + line / 2))
+            painter.setPen(colour)
             painter.setFont(bold)
             names = " + ".join(a.name for a in replicas)
             each = " each" if len(replicas) > 1 else ""
-            painter.drawText(QRectF(text_x, y, self.width() - text_x, max(span * h, 16)),
+            painter.drawText(QRectF(text_x, label_top, self.width() - text_x, line),
                              Qt.AlignmentFlag.AlignVCenter,
                              f"{replicas[0].block} {names} · {replicas[0].share:.0%} link{each}")
             painter.setFont(self.font())

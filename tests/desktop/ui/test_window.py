@@ -169,3 +169,20 @@ def test_after_a_round_the_plan_table_shows_each_devices_measured_round_beside_i
     qtbot.waitUntil(lambda: cell(names[0]) != "-")
     assert cell(names[0]) == "20.00 (round 1, predicted 19.50)"
     assert cell(names[1]) == "21.00 (round 1)"
+
+
+def test_block_labels_never_print_over_each_other() -> None:
+    from desktop.ui.plan_view import spread_labels
+
+    line = 16.0
+    # three one-layer blocks 8 px apart (the demo's L28, L29 on a 30-layer stack): pushed apart
+    tops = spread_labels([100.0, 92.0, 300.0], line, 0.0, 400.0)
+    ordered = sorted(tops)
+    assert all(b - a >= line for a, b in zip(ordered, ordered[1:]))
+    assert tops[2] == 300.0 - line / 2  # a label with room stays centred on its block
+    assert abs((tops[0] + tops[1]) / 2 + line / 2 - 96.0) <= line / 2  # the pair stays about its blocks
+    # at the bottom edge the column is pulled back up, at the top it is never above it
+    near_bottom = spread_labels([395.0, 398.0], line, 0.0, 400.0)
+    assert max(near_bottom) + line <= 400.0 and abs(near_bottom[0] - near_bottom[1]) >= line
+    assert min(spread_labels([1.0, 2.0, 3.0], line, 0.0, 400.0)) >= 0.0
+    assert spread_labels([50.0], line, 0.0, 400.0) == [42.0]
