@@ -164,11 +164,18 @@ def measure_profile(probe_path: Path, name: str, link_bytes_per_s: float, repeat
     process = psutil.Process()
     return_freed_memory()  # memory freed earlier would be reused unseen and hide what the probe takes
     runtime = process.memory_info().rss
-    try:
-        program = open_et_program(probe.file("program", manifest_path), probe.file("weights", manifest_path))
-    except RuntimeError as exc:
-        raise InputError(f"{manifest_path}: ExecuTorch could not load the probe ({exc})") from None
-    opened = process.memory_info().rss
+    weights = probe.file("weights", manifest_path)
+    programs: dict[str, object] = {}  # .pte name -> the opened program; the head's first
+    opened = runtime
+    for pte in probe.program_files():
+        try:
+            programs[pte] = open_et_program(manifest_path.parent / pte, weights)
+        except RuntimeError as exc:
+            raise InputError(f"{manifest_path}: ExecuTorch could not load the probe's {pte} ({exc})") from None
+        if len(programs) == 1:
+            # what a program costs to open (its weights file with it) is what the first one took:
+            # a program opens one .pte; the probe's others are units lowered side by side
+            opened = process.memory_info().rss
     methods, inputs, load_bytes, run_bytes = {}, {}, {}, {}
     # The head first: the runtime's first call sets up its thread pool and XNNPACK, and the
     # head's own work is tiny, so its run_bytes is that one-time cost and the layers' are clean.
@@ -176,7 +183,7 @@ def measure_profile(probe_path: Path, name: str, link_bytes_per_s: float, repeat
         return_freed_memory()
         before = process.memory_info().rss
         try:
-            methods[method] = program.load_method(method)
+            methods[method] = programs[probe.method_file(method)].load_method(method)
         except RuntimeError as exc:
             raise InputError(f"{manifest_path}: ExecuTorch could not load probe method {method!r} ({exc})") from None
         loaded = process.memory_info().rss
@@ -203,7 +210,7 @@ def measure_profile(probe_path: Path, name: str, link_bytes_per_s: float, repeat
     # Hand the probe's packed layers, workspaces and freed heap back before M_k is read: glibc
     # keeps them otherwise, and an agent that profiled carried them into training (SmolLM2,
     # format 4: 343 -> 233 MiB resident for int8, 480 -> 232 for fp32, once trimmed).
-    del methods, inputs, program
+    del methods, inputs, programs
     return_freed_memory()
     return profile_from_probe(probe, name, measurement, float(psutil.virtual_memory().available), link_bytes_per_s)
 

@@ -152,6 +152,21 @@ class ProgramCache:
         os.replace(path, final)  # same file system: a rename, never half a file under the final name
 
 
+def weights_entries(path: Path) -> dict[str, str]:
+    """The named tensors of a ``.ptd``: key -> sha256 of its bytes.
+
+    Two units that read the same weights may write them in another order (a unit's
+    methods add them as they are lowered), so their files differ while every
+    key names the same bytes: either file then serves both.
+    """
+    from executorch.exir._serialize._cord import Cord
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
+
+    payload = FlatTensorSerializer().deserialize(Cord(Path(path).read_bytes()))
+    return {key: hashlib.sha256(bytes(payload.buffers[entry.buffer_index])).hexdigest()
+            for key, entry in payload.named_data.items()}
+
+
 def place_file(source: Path, target: Path) -> None:
     """Put ``source``'s bytes at ``target``: a hard link when both share a file system, else a copy.
 

@@ -29,7 +29,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -273,7 +273,19 @@ class UnitJob:
         return {name: wrapped[name] for name in self.methods}
 
 
-def lower_units(jobs: list[UnitJob], cache: ProgramCache, tracker: ProgressTracker,
+class Lowerable(Protocol):
+    """What :func:`lower_units` needs of a unit: a `UnitJob`, or the probe's `export.probe.ProbeUnit`."""
+
+    key: str
+    program: str
+    methods: tuple[str, ...]
+    external_weights: bool
+    delegate: str
+
+    def modules(self) -> MethodModules: ...
+
+
+def lower_units(jobs: list[Lowerable], cache: ProgramCache, tracker: ProgressTracker,
                 workers: int = 1) -> dict[str, CachedUnit]:
     """Lower ``jobs`` into ``cache``, up to ``workers`` at once, reporting each stage to ``tracker``.
 
@@ -296,7 +308,7 @@ def lower_units(jobs: list[UnitJob], cache: ProgramCache, tracker: ProgressTrack
     done: dict[str, CachedUnit] = {}
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context,
                              initializer=_init_worker, initargs=(events,)) as pool:
-        futures: dict[Future, UnitJob] = {pool.submit(_worker_lower, job, cache.root): job for job in jobs}
+        futures: dict[Future, Lowerable] = {pool.submit(_worker_lower, job, cache.root): job for job in jobs}
         pending = set(futures)
         running: dict[tuple[str, str, str], str] = {}  # (stage, program, method) -> its message
         last_tick = time.perf_counter()
@@ -376,7 +388,7 @@ def _drain(events, tracker: ProgressTracker, running: dict[tuple[str, str, str],
             tracker.end(stage, message, program, method, seconds=seconds)
 
 
-def _lower_and_store(job: UnitJob, cache: ProgramCache, on_stage: StageCallback) -> CachedUnit:
+def _lower_and_store(job: Lowerable, cache: ProgramCache, on_stage: StageCallback) -> CachedUnit:
     seconds: dict[str, float] = {}
 
     def timed(stage: str, method: str, state: str, took: float | None) -> None:
@@ -403,7 +415,7 @@ def _init_worker(events) -> None:
     torch.set_num_threads(1)
 
 
-def _worker_lower(job: UnitJob, cache_root: Path) -> CachedUnit:
+def _worker_lower(job: Lowerable, cache_root: Path) -> CachedUnit:
     def on_stage(stage: str, method: str, state: str, seconds: float | None) -> None:
         _worker_events.put((job.program, stage, method, state, seconds))
 

@@ -13,13 +13,19 @@ weights, not the model's (SmolLM2 fp32: ~14 MB; int8: ~4 MB).
 
 Stages, as in `export.program`: 1 wrap (`probe_modules`: one module per method
 over a one-layer stand-in of the model) → 2-4 export and tag, lower, emit
-(`export.lowering.lower_unit`, the programs' own pipeline, all methods in one
-unit: the layer's weights go to the `.ptd` once, whatever the number of methods)
-→ cached like a program's unit (`export.cache.ProgramCache`, under the probe's
-own key).  `export_probe` writes beside each other:
+(`export.lowering.lower_unit`, the programs' own pipeline) → cached like a
+program's unit (`export.cache.ProgramCache`, under the probe's own key).
+Lowering is single-threaded Python and its time goes with the layer copies
+(the chains are most of them: the default job's probe lowers 28), so the methods
+are split into units of about equal work (`split_units`), one per core, lowered
+side by side in worker processes (`export.lowering.lower_units`), one ``.pte``
+each; every unit reads the same layer, so one ``.ptd`` serves them all.
+`export_probe` writes beside each other:
 
-    probe.pte, weights-<sha12>.ptd   the methods and the layer's weights
-    probe.probe.json                 the manifest (`shared.probe.ProbeManifest`)
+    probe.pte, probe-2.pte, ...      the methods (the head's unit first)
+    weights-<sha12>.ptd              the layer's weights
+    probe.probe.json                 the manifest (`shared.probe.ProbeManifest`:
+                                     which file holds which method)
 
 int8 probes quantise the layer's linears exactly as int8 programs quantise
 decoder linears (`export.program.quantize_linears_int8`), without SmoothQuant's
@@ -36,16 +42,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.cache import ProgramCache, digest, model_fingerprint, place_file, toolchain
+from export.cache import ProgramCache, digest, model_fingerprint, place_file, toolchain, weights_entries
 from export.int8 import quantize_linears_int8
 from export.lora import AdapterTensors, LoraFaConfig
-from export.lowering import lower_unit
+from export.lowering import DEFAULT_DELEGATE, default_workers, lower_units
 from export.prge import PrgeProgram, _LayerB
 from export.program import ExportConfig
 from export.progress import Callback, ProgressTracker
 from shared.errors import InputError
 from shared.hashing import sha256_file
-from shared.probe import CHAINS, PROBE_FORMAT, PROBE_SUFFIX, ProbeManifest, chain_method, length_method
+from shared.probe import (CHAINS, PROBE_FORMAT, PROBE_SUFFIX, ProbeManifest, chain_method, length_method, program_role,
+                          split_method)
 
 PROBED = 0  # the stand-in's only layer
 
@@ -228,6 +235,52 @@ def probe_modules(model: nn.Module, cfg: ExportConfig, verbalizer_ids: list[int]
     return {name: available[name] for name in methods}, manifest
 
 
+MAX_UNITS = 4  # more units than this would each pay a worker's start for a few layer copies
+
+
+def _layer_copies(method: str) -> float:
+    """How much lowering ``method`` is, in decoder-layer copies (the head is a fraction of one)."""
+    return 0.25 if method == "head" else float(split_method(method)[1])
+
+
+def split_units(methods: tuple[str, ...], units: int) -> list[tuple[str, ...]]:
+    """The probe's methods in ``units`` groups of about equal lowering work, the head's group first.
+
+    Longest first, each to the lightest group so far: a chain of 8 layers lowers
+    about as long as 8 single layers (every copy is a graph to convert and partition).
+    """
+    groups: list[list[str]] = [[] for _ in range(max(1, min(units, len(methods))))]
+    load = [0.0] * len(groups)
+    for method in sorted(methods, key=_layer_copies, reverse=True):
+        lightest = load.index(min(load))
+        groups[lightest].append(method)
+        load[lightest] += _layer_copies(method)
+    groups = [tuple(m for m in methods if m in group) for group in groups if group]  # the manifest's order
+    return sorted(groups, key=lambda group: "head" not in group)
+
+
+@dataclass
+class ProbeUnit:
+    """One unit of the probe to lower (`export.lowering.lower_units` reads what `UnitJob` has).
+
+    The worker that lowers it rebuilds the probe's modules from the fp32 model (shared with it
+    through torch's shared-memory pickling) and keeps its own methods.
+    """
+
+    key: str
+    methods: tuple[str, ...]
+    model: nn.Module
+    cfg: ExportConfig
+    verbalizer_ids: list[int]
+    program: str = "probe"
+    external_weights: bool = True
+    delegate: str = DEFAULT_DELEGATE
+
+    def modules(self):
+        built, _ = probe_modules(self.model, self.cfg, self.verbalizer_ids)
+        return {name: built[name] for name in self.methods}
+
+
 @dataclass
 class ProbeResult:
     manifest_path: Path
@@ -237,7 +290,7 @@ class ProbeResult:
 
 
 def export_probe(cfg: ExportConfig, out_dir: Path, cache_dir: Path | None = None,
-                 on_progress: Callback | None = None, loaded=None) -> ProbeResult:
+                 on_progress: Callback | None = None, loaded=None, workers: int | None = None) -> ProbeResult:
     """Export the probe for a job's model and shapes into ``out_dir``.
 
     Args:
@@ -247,6 +300,9 @@ def export_probe(cfg: ExportConfig, out_dir: Path, cache_dir: Path | None = None
         cache_dir: cache root (default ``export.models.default_cache_dir()``).
         on_progress: receives ``export.progress.ExportProgress`` events.
         loaded: an already loaded ``export.models.LoadedModel``.
+        workers: lower the probe as this many units side by side, one ``.pte`` each, in
+            worker processes (None: one per core, as memory allows, at most `MAX_UNITS`;
+            1: one ``.pte``, lowered in this process).
 
     Returns:
         The manifest's path and content; ``lower_seconds`` is 0 when it came from the cache.
@@ -264,37 +320,50 @@ def export_probe(cfg: ExportConfig, out_dir: Path, cache_dir: Path | None = None
     modules, shapes = probe_modules(loaded.model, cfg, verbalizer_ids)
     shapes = replace(shapes, model_id=loaded.model_id, model_fingerprint=model_fingerprint(loaded.model))
     key = probe_cache_key(shapes, loaded.model)
-    unit = cache.find(key)
-    from_cache = unit is not None
+    wanted = min(MAX_UNITS, default_workers(len(modules)) if workers is None else max(1, workers))
+    groups = split_units(tuple(modules), wanted)
+    keys = [key if len(groups) == 1 else digest({"probe": key, "unit": list(group)}) for group in groups]
+    found = {k: cache.find(k) for k in keys}
+    missing = [ProbeUnit(k, group, loaded.model, cfg, verbalizer_ids)
+               for k, group in zip(keys, groups) if found[k] is None]
     lower_seconds = 0.0
-    if unit is None:
-        tracker.plan_methods(len(modules))
-        stages: dict[str, float] = {}
-
-        def on_stage(stage: str, method: str, state: str, seconds: float | None) -> None:
-            message = f"{stage} probe method {method}"
-            if state == "start":
-                tracker.begin(stage, message, "probe", method)
-            else:
-                tracker.end(stage, message, "probe", method, seconds)
-                stages[stage] = stages.get(stage, 0.0) + (seconds or 0.0)
-
+    if missing:
+        tracker.plan_methods(sum(len(unit.methods) for unit in missing), parallel=len(missing))
         start = time.perf_counter()
-        unit = cache.store(key, lower_unit(modules, True, on_stage), tuple(modules), True, stages)
+        found.update(lower_units(missing, cache, tracker, workers=len(missing)))
         lower_seconds = time.perf_counter() - start
+    units = [found[k] for k in keys]
+    # every unit reads the one layer's weights: the first unit's file serves them all if it
+    # holds each tensor the others name, with the same bytes
+    head_weights = weights_entries(units[0].weights)
+    for unit in units[1:]:
+        if unit.weights_sha256 != units[0].weights_sha256 and not weights_entries(unit.weights).items() <= \
+                head_weights.items():
+            raise RuntimeError(f"the probe's units disagree on the layer's weights; clear {cache.root / 'programs'} "
+                               f"and export the probe again")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    program = out_dir / "probe.pte"
-    shutil.copyfile(unit.program, program)
-    weights = out_dir / f"weights-{unit.weights_sha256[:12]}.ptd"
+    files, method_files = {}, {}
+    for index, unit in enumerate(units):
+        program = out_dir / ("probe.pte" if index == 0 else f"probe-{index + 1}.pte")
+        shutil.copyfile(unit.program, program)
+        files[program_role(index)] = program.name
+        method_files.update({method: program.name for method in unit.methods})
+    for stale in out_dir.glob("probe-*.pte"):  # a unit of an earlier probe written here
+        if stale.name not in files.values():
+            stale.unlink()
+    weights = out_dir / f"weights-{units[0].weights_sha256[:12]}.ptd"
     if not weights.exists():
-        place_file(unit.weights, weights)
-    manifest = replace(shapes, files={"program": program.name, "weights": weights.name},
-                       sha256={program.name: sha256_file(program), weights.name: unit.weights_sha256},
+        place_file(units[0].weights, weights)
+    files["weights"] = weights.name
+    manifest = replace(shapes, files=files, method_files=method_files,
+                       sha256={**{name: sha256_file(out_dir / name) for name in method_files.values()},
+                               weights.name: units[0].weights_sha256},
                        lower_seconds=round(lower_seconds, 2), cache_key=key)
     manifest_path = out_dir / f"probe{PROBE_SUFFIX}"
     manifest.save(manifest_path)
+    from_cache = not missing
     tracker.finish(f"Wrote {manifest_path}" + (" (probe found in the cache)" if from_cache else ""))
     return ProbeResult(manifest_path, manifest, from_cache, tracker.clock() - tracker.start)
 

@@ -128,16 +128,24 @@ class ProbeManifest:
     methods: tuple[str, ...]
     # The shorter length buckets the layer methods also come at, ascending (`length_method`).
     length_buckets: tuple[int, ...] = ()
-    files: dict[str, str] = field(default_factory=dict)   # role ("program", "weights") -> file name
+    # role -> file name: "weights", "program" (the unit with the head) and, for a probe lowered
+    # in several units side by side, "program_2", "program_3", ... (`program_role`)
+    files: dict[str, str] = field(default_factory=dict)
     sha256: dict[str, str] = field(default_factory=dict)  # file name -> sha256 hex
     lower_seconds: float = 0.0    # export and lowering time when it was built (0 from the cache)
     cache_key: str = ""
     format: int = PROBE_FORMAT
+    # method -> the .pte (one of the program roles' files) it is in; empty: all in "program"
+    method_files: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def method_files(self) -> dict[str, str]:
-        """Method -> its own ``.pte``, as programs have: none, every method is in the one ``program`` file."""
-        return {}
+    def method_file(self, method: str) -> str:
+        """The name of the ``.pte`` that holds ``method``."""
+        return self.method_files.get(method, self.files.get("program", ""))
+
+    def program_files(self) -> tuple[str, ...]:
+        """Every ``.pte`` of the probe, the head's first (a device opens that one first)."""
+        names = [self.method_file("head"), *(self.method_file(m) for m in self.methods)]
+        return tuple(dict.fromkeys(n for n in names if n))
 
     @property
     def wide_rows(self) -> int:
@@ -182,6 +190,20 @@ class ProbeManifest:
                 not 1 <= t < manifest.seq_len for t in manifest.length_buckets):
             raise InputError(f"{source}: length_buckets {list(manifest.length_buckets)} must be distinct lengths "
                              f"below seq_len {manifest.seq_len}, ascending")
+        programs = {name for role, name in manifest.files.items() if role.startswith("program")}
+        if manifest.files and "program" not in manifest.files:
+            raise InputError(f"{source}: names no program (.pte) file")
+        if manifest.method_files:
+            missing = sorted(set(manifest.methods) - set(manifest.method_files))
+            extra = sorted(set(manifest.method_files) - set(manifest.methods))
+            if missing or extra:
+                raise InputError(f"{source}: method_files must name every method once: "
+                                 f"{'missing ' + str(missing) if missing else ''}{' ' if missing and extra else ''}"
+                                 f"{'not among its methods ' + str(extra) if extra else ''}")
+            strangers = sorted({name for name in manifest.method_files.values() if name not in programs})
+            if strangers:
+                raise InputError(f"{source}: method_files names {strangers}, which are not among its program files "
+                                 f"{sorted(programs)}")
         return manifest
 
     def save(self, path: Path) -> None:
@@ -199,6 +221,11 @@ class ProbeManifest:
         if role not in self.files:
             raise InputError(f"{manifest_path}: the probe names no {role!r} file")
         return Path(manifest_path).parent / self.files[role]
+
+
+def program_role(unit: int) -> str:
+    """The ``files`` role of a probe's ``unit``-th ``.pte`` (0: "program", the one with the head)."""
+    return "program" if unit == 0 else f"program_{unit + 1}"
 
 
 def check_probe_matches(probe: ProbeManifest, *, model_id: str, num_layers: int, q: int, batch_size: int,

@@ -151,6 +151,8 @@ def tiny_probe(tmp_path_factory: pytest.TempPathFactory, tiny_program: TinyProgr
     from export.probe import export_probe
 
     cache_dir = tmp_path_factory.mktemp("probe-cache")
+    # two units side by side, as on a 2-core machine, whatever this one has: every user of the
+    # probe then reads methods from two .pte files
     result = export_probe(tiny_program.config, tmp_path_factory.mktemp("tiny-probe"), cache_dir=cache_dir,
-                          loaded=tiny_program.loaded)
+                          loaded=tiny_program.loaded, workers=2)
     return TinyProbe(export=result, cache_dir=cache_dir)

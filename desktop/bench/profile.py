@@ -3,8 +3,10 @@
 Measures, in one run (`deftly bench profile` → `bench/results/profile.json` + PNG),
 for fp32 and int8 programs of the default job (the top 8 layers of SmolLM2):
 
-* the probe, lowered into an empty cache (`probe_lower_s`), and this machine
-  measured with it in a fresh process (`device_agent.profile`);
+* the probe, lowered into an empty cache (`probe_lower_s`: its `probe_units` side by
+  side, one per core, as a user gets it), and beside it the same probe lowered as
+  one unit in one process (`probe_lower_one_process_s`); this machine measured with
+  the first in a fresh process (`device_agent.profile`);
 * for every block start s of the job, the block program of layers s..last (1 to 8
   layers; ``step`` at the full sequence length), each run in a fresh process:
   its peak resident memory above the idle process (VmHWM, read before anything
@@ -173,7 +175,10 @@ def measure_weights(args: argparse.Namespace, weights: str, work: Path) -> dict:
 
     loaded, cfg = _job(args, weights)
     layers = parse_layers(cfg.layers, loaded.model.config.num_hidden_layers)
+    # the probe as a user gets it (its units side by side, one per core), and beside it in one process
     probe = export_probe(cfg, work / f"probe-{weights}", cache_dir=work / f"probe-cache-{weights}", loaded=loaded)
+    one_process = export_probe(cfg, work / f"probe-one-{weights}", cache_dir=work / f"probe-cache-one-{weights}",
+                               loaded=loaded, workers=1)
     profile = measure_in_fresh_process(probe.manifest_path, "this-machine", 100.0,
                                        work / f"probe-{weights}" / "profile.json", repeats=args.repeats,
                                        one_thread=args.one_thread)
@@ -217,7 +222,8 @@ def measure_weights(args: argparse.Namespace, weights: str, work: Path) -> dict:
               f"measured (probe at the start: {1e3 * at_start[first]:.1f} predicted, "
               f"{1e3 * measured['step_s_alone']:.1f} measured alone); peak {predicted_bytes / 2**20:.0f} MiB "
               f"predicted, {measured_bytes / 2**20:.0f} measured", flush=True)
-    return {"probe_lower_s": probe.manifest.lower_seconds, "probe_method_s": profile.measurement.method_s,
+    return {"probe_lower_s": probe.manifest.lower_seconds, "probe_lower_one_process_s": one_process.manifest.lower_seconds,
+            "probe_units": len(probe.manifest.program_files()), "probe_method_s": profile.measurement.method_s,
             "probe_spread": profile.measurement.spread, "rows": rows, "machine": to_plain(profile.measurement.facts)}
 
 
@@ -291,6 +297,9 @@ def run(args: argparse.Namespace) -> dict:
         "worst_step_prediction_error_pair": max(r["step_error_pair"] for r in table),
         "plan_programs_cold_s": cold, "plan_programs_warm_s": warm,
         "probe_lower_s": {kind: per_kind[kind]["probe_lower_s"] for kind in kinds},
+        # the same probe lowered as one unit in one process (as before the units), in the same run
+        "probe_lower_one_process_s": {kind: per_kind[kind]["probe_lower_one_process_s"] for kind in kinds},
+        "probe_units": {kind: per_kind[kind]["probe_units"] for kind in kinds},
         "probe_method_s": {kind: per_kind[kind]["probe_method_s"] for kind in kinds},
         # per chained layer method: a layer's cost (the chains' slope) and what a call costs beyond it
         "layer_cost_s": {kind: {m: layer_cost_s(per_kind[kind]["probe_method_s"], m) for m in CHAINS

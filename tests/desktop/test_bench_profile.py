@@ -70,5 +70,7 @@ def test_bench_profile_writes_the_table_and_the_agreed_keys(tmp_path: Path) -> N
     assert saved["worst_step_prediction_error_probe_at_start"] == max(r["step_error_probe_at_start"]
                                                                       for r in saved["table"])
     assert saved["plan_programs_warm_s"] < saved["plan_programs_cold_s"] and saved["probe_lower_s"]["fp32"] > 0
+    # beside the probe as a user gets it (in units side by side), the same probe lowered in one process
+    assert saved["probe_lower_one_process_s"]["fp32"] > 0 and saved["probe_units"]["fp32"] >= 1
     assert saved["machine"]["cores"] >= 1 and saved["machine"]["system"]
     assert results["table"] == saved["table"] and (tmp_path / "profile.png").stat().st_size > 10_000
