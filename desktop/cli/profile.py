@@ -1,7 +1,7 @@
 """`deftly profile`: export the probe for a job's model and shapes, and measure this machine with it.
 
-Writes ``DIR/probe.pte``, its weights and ``DIR/probe.probe.json`` (the probe a
-device runs), and ``DIR/profile.json``: this machine's measured profile (a
+Writes ``DIR/probe.pte`` (and ``probe-2.pte``, ...: the units lowered side by side),
+its weights and ``DIR/probe.probe.json`` (the probe a device runs), and ``DIR/profile.json``: this machine's measured profile (a
 `shared.profiles.DeviceProfile` record), measured in a fresh process.  Example:
 
     deftly profile --out runs/probe-fp32 --layers top:8 --weights fp32 --name build-machine
