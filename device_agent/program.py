@@ -56,6 +56,7 @@ from shared.blocks import BlockSpan, check_global_b, program_block
 from shared.errors import InputError
 from shared.hashing import sha256_file
 from shared.manifest import Manifest
+from shared.probe import ProbeManifest
 from shared.task_data import Split, load_splits
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -81,16 +82,15 @@ def resolve_manifest_path(path: Path) -> Path:
     return manifest_path
 
 
-def verify_files(manifest: Manifest, manifest_path: Path) -> None:
+def verify_files(manifest: Manifest | ProbeManifest, manifest_path: Path) -> None:
     """Check that every file the manifest names exists beside it with the recorded sha256.
 
     Raises:
         InputError: naming the first file that is absent, unlisted, or has another hash.
     """
+    # a program's manifest and a probe's (shared.probe.ProbeManifest) both name their .pte per method
     named = [(f"the {role} file", name) for role, name in manifest.files.items()]
-    # A probe's manifest (shared.probe.ProbeManifest) names no per-method files.
-    named += [(f"the file of method {method}", name)
-              for method, name in getattr(manifest, "method_files", {}).items()]
+    named += [(f"the file of method {method}", name) for method, name in manifest.method_files.items()]
     for what, name in named:
         if name not in manifest.sha256:
             raise InputError(f"{manifest_path}: {what}, {name}, has no sha256 in the manifest")

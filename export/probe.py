@@ -334,11 +334,11 @@ def export_probe(cfg: ExportConfig, out_dir: Path, cache_dir: Path | None = None
         lower_seconds = time.perf_counter() - start
     units = [found[k] for k in keys]
     # every unit reads the one layer's weights: the first unit's file serves them all if it
-    # holds each tensor the others name, with the same bytes
-    head_weights = weights_entries(units[0].weights)
-    for unit in units[1:]:
-        if unit.weights_sha256 != units[0].weights_sha256 and not weights_entries(unit.weights).items() <= \
-                head_weights.items():
+    # holds each tensor the others name, with the same bytes (read only where the files differ)
+    others = [unit for unit in units[1:] if unit.weights_sha256 != units[0].weights_sha256]
+    if others:
+        head_weights = weights_entries(units[0].weights).items()
+        if any(not weights_entries(unit.weights).items() <= head_weights for unit in others):
             raise RuntimeError(f"the probe's units disagree on the layer's weights; clear {cache.root / 'programs'} "
                                f"and export the probe again")
 
@@ -358,7 +358,7 @@ def export_probe(cfg: ExportConfig, out_dir: Path, cache_dir: Path | None = None
         place_file(units[0].weights, weights)
     files["weights"] = weights.name
     manifest = replace(shapes, files=files, method_files=method_files,
-                       sha256={**{name: sha256_file(out_dir / name) for name in method_files.values()},
+                       sha256={**{name: sha256_file(out_dir / name) for name in dict.fromkeys(method_files.values())},
                                weights.name: units[0].weights_sha256},
                        lower_seconds=round(lower_seconds, 2), cache_key=key)
     manifest_path = out_dir / f"probe{PROBE_SUFFIX}"

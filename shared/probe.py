@@ -197,9 +197,8 @@ class ProbeManifest:
             missing = sorted(set(manifest.methods) - set(manifest.method_files))
             extra = sorted(set(manifest.method_files) - set(manifest.methods))
             if missing or extra:
-                raise InputError(f"{source}: method_files must name every method once: "
-                                 f"{'missing ' + str(missing) if missing else ''}{' ' if missing and extra else ''}"
-                                 f"{'not among its methods ' + str(extra) if extra else ''}")
+                wrong = [f"missing {missing}"] * bool(missing) + [f"not among its methods {extra}"] * bool(extra)
+                raise InputError(f"{source}: method_files must name every method once: {' '.join(wrong)}")
             strangers = sorted({name for name in manifest.method_files.values() if name not in programs})
             if strangers:
                 raise InputError(f"{source}: method_files names {strangers}, which are not among its program files "
